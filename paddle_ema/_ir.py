@@ -1,0 +1,147 @@
+"""The thin adapter between paddle_ema and Paddle's two static IRs.
+
+This is the only module that asks which IR is active (PIR, the default on Paddle 3.x, or the legacy
+ProgramDesc IR that Paddle 2.6 uses and 3.x keeps behind ``FLAGS_enable_pir_api=0``) and the only one
+that touches private Paddle APIs. Each such use says why.
+
+Everything else in paddle_ema is written once, against what both IRs share: ``paddle.assign(x,
+output=y)``, ``paddle.lerp``, ``paddle.where``, ``paddle.cast`` and the arithmetic operators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import paddle
+from paddle.base.data_feeder import convert_dtype
+
+__all__ = [
+    "bind_persistable",
+    "create_state",
+    "dtype_name",
+    "in_pir_mode",
+    "is_graph_variable",
+    "fill_scope_tensor",
+    "initialized_place",
+    "update_role",
+]
+
+
+def in_pir_mode() -> bool:
+    """Whether static programs are built in PIR (True) or in the legacy IR (False)."""
+    return bool(paddle.framework.in_pir_mode())
+
+
+def is_graph_variable(value: Any) -> bool:
+    """Whether ``value`` is a static-graph tensor of the active IR (a PIR Value or a legacy Variable)."""
+    if in_pir_mode():
+        return isinstance(value, paddle.pir.Value)
+    return isinstance(value, paddle.static.Variable)
+
+
+def dtype_name(value: Any) -> str:
+    """The dtype of a graph variable as a numpy-style name ('float32'), in either IR."""
+    return convert_dtype(value.dtype)
+
+
+def create_state(name: str, shape: Sequence[int], dtype: str, fill: float) -> Any:
+    """Create persistable, non-trainable state in the current main program.
+
+    The state is initialised to ``fill`` by the current startup program and is visible in the current
+    main program under ``name``.
+
+    Args:
+        name: Unique variable name.
+        shape: Static shape.
+        dtype: Numpy-style dtype name.
+        fill: Initial value of every element.
+
+    Returns:
+        The handle (Value or Variable) to use in the current main program.
+    """
+    if in_pir_mode():
+        # PIR has no create_global_var (it dies on a VarType dtype in Paddle 3.3); this is the helper PIR's
+        # own optimizers use for their accumulators: a startup op that fills the value and marks it
+        # persistable, plus a persistable `data` op at the top of the main program that binds to it.
+        from paddle.pir.core import create_persistable_value
+
+        state = create_persistable_value(
+            dtype, list(shape), name=name, initializer=paddle.nn.initializer.Constant(fill)
+        )
+    else:
+        state = paddle.static.create_global_var(
+            shape=list(shape), value=fill, dtype=dtype, persistable=True, name=name
+        )
+    state.stop_gradient = True
+    return state
+
+
+def bind_persistable(name: str, shape: Sequence[int], dtype: str) -> Any:
+    """Refer, from the current (new) program, to a persistable tensor that already lives in the scope.
+
+    Used by the apply and restore programs, which read and write the parameters and the EMA state that
+    the training program owns.
+    """
+    if in_pir_mode():
+        # A persistable `data` op is how PIR itself refers to scope tensors across programs (see
+        # paddle.pir.core._get_persistable_value); a non-persistable one would be taken for a feed.
+        handle = paddle.static.data(name, list(shape), dtype)
+        handle.persistable = True
+    else:
+        handle = paddle.static.default_main_program().global_block().create_var(
+            name=name, shape=list(shape), dtype=dtype, persistable=True
+        )
+    handle.stop_gradient = True
+    return handle
+
+
+@contextlib.contextmanager
+def update_role(program: Any) -> Iterator[None]:
+    """Mark the ops emitted inside as optimizer ops of ``program``.
+
+    In the legacy IR, ``program.clone(for_test=True)`` drops ops carrying the optimize role, so a test
+    program cloned after ``update()`` never updates the averages. PIR's ``clone()`` has no ``for_test``;
+    there a test program is cloned before ``minimize`` (or pruned), so no marking is needed.
+    """
+    if in_pir_mode():
+        yield
+        return
+    # Private but stable since Paddle 1.x: the same guard the legacy optimizers use.
+    with program._optimized_guard([]):
+        yield
+
+
+def _typed_place(place: Any) -> Any:
+    """Convert the generic ``Place`` a DenseTensor reports into the typed place ``DenseTensor.set`` needs."""
+    if place.is_gpu_place():
+        return paddle.CUDAPlace(place.gpu_device_id())
+    if place.is_cuda_pinned_place():
+        return paddle.CUDAPinnedPlace()
+    if place.is_cpu_place():
+        return paddle.CPUPlace()
+    raise NotImplementedError(f"paddle_ema cannot place state on {place}; only CPU and CUDA are supported")
+
+
+def initialized_place(name: str) -> Any | None:
+    """The place of tensor ``name`` in the global scope, or None if it is missing or uninitialised.
+
+    Used to tell whether the startup program has already run (a parameter holds data) and, if so,
+    where the state that paddle_ema adds must live so that it sits beside that parameter.
+    """
+    var = paddle.static.global_scope().find_var(name)
+    if var is None or not var.get_tensor()._is_initialized():
+        return None
+    return _typed_place(var.get_tensor()._place())
+
+
+def fill_scope_tensor(name: str, shape: Sequence[int], dtype: str, fill: float, place: Any) -> None:
+    """Set tensor ``name`` in the global scope to ``fill`` on ``place``, creating it if needed.
+
+    Paddle's executors offer no way to run only some ops of a startup program, and under PIR a write
+    through a persistable ``data`` op to a name that the scope lacks is silently lost, so state that
+    must exist before a program runs is put into the scope directly.
+    """
+    tensor = paddle.static.global_scope().var(name).get_tensor()
+    tensor.set(np.full(list(shape), fill, dtype=dtype), place)

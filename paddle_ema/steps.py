@@ -1,0 +1,48 @@
+"""A global step counter that works in every Paddle IR.
+
+``paddle.optimizer.lr.autoincreased_step_counter`` dies under Paddle 3.3's PIR (it builds its state
+with ``create_global_var``); this is the same idea built on paddle_ema's IR adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paddle
+from paddle.utils import unique_name
+
+from paddle_ema import _ir
+
+__all__ = ["global_step_counter"]
+
+
+def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
+    """Append a persistable int64 counter to the default main program and return it.
+
+    The counter is incremented by one each time the program runs, before any op that reads it, so it
+    holds ``begin`` during the first run, ``begin + 1`` during the second, and so on. It is saved and
+    loaded with the program's other persistable variables.
+
+    Args:
+        begin: The value during the first run.
+        name: Prefix of the counter's variable name; made unique. Defaults to ``"global_step"``.
+
+    Returns:
+        The counter: an int64 Variable (legacy IR) or Value (PIR) of shape [1]. Pass it as
+        ``thres_steps`` to :class:`paddle_ema.ExponentialMovingAverage`.
+
+    Raises:
+        TypeError: ``begin`` is not an int.
+
+    Example:
+        .. code-block:: python
+
+            step = paddle_ema.global_step_counter()
+            ema = paddle_ema.ExponentialMovingAverage(0.999, thres_steps=step)
+    """
+    if isinstance(begin, bool) or not isinstance(begin, int):
+        raise TypeError(f"begin must be an int, got {begin!r} of type {type(begin).__name__}")
+    counter = _ir.create_state(unique_name.generate(name or "global_step"), [1], "int64", begin - 1)
+    with paddle.static.name_scope("global_step"):
+        paddle.assign(counter + 1, output=counter)
+    return counter

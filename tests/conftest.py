@@ -1,0 +1,59 @@
+"""Shared fixtures: a fresh program pair, scope and name generator per test, in whichever Paddle IR
+mode this tox env selects (3.3 PIR, 3.3 legacy IR, 2.6 legacy IR)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+paddle.enable_static()
+
+
+def ir_mode() -> str:
+    """'3.3-pir', '3.3-legacy', '2.6-legacy', ...: the Paddle minor version and the active IR."""
+    major_minor = ".".join(paddle.__version__.split(".")[:2])
+    return f"{major_minor}-{'pir' if paddle.framework.in_pir_mode() else 'legacy'}"
+
+
+def pytest_report_header(config):
+    return f"paddle {paddle.__version__}, IR mode {ir_mode()}"
+
+
+def pytest_configure(config):
+    # Each tox env says which mode it means to test; a mismatch (wrong wheel, flag not applied) would
+    # make the whole run test the wrong thing, so stop before any test passes.
+    expected = os.environ.get("PADDLE_EMA_EXPECT_MODE")
+    if expected and expected != ir_mode():
+        pytest.exit(f"tox env expects Paddle mode {expected}, but this run is {ir_mode()}", returncode=3)
+
+
+@pytest.fixture
+def mode() -> str:
+    return ir_mode()
+
+
+@pytest.fixture(autouse=True)
+def fresh_static_world():
+    """A new main/startup program, scope and unique-name generator, so tests never see each other."""
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.utils.unique_name.guard(), paddle.static.scope_guard(paddle.static.Scope()):
+        with paddle.static.program_guard(main, startup):
+            yield main, startup
+
+
+@pytest.fixture
+def programs(fresh_static_world):
+    return fresh_static_world
+
+
+@pytest.fixture
+def exe():
+    return paddle.static.Executor(paddle.CPUPlace())
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261125)

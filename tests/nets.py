@@ -1,0 +1,69 @@
+"""Small static networks and scope helpers for the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import paddle
+
+IN_FEATURES = 5
+
+
+@dataclasses.dataclass
+class Net:
+    x: Any
+    out: Any
+    loss: Any
+    test_program: Any
+    test_out: Any  # `out` as seen in test_program
+
+
+def clone_for_test(main, value):
+    """The IR's way to take an inference copy of ``main``: PIR clones through an IrMapping."""
+    if paddle.framework.in_pir_mode():
+        mapping = paddle.pir.IrMapping()
+        program = main.clone(mapping)
+        return program, mapping.look_up(value)
+    return main.clone(for_test=True), value
+
+
+def build_net(main, *, batch_norm=False, frozen=False, lr=0.05, optimizer="sgd"):
+    """x -> fc(4) [-> BatchNorm1D] [-> fc(3) with do_model_average=False] -> fc(2) -> mean.
+
+    Parameters get fixed names so save/load and the two IRs agree. The test program is cloned before
+    minimize, which is what PIR requires.
+    """
+    x = paddle.static.data("x", [-1, IN_FEATURES], "float32")
+    h = paddle.static.nn.fc(x, 4, weight_attr=paddle.ParamAttr(name="fc1.w"),
+                            bias_attr=paddle.ParamAttr(name="fc1.b"))
+    if batch_norm:
+        bn = paddle.nn.BatchNorm1D(4, weight_attr=paddle.ParamAttr(name="bn.w"),
+                                   bias_attr=paddle.ParamAttr(name="bn.b"))
+        h = bn(h)
+    if frozen:
+        h = paddle.static.nn.fc(h, 3, weight_attr=paddle.ParamAttr(name="frozen.w", do_model_average=False),
+                                bias_attr=paddle.ParamAttr(name="frozen.b", do_model_average=False))
+    out = paddle.static.nn.fc(h, 2, weight_attr=paddle.ParamAttr(name="fc2.w"),
+                              bias_attr=paddle.ParamAttr(name="fc2.b"))
+    loss = paddle.mean(out * out)
+    test_program, test_out = clone_for_test(main, out)
+    opt = paddle.optimizer.Adam(lr) if optimizer == "adam" else paddle.optimizer.SGD(lr)
+    opt.minimize(loss)
+    return Net(x=x, out=out, loss=loss, test_program=test_program, test_out=test_out)
+
+
+def read(name: str) -> np.ndarray:
+    """A copy of tensor ``name`` from the current global scope."""
+    var = paddle.static.global_scope().find_var(name)
+    assert var is not None, f"{name} is not in the scope"
+    return np.array(var.get_tensor())
+
+
+def read_all(names) -> dict[str, np.ndarray]:
+    return {name: read(name) for name in names}
+
+
+def batch(rng, n=8) -> np.ndarray:
+    return rng.standard_normal((n, IN_FEATURES)).astype("float32")

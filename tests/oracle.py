@@ -1,0 +1,39 @@
+"""An independent float64 numpy reference for the EMA, written from the doc's formulas.
+
+It keeps the product of the decays directly (not paddle_ema's moving average of 1), so it checks the
+library's bias correction rather than repeating it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def scheduled_decay(decay: float, thres_value: float | None) -> float:
+    """The doc's schedule: min(decay, (1 + s) / (10 + s)), or the plain decay without thres_steps."""
+    if thres_value is None:
+        return decay
+    return min(decay, (1.0 + thres_value) / (10.0 + thres_value))
+
+
+class EmaOracle:
+    """Step-by-step reference: ema_t = d_t ema_{t-1} + (1 - d_t) theta_t, from zero."""
+
+    def __init__(self, decay: float, names: list[str]) -> None:
+        self.decay = decay
+        self.averages = {name: 0.0 for name in names}
+        self.decay_product = 1.0
+        self.steps = 0
+
+    def step(self, params: dict[str, np.ndarray], thres_value: float | None = None) -> None:
+        d = scheduled_decay(self.decay, thres_value)
+        for name in self.averages:
+            theta = np.asarray(params[name], dtype=np.float64)
+            self.averages[name] = d * self.averages[name] + (1.0 - d) * theta
+        self.decay_product *= d
+        self.steps += 1
+
+    def debiased(self, name: str) -> np.ndarray:
+        """ema_t / (1 - prod d_i): what apply() must write into the parameter (t >= 1)."""
+        assert self.steps > 0, "the oracle has no average before the first step"
+        return self.averages[name] / (1.0 - self.decay_product)

@@ -1,0 +1,130 @@
+"""apply()/restore(): bit-exact restore, the t = 0 case, need_restore=False, and misuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nets import batch, build_net, read, read_all
+
+import paddle_ema
+
+
+@pytest.fixture
+def trained(programs, exe, rng):
+    """A net with an EMA (decay 0.9) after 3 training steps."""
+    main, startup = programs
+    net = build_net(main, batch_norm=True)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    for _ in range(3):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    return net, ema
+
+
+def ema_state(ema):
+    plan = ema._plan
+    return read_all([plan.step, plan.debias] + [s.average for s in plan.slots])
+
+
+def assert_same(now, before, what):
+    assert now.keys() == before.keys()
+    for name in before:
+        np.testing.assert_array_equal(now[name], before[name], err_msg=f"{what}: {name}")
+
+
+def test_apply_before_any_update_leaves_parameters_unchanged(programs, exe):
+    main, startup = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.999)
+    ema.update()
+    exe.run(startup)
+    initial = read_all(ema.parameter_names)
+    assert any(np.any(v != 0) for v in initial.values())
+    with ema.apply(exe):
+        assert_same(read_all(ema.parameter_names), initial, "apply at t = 0")
+    assert_same(read_all(ema.parameter_names), initial, "restore at t = 0")
+
+
+def test_apply_changes_parameters_and_restore_is_bit_exact(trained, exe):
+    net, ema = trained
+    before = read_all(ema.parameter_names)
+    state = ema_state(ema)
+    for _ in range(3):
+        with ema.apply(exe):
+            applied = read_all(ema.parameter_names)
+            assert any(not np.array_equal(applied[n], before[n]) for n in before), "apply changed nothing"
+        assert_same(read_all(ema.parameter_names), before, "after apply/restore")
+    assert_same(ema_state(ema), state, "EMA state after apply/restore")
+
+
+def test_restore_runs_when_the_body_raises(trained, exe):
+    net, ema = trained
+    before = read_all(ema.parameter_names)
+    with pytest.raises(ZeroDivisionError):
+        with ema.apply(exe):
+            1 / 0
+    assert_same(read_all(ema.parameter_names), before, "restore after an exception")
+    with ema.apply(exe):  # and the EMA is usable again
+        pass
+
+
+def test_need_restore_false_keeps_averages_until_restore(trained, exe):
+    net, ema = trained
+    before = read_all(ema.parameter_names)
+    with ema.apply(exe):
+        applied = read_all(ema.parameter_names)
+    with ema.apply(exe, need_restore=False):
+        pass
+    assert_same(read_all(ema.parameter_names), applied, "averages kept after need_restore=False")
+    ema.restore(exe)
+    assert_same(read_all(ema.parameter_names), before, "explicit restore")
+
+
+def test_second_apply_before_restore_raises_and_keeps_the_backup(trained, exe):
+    net, ema = trained
+    before = read_all(ema.parameter_names)
+    with ema.apply(exe, need_restore=False):
+        pass
+    applied = read_all(ema.parameter_names)
+    state = ema_state(ema)
+    with pytest.raises(RuntimeError, match=r"restore\(executor\) before applying again"):
+        with ema.apply(exe):
+            pass
+    assert_same(read_all(ema.parameter_names), applied, "a refused apply must not touch parameters")
+    assert_same(ema_state(ema), state, "a refused apply must not touch the EMA state")
+    ema.restore(exe)
+    assert_same(read_all(ema.parameter_names), before, "restore after a refused second apply")
+
+
+def test_restore_without_apply_changes_nothing(trained, exe, caplog):
+    net, ema = trained
+    before = read_all(ema.parameter_names)
+    state = ema_state(ema)
+    ema.restore(exe)
+    assert "no applied averages" in caplog.text
+    with ema.apply(exe):
+        pass
+    ema.restore(exe)  # a second restore is a no-op too
+    assert_same(read_all(ema.parameter_names), before, "restore without apply")
+    assert_same(ema_state(ema), state, "restore without apply")
+
+
+def test_apply_evaluates_the_test_program_with_averaged_weights(programs, exe, rng):
+    main, startup = programs
+    net = build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    for _ in range(3):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    x = batch(rng)
+    (raw,) = exe.run(net.test_program, feed={"x": x}, fetch_list=[net.test_out])
+    with ema.apply(exe):
+        (averaged,) = exe.run(net.test_program, feed={"x": x}, fetch_list=[net.test_out])
+        w = read_all(ema.parameter_names)
+    (raw_again,) = exe.run(net.test_program, feed={"x": x}, fetch_list=[net.test_out])
+    np.testing.assert_array_equal(raw_again, raw)
+    assert not np.allclose(averaged, raw)
+    expected = (x.astype(np.float64) @ w["fc1.w"] + w["fc1.b"]) @ w["fc2.w"] + w["fc2.b"]
+    np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-6)

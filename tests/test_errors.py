@@ -1,0 +1,119 @@
+"""Bad input: a clear error that names the argument, and nothing built or changed."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+from nets import batch, build_net, read_all
+
+import paddle_ema
+
+
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, float("nan"), float("inf")])
+def test_decay_out_of_range(programs, decay):
+    build_net(programs[0])
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+        paddle_ema.ExponentialMovingAverage(decay)
+
+
+@pytest.mark.parametrize("decay", ["0.9", None, True, [0.9], np.array([0.9])])
+def test_decay_not_a_number(programs, decay):
+    build_net(programs[0])
+    with pytest.raises(TypeError, match="decay must be a float"):
+        paddle_ema.ExponentialMovingAverage(decay)
+
+
+def test_numpy_float_decay_is_accepted(programs):
+    build_net(programs[0])
+    assert paddle_ema.ExponentialMovingAverage(np.float32(0.5)).decay == 0.5
+
+
+@pytest.mark.parametrize("thres_steps", [10, 10.0, np.array([10]), "step"])
+def test_thres_steps_not_a_graph_variable(programs, thres_steps):
+    build_net(programs[0])
+    with pytest.raises(TypeError, match="thres_steps must be a static-graph Variable/Value"):
+        paddle_ema.ExponentialMovingAverage(0.9, thres_steps=thres_steps)
+
+
+def test_thres_steps_of_a_non_numeric_dtype(programs):
+    build_net(programs[0])
+    flag = paddle.static.data("flag", [1], "bool")
+    with pytest.raises(TypeError, match="thres_steps must have an int or float dtype, got bool"):
+        paddle_ema.ExponentialMovingAverage(0.9, thres_steps=flag)
+
+
+def test_update_twice_raises_and_adds_nothing(programs):
+    main, _ = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    n_ops = len(main.global_block().ops)
+    with pytest.raises(RuntimeError, match=r"update\(\) was already called"):
+        ema.update()
+    assert len(main.global_block().ops) == n_ops
+
+
+def test_update_under_another_program_raises_and_adds_nothing(programs):
+    main, _ = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    other = paddle.static.Program()
+    with paddle.static.program_guard(other, paddle.static.Program()):
+        with pytest.raises(RuntimeError, match="same paddle.static.program_guard"):
+            ema.update()
+    assert len(other.global_block().ops) == 0
+
+
+@pytest.fixture
+def trained(programs, exe, rng):
+    main, startup = programs
+    net = build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    return ema
+
+
+@pytest.mark.parametrize("executor", [None, "exe", paddle.CPUPlace()])
+def test_apply_and_restore_need_an_executor(trained, exe, executor):
+    ema = trained
+    names = ema.parameter_names + [s.average for s in ema._plan.slots]
+    before = read_all(names)
+    with pytest.raises(TypeError, match=r"apply\(executor\) needs a paddle.static.Executor"):
+        with ema.apply(executor):
+            pass
+    with ema.apply(exe, need_restore=False):
+        pass
+    applied = read_all(names)
+    with pytest.raises(TypeError, match=r"restore\(executor\) needs a paddle.static.Executor"):
+        ema.restore(executor)
+    for name, value in read_all(names).items():
+        np.testing.assert_array_equal(value, applied[name], err_msg=name)
+    ema.restore(exe)
+    for name, value in read_all(names).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_apply_before_update_raises(programs, exe):
+    main, startup = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    exe.run(startup)
+    with pytest.raises(RuntimeError, match=r"call ema.update\(\)"):
+        with ema.apply(exe):
+            pass
+
+
+def test_apply_before_startup_raises(programs, exe):
+    main, _ = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    with pytest.raises(RuntimeError, match="run the startup program"):
+        with ema.apply(exe):
+            pass
+    with pytest.raises(RuntimeError, match="run the startup program"):  # and nothing was left applied
+        with ema.apply(exe):
+            pass

@@ -1,0 +1,95 @@
+"""The EMA's state: persistable, not trainable, saved and loaded with the program, and usable when the
+EMA is added after the startup program has run."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+from nets import batch, build_net, read, read_all
+from oracle import EmaOracle
+from test_average import assert_applied_matches
+
+import paddle_ema
+
+
+def state_names(ema):
+    plan = ema._plan
+    return [plan.step, plan.debias] + [s.average for s in plan.slots]
+
+
+def test_state_is_persistable_and_not_trainable(programs):
+    main, _ = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9, name="avg")
+    ema.update()
+    names = state_names(ema)
+    assert all(n.startswith("avg") for n in names), names
+    params = {p.name for p in main.global_block().all_parameters()}
+    assert not params & set(names), "EMA state must not become parameters (it would be trained)"
+    if paddle.framework.in_pir_mode():
+        persistable = {
+            op.result(0).name for op in main.global_block().ops
+            if op.name() == "pd_op.data" and op.result(0).persistable
+        }
+    else:
+        persistable = {v.name for v in main.list_vars() if v.persistable}
+    assert set(names) <= persistable
+
+
+def test_names_derive_from_name_and_are_unique_per_instance(programs):
+    main, _ = programs
+    build_net(main)
+    a = paddle_ema.ExponentialMovingAverage(0.9, name="avg")
+    b = paddle_ema.ExponentialMovingAverage(0.9, name="avg")
+    assert not set(state_names(a)) & set(state_names(b))
+
+
+def test_save_and_load_resume_bit_exactly(programs, exe, rng, tmp_path):
+    main, startup = programs
+    net = build_net(main, optimizer="adam")
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    for _ in range(3):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    prefix = str(tmp_path / "ckpt")
+    paddle.static.save(main, prefix)
+    saved = read_all(state_names(ema))
+    feeds = [batch(rng) for _ in range(3)]
+
+    def continue_training():
+        for x in feeds:
+            exe.run(main, feed={"x": x}, fetch_list=[net.loss])
+        with ema.apply(exe):
+            applied = read_all(ema.parameter_names)
+        return read_all(state_names(ema)), applied
+
+    first_state, first_applied = continue_training()
+    paddle.static.load(main, prefix)
+    for name, value in read_all(state_names(ema)).items():
+        np.testing.assert_array_equal(value, saved[name], err_msg=f"loaded {name}")
+    second_state, second_applied = continue_training()
+    for name in first_state:
+        np.testing.assert_array_equal(second_state[name], first_state[name], err_msg=f"resumed {name}")
+    for name in first_applied:
+        np.testing.assert_array_equal(second_applied[name], first_applied[name], err_msg=f"applied {name}")
+
+
+def test_ema_built_after_the_startup_program_ran(programs, exe, rng):
+    main, startup = programs
+    net = build_net(main)
+    exe.run(startup)
+    exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    trained = read_all([p.name for p in main.global_block().all_parameters()])
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    for name, value in trained.items():
+        np.testing.assert_array_equal(read(name), value, err_msg=f"building the EMA changed {name}")
+    oracle = EmaOracle(0.9, ema.parameter_names)
+    with ema.apply(exe):  # t = 0: nothing to apply yet
+        for name, value in trained.items():
+            np.testing.assert_array_equal(read(name), value, err_msg=f"apply at t = 0 changed {name}")
+    for _ in range(4):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        oracle.step(read_all(ema.parameter_names))
+        assert_applied_matches(ema, exe, oracle, "EMA built after startup")
