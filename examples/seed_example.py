@@ -40,7 +40,7 @@ exe = static.Executor(place)
 exe.run(static.default_startup_program())
 
 for pass_id in range(3):
-    for batch_id in range(6):
+    for _batch_id in range(6):
         data = numpy.random.random(size=(10, 5)).astype('float32')
         exe.run(program=static.default_main_program(),
                 feed={'x': data},

@@ -104,8 +104,9 @@ def emit_decay(decay: float, thres_steps: Any | None) -> Any:
         return paddle.full([1], decay, _SCALAR_DTYPE)
     steps = paddle.reshape(paddle.cast(thres_steps, _SCALAR_DTYPE), [1])
     warmup = (steps + 1.0) / (steps + 10.0)
-    # paddle.minimum rejects legacy Variables on Paddle 3.3; clip works in every IR.
-    return paddle.clip(warmup, max=decay)
+    # paddle.minimum rejects legacy Variables on Paddle 3.3, and paddle.clip warns under PIR (it asks a
+    # Value for its place); where + full is quiet and exact in every IR.
+    return paddle.where(warmup < decay, warmup, paddle.full([1], decay, _SCALAR_DTYPE))
 
 
 def _cast_once(value: Any, dtype: str, cache: dict[str, Any]) -> Any:
@@ -118,7 +119,7 @@ def _cast_once(value: Any, dtype: str, cache: dict[str, Any]) -> Any:
 def emit_update(
     params: Sequence[Any], state: StateHandles, decay_t: Any
 ) -> None:
-    """Emit one EMA step: ``step += 1``, then every average and the bias denominator move toward their target.
+    """Emit one EMA step: ``step += 1``; every average and the bias denominator move toward their target.
 
     Args:
         params: The parameters, in the order of ``state.averages``; read after the optimizer updated them.
@@ -139,12 +140,12 @@ def emit_update(
 def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
     """A program that backs every parameter up and writes its debiased average into it.
 
-    Before the first update (:math:`c_t = 0`) the parameters are left as they are.
+    Run it only once the bias denominator is non-zero (after the first update step): before that
+    there is no average to apply.
     """
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
         debias = _ir.bind_persistable(plan.debias, [1], _SCALAR_DTYPE)
-        updated = debias > 0.0
         denominators: dict[str, Any] = {}
         for slot in plan.slots:
             param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
@@ -152,7 +153,7 @@ def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
             backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
             paddle.assign(param, output=backup)
             denominator = _cast_once(debias, slot.dtype, denominators)
-            paddle.assign(paddle.where(updated, average / denominator, param), output=param)
+            paddle.assign(average / denominator, output=param)
     return program
 
 
@@ -165,6 +166,21 @@ def build_restore_program(plan: EmaPlan) -> paddle.static.Program:
             backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
             paddle.assign(backup, output=param)
     return program
+
+
+def debias_value(plan: EmaPlan) -> float:
+    """The current bias denominator :math:`1 - \\prod d_i`; 0 before the first update step.
+
+    Raises:
+        RuntimeError: the state is not initialised (the startup program has not run).
+    """
+    value = _ir.read_scalar(plan.debias)
+    if value is None:
+        raise RuntimeError(
+            f"the EMA state {plan.debias!r} is not initialised in the current scope; run the startup "
+            "program (or load a checkpoint) before ExponentialMovingAverage.apply()"
+        )
+    return value
 
 
 def ensure_backups(plan: EmaPlan) -> None:

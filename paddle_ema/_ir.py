@@ -23,6 +23,7 @@ __all__ = [
     "dtype_name",
     "in_pir_mode",
     "is_graph_variable",
+    "read_scalar",
     "fill_scope_tensor",
     "initialized_place",
     "update_role",
@@ -121,7 +122,9 @@ def _typed_place(place: Any) -> Any:
         return paddle.CUDAPinnedPlace()
     if place.is_cpu_place():
         return paddle.CPUPlace()
-    raise NotImplementedError(f"paddle_ema cannot place state on {place}; only CPU and CUDA are supported")
+    raise NotImplementedError(
+        f"paddle_ema cannot place state on {place}; only CPU and CUDA places are supported"
+    )
 
 
 def initialized_place(name: str) -> Any | None:
@@ -134,6 +137,14 @@ def initialized_place(name: str) -> Any | None:
     if var is None or not var.get_tensor()._is_initialized():
         return None
     return _typed_place(var.get_tensor()._place())
+
+
+def read_scalar(name: str) -> float | None:
+    """The value of one-element tensor ``name`` in the global scope, or None if it holds no data."""
+    var = paddle.static.global_scope().find_var(name)
+    if var is None or not var.get_tensor()._is_initialized():
+        return None
+    return float(np.array(var.get_tensor()).reshape(-1)[0])
 
 
 def fill_scope_tensor(name: str, shape: Sequence[int], dtype: str, fill: float, place: Any) -> None:

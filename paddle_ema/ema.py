@@ -123,6 +123,9 @@ class ExponentialMovingAverage:
         self._state: _graph.StateHandles | None = None
         self._apply_program: paddle.static.Program | None = None
         self._restore_program: paddle.static.Program | None = None
+        # Between apply() and restore(): whether averages are applied, and whether the apply program ran
+        # (it does not before the first update step, when there is nothing to apply or restore).
+        self._applied = False
         self._backed_up = False
         _logger.debug("%s averages %d parameters", self._plan.step, len(self._params))
 
@@ -187,16 +190,20 @@ class ExponentialMovingAverage:
         _check_executor(executor, "apply")
         if self._state is None:
             raise RuntimeError("apply() needs the EMA ops: call ema.update() after optimizer.minimize()")
-        if self._backed_up:
+        if self._applied:
             raise RuntimeError(
                 "the averages are already applied and the trained parameters are backed up; call "
                 "ema.restore(executor) before applying again"
             )
-        _graph.ensure_backups(self._plan)
-        if self._apply_program is None:
-            self._apply_program = _graph.build_apply_program(self._plan)
-        executor.run(self._apply_program)
-        self._backed_up = True
+        if _graph.debias_value(self._plan) == 0.0:
+            _logger.info("apply() before the first update step: parameters left as they are")
+        else:
+            _graph.ensure_backups(self._plan)
+            if self._apply_program is None:
+                self._apply_program = _graph.build_apply_program(self._plan)
+            executor.run(self._apply_program)
+            self._backed_up = True
+        self._applied = True
         try:
             yield
         finally:
@@ -213,10 +220,12 @@ class ExponentialMovingAverage:
             TypeError: ``executor`` is not a ``paddle.static.Executor``.
         """
         _check_executor(executor, "restore")
-        if not self._backed_up:
+        if not self._applied:
             _logger.warning("restore() called with no applied averages; parameters left unchanged")
             return
-        if self._restore_program is None:
-            self._restore_program = _graph.build_restore_program(self._plan)
-        executor.run(self._restore_program)
+        if self._backed_up:
+            if self._restore_program is None:
+                self._restore_program = _graph.build_restore_program(self._plan)
+            executor.run(self._restore_program)
+        self._applied = False
         self._backed_up = False

@@ -43,8 +43,11 @@ def build_net(main, *, batch_norm=False, frozen=False, lr=0.05, optimizer="sgd")
                                    bias_attr=paddle.ParamAttr(name="bn.b"))
         h = bn(h)
     if frozen:
-        h = paddle.static.nn.fc(h, 3, weight_attr=paddle.ParamAttr(name="frozen.w", do_model_average=False),
-                                bias_attr=paddle.ParamAttr(name="frozen.b", do_model_average=False))
+        h = paddle.static.nn.fc(
+            h, 3,
+            weight_attr=paddle.ParamAttr(name="frozen.w", do_model_average=False),
+            bias_attr=paddle.ParamAttr(name="frozen.b", do_model_average=False),
+        )
     out = paddle.static.nn.fc(h, 2, weight_attr=paddle.ParamAttr(name="fc2.w"),
                               bias_attr=paddle.ParamAttr(name="fc2.b"))
     loss = paddle.mean(out * out)

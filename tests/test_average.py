@@ -120,7 +120,7 @@ def test_thres_steps_of_any_numeric_dtype(programs, exe, rng, dtype):
 def test_thres_steps_from_global_step_counter(programs, exe, rng):
     main, startup = programs
     step = paddle_ema.global_step_counter()
-    net = build_net(main)
+    build_net(main)
     ema = paddle_ema.ExponentialMovingAverage(0.999, thres_steps=step)
     ema.update()
     exe.run(startup)
@@ -151,7 +151,7 @@ def test_test_program_never_updates_the_averages(programs, exe, rng):
 
 def test_legacy_test_clone_after_update_drops_ema_ops(programs, exe, rng, mode):
     if mode.endswith("pir"):
-        pytest.skip("PIR Program.clone() has no for_test; PIR test programs are cloned before minimize")
+        pytest.skip("PIR Program.clone() has no for_test: PIR test programs are cloned before minimize")
     main, startup = programs
     net = build_net(main)
     ema = paddle_ema.ExponentialMovingAverage(0.9)
@@ -175,7 +175,8 @@ def test_two_instances_are_independent(programs, exe, rng):
     slow.update()
     assert fast.parameter_names == slow.parameter_names
     exe.run(startup)
-    oracles = {"fast": EmaOracle(0.5, fast.parameter_names), "slow": EmaOracle(0.99, slow.parameter_names)}
+    names = fast.parameter_names
+    oracles = {"fast": EmaOracle(0.5, names), "slow": EmaOracle(0.99, names)}
     for _ in range(5):
         exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
         for oracle in oracles.values():
