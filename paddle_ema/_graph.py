@@ -94,19 +94,21 @@ def emit_state(plan: EmaPlan) -> StateHandles:
     return StateHandles(step=step, debias=debias, averages=averages)
 
 
-def emit_decay(decay: float, thres_steps: Any | None) -> Any:
-    """Emit this step's decay :math:`d_t` as a float32 tensor of shape [1].
+def emit_weight(decay: float, thres_steps: Any | None) -> Any:
+    """Emit this step's interpolation weight :math:`1 - d_t`: a float32 tensor of shape [1].
 
-    With ``thres_steps`` the decay warms up as :math:`\\min(decay, (1 + s) / (10 + s))`, where ``s`` is
-    the value of ``thres_steps`` at this step (usually the global step).
+    With ``thres_steps`` the decay warms up as :math:`d_t = \\min(decay, (1 + s) / (10 + s))`, where
+    ``s`` is the value of ``thres_steps`` at this step (usually the global step). The weight is made
+    once per step and shared by every average.
     """
     if thres_steps is None:
-        return paddle.full([1], decay, _SCALAR_DTYPE)
+        return paddle.full([1], 1.0 - decay, _SCALAR_DTYPE)
     steps = paddle.reshape(paddle.cast(thres_steps, _SCALAR_DTYPE), [1])
     warmup = (steps + 1.0) / (steps + 10.0)
     # paddle.minimum rejects legacy Variables on Paddle 3.3, and paddle.clip warns under PIR (it asks a
     # Value for its place); where + full is quiet and exact in every IR.
-    return paddle.where(warmup < decay, warmup, paddle.full([1], decay, _SCALAR_DTYPE))
+    decay_t = paddle.where(warmup < decay, warmup, paddle.full([1], decay, _SCALAR_DTYPE))
+    return 1.0 - decay_t
 
 
 def _cast_once(value: Any, dtype: str, cache: dict[str, Any]) -> Any:
@@ -116,25 +118,23 @@ def _cast_once(value: Any, dtype: str, cache: dict[str, Any]) -> Any:
     return cache[dtype]
 
 
-def emit_update(
-    params: Sequence[Any], state: StateHandles, decay_t: Any
-) -> None:
+def emit_update(params: Sequence[Any], state: StateHandles, weight: Any) -> None:
     """Emit one EMA step: ``step += 1``; every average and the bias denominator move toward their target.
+
+    One in-place op per parameter: ``average += weight * (param - average)``, which is
+    :math:`d_t a + (1 - d_t) \\theta` in a single read of each operand and a single write.
 
     Args:
         params: The parameters, in the order of ``state.averages``; read after the optimizer updated them.
         state: Handles made by :func:`emit_state` in the same program.
-        decay_t: This step's decay, from :func:`emit_decay`.
+        weight: This step's :math:`1 - d_t`, from :func:`emit_weight`.
     """
-    weight = 1.0 - decay_t  # computed once per step, shared by every average
     weights: dict[str, Any] = {}
-    paddle.assign(state.step + 1, output=state.step)
+    paddle.increment(state.step)
     for param, average in zip(params, state.averages):
-        w = _cast_once(weight, _ir.dtype_name(param), weights)
-        paddle.assign(paddle.lerp(average, param, w), output=average)
+        _ir.lerp_(average, param, _cast_once(weight, _ir.dtype_name(param), weights))
     # The moving average of the constant 1, through the same op and weight as the averages.
-    ones = paddle.ones([1], _SCALAR_DTYPE)
-    paddle.assign(paddle.lerp(state.debias, ones, weight), output=state.debias)
+    _ir.lerp_(state.debias, paddle.ones([1], _SCALAR_DTYPE), weight)
 
 
 def build_apply_program(plan: EmaPlan) -> paddle.static.Program:

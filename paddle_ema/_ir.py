@@ -23,6 +23,7 @@ __all__ = [
     "dtype_name",
     "in_pir_mode",
     "is_graph_variable",
+    "lerp_",
     "read_scalar",
     "fill_scope_tensor",
     "initialized_place",
@@ -96,6 +97,24 @@ def bind_persistable(name: str, shape: Sequence[int], dtype: str) -> Any:
         )
     handle.stop_gradient = True
     return handle
+
+
+def lerp_(average: Any, target: Any, weight: Any) -> None:
+    """In place: ``average += weight * (target - average)``, one kernel, no temporary.
+
+    ``paddle.lerp_`` is dygraph-only, so the in-place op is emitted the way each IR spells it: PIR's
+    ``_C_ops.lerp_`` (what ``paddle.lerp_`` itself calls), and in the legacy IR the ``lerp`` op with
+    its output bound to its input, as ``paddle.increment`` does for its op. The kernel is elementwise,
+    so the aliasing is safe, and it is the same kernel as ``paddle.lerp``: the numbers do not change.
+    """
+    if in_pir_mode():
+        paddle._C_ops.lerp_(average, target, weight)
+    else:
+        average.block.append_op(
+            type="lerp",
+            inputs={"X": [average], "Y": [target], "Weight": [weight]},
+            outputs={"Out": [average]},
+        )
 
 
 @contextlib.contextmanager
