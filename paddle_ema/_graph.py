@@ -152,8 +152,7 @@ def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
             average = _ir.bind_persistable(slot.average, slot.shape, slot.dtype)
             backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
             paddle.assign(param, output=backup)
-            denominator = _cast_once(debias, slot.dtype, denominators)
-            paddle.assign(average / denominator, output=param)
+            _ir.divide_into(average, _cast_once(debias, slot.dtype, denominators), param)
     return program
 
 
@@ -183,17 +182,17 @@ def debias_value(plan: EmaPlan) -> float:
     return value
 
 
-def ensure_backups(plan: EmaPlan) -> None:
-    """Make sure every backup tensor exists in the global scope before the apply program writes it.
+def declare_backups(plan: EmaPlan) -> None:
+    """Declare the backup tensors in the global scope; the apply program allocates and fills them.
 
-    Backups live only in the scope (not in the training program), so checkpoints do not carry them.
+    Backups live only in the scope (not in the training program), so checkpoints do not carry them,
+    and only between apply and restore (see :func:`release_backups`).
     """
     for slot in plan.slots:
-        if _ir.initialized_place(slot.backup) is None:
-            place = _ir.initialized_place(slot.param)
-            if place is None:
-                raise RuntimeError(
-                    f"parameter {slot.param!r} is not initialised in the current scope; run the startup "
-                    "program (or load a checkpoint) before ExponentialMovingAverage.apply()"
-                )
-            _ir.fill_scope_tensor(slot.backup, slot.shape, slot.dtype, 0.0, place)
+        _ir.declare_scope_tensor(slot.backup)
+
+
+def release_backups(plan: EmaPlan) -> None:
+    """Free the backups once restored, so a model does not carry a second copy of its weights."""
+    for slot in plan.slots:
+        _ir.release_scope_tensor(slot.backup)

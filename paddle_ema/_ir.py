@@ -20,11 +20,14 @@ from paddle.base.data_feeder import convert_dtype
 __all__ = [
     "bind_persistable",
     "create_state",
+    "declare_scope_tensor",
+    "divide_into",
     "dtype_name",
     "in_pir_mode",
     "is_graph_variable",
     "lerp_",
     "read_scalar",
+    "release_scope_tensor",
     "fill_scope_tensor",
     "initialized_place",
     "update_role",
@@ -117,6 +120,25 @@ def lerp_(average: Any, target: Any, weight: Any) -> None:
         )
 
 
+def divide_into(numerator: Any, denominator: Any, out: Any) -> None:
+    """Write ``numerator / denominator`` into the existing tensor ``out``, with no temporary.
+
+    The legacy IR lets an op write any variable: one ``elementwise_div`` with ``Out`` bound to
+    ``out``. PIR ops write only new values or, in place, their own inputs: copy the numerator into
+    ``out``, then divide it in place (two kernels, still no temporary).
+    """
+    if in_pir_mode():
+        copied = paddle._C_ops.assign_out_(numerator, out)
+        paddle._C_ops.divide_(copied, denominator)
+    else:
+        out.block.append_op(
+            type="elementwise_div",
+            inputs={"X": [numerator], "Y": [denominator]},
+            outputs={"Out": [out]},
+            attrs={"axis": -1},
+        )
+
+
 @contextlib.contextmanager
 def update_role(program: Any) -> Iterator[None]:
     """Mark the ops emitted inside as optimizer ops of ``program``.
@@ -164,6 +186,22 @@ def read_scalar(name: str) -> float | None:
     if var is None or not var.get_tensor()._is_initialized():
         return None
     return float(np.array(var.get_tensor()).reshape(-1)[0])
+
+
+def declare_scope_tensor(name: str) -> None:
+    """Make sure the global scope has a (possibly empty) tensor ``name`` that a program may write.
+
+    A program allocates it on its executor's place when it first writes it. PIR needs the variable
+    and its tensor holder to exist beforehand (a write to a name the scope lacks is silently lost).
+    """
+    paddle.static.global_scope().var(name).get_tensor()
+
+
+def release_scope_tensor(name: str) -> None:
+    """Free the memory of tensor ``name`` in the global scope, keeping the variable declared."""
+    var = paddle.static.global_scope().find_var(name)
+    if var is not None:
+        var.get_tensor()._clear()
 
 
 def fill_scope_tensor(name: str, shape: Sequence[int], dtype: str, fill: float, place: Any) -> None:

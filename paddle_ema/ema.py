@@ -198,7 +198,7 @@ class ExponentialMovingAverage:
         if _graph.debias_value(self._plan) == 0.0:
             _logger.info("apply() before the first update step: parameters left as they are")
         else:
-            _graph.ensure_backups(self._plan)
+            _graph.declare_backups(self._plan)
             if self._apply_program is None:
                 self._apply_program = _graph.build_apply_program(self._plan)
             executor.run(self._apply_program)
@@ -227,5 +227,6 @@ class ExponentialMovingAverage:
             if self._restore_program is None:
                 self._restore_program = _graph.build_restore_program(self._plan)
             executor.run(self._restore_program)
+            _graph.release_backups(self._plan)
         self._applied = False
         self._backed_up = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import paddle
 import pytest
 from nets import batch, build_net, read_all
 
@@ -128,3 +129,24 @@ def test_apply_evaluates_the_test_program_with_averaged_weights(programs, exe, r
     assert not np.allclose(averaged, raw)
     expected = (x.astype(np.float64) @ w["fc1.w"] + w["fc1.b"]) @ w["fc2.w"] + w["fc2.b"]
     np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backups_hold_memory_only_between_apply_and_restore(trained, exe):
+    net, ema = trained
+    scope = paddle.static.global_scope()
+    backups = [slot.backup for slot in ema._plan.slots]
+
+    def allocated():
+        return [scope.find_var(n) is not None and scope.find_var(n).get_tensor()._is_initialized()
+                for n in backups]
+
+    trained_values = read_all(ema.parameter_names)
+    assert not any(allocated())
+    for _ in range(2):
+        with ema.apply(exe):
+            assert all(allocated())
+            backed_up = read_all(backups)
+            for slot in ema._plan.slots:
+                np.testing.assert_array_equal(backed_up[slot.backup], trained_values[slot.param],
+                                              err_msg=f"backup of {slot.param}")
+        assert not any(allocated()), "backups must be freed after restore"
