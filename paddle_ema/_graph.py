@@ -1,8 +1,8 @@
 """Graph builder: emits the ops of an exponential moving average into static programs.
 
-Each function emits into the program it is given (or builds and returns a new one) and returns what it
-emitted. None of them keeps state: the names of everything an EMA owns are planned once, in
-:class:`EmaPlan`, and passed in.
+Each function either emits into the current program (under the caller's ``program_guard``) and returns
+handles to what it emitted, or builds and returns a new program. None of them keeps state: the names
+of everything an EMA owns are planned once, in :class:`EmaPlan`, and passed in.
 
 The maths, for decays :math:`d_1, d_2, \\dots`:
 

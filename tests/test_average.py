@@ -183,3 +183,22 @@ def test_two_instances_are_independent(programs, exe, rng):
             oracle.step(read_all(fast.parameter_names))
     assert_applied_matches(fast, exe, oracles["fast"], "instance fast")
     assert_applied_matches(slow, exe, oracles["slow"], "instance slow")
+
+
+def test_float64_parameters_get_float64_averages(programs, exe, rng):
+    main, startup = programs
+    x = paddle.static.data("x", [-1, 5], "float64")
+    out = paddle.static.nn.fc(x, 3)
+    loss = paddle.mean(out * out)
+    paddle.optimizer.SGD(0.1).minimize(loss)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    oracle = EmaOracle(0.9, ema.parameter_names)
+    for _ in range(4):
+        exe.run(main, feed={"x": rng.standard_normal((8, 5))}, fetch_list=[loss])
+        oracle.step(read_all(ema.parameter_names))
+    for slot in ema._plan.slots:
+        assert read(slot.average).dtype == np.float64, slot.average
+    # The weight 1 - d is a float32 scalar cast to float64, so allow its float32 rounding.
+    assert_applied_matches(ema, exe, oracle, "float64 parameters")
