@@ -12,8 +12,8 @@ The maths, for decays :math:`d_1, d_2, \\dots`:
     c_t = d_t c_{t-1} + (1 - d_t) = 1 - \\prod_{i \\le t} d_i, \\qquad a_0 = c_0 = 0
 
 and ``apply`` writes the debiased average :math:`a_t / c_t` into the parameter. :math:`c_t` is the
-moving average of the constant 1, emitted with the very op and the very weight that update the
-parameters' averages, so the two round alike and their ratio is exact to a few ulp. A running fp32
+moving average of the constant 1, updated with the very decay values that update the parameters'
+averages, so their ratio is exact to a few ulp. A running fp32
 product of the decays (or ``1 - pow(decay, t)``, as Paddle's own class does) loses one to two more
 digits, and is wrong outright when the decay varies.
 """
@@ -21,6 +21,7 @@ digits, and is wrong outright when the decay varies.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import paddle
@@ -94,47 +95,80 @@ def emit_state(plan: EmaPlan) -> StateHandles:
     return StateHandles(step=step, debias=debias, averages=averages)
 
 
-def emit_weight(decay: float, thres_steps: Any | None) -> Any:
-    """Emit this step's interpolation weight :math:`1 - d_t`: a float32 tensor of shape [1].
+@dataclasses.dataclass(frozen=True)
+class StepScalars:
+    """This step's decay :math:`d_t` and the weights derived from it, each emitted once per step."""
+
+    decay: Any  # d_t
+    weight: Any  # 1 - d_t
+    weight_neg: Any  # d_t - 1
+
+
+def emit_step_scalars(decay: float, thres_steps: Any | None) -> StepScalars:
+    """Emit this step's decay and weights as float32 tensors of shape [1], shared by every average.
 
     With ``thres_steps`` the decay warms up as :math:`d_t = \\min(decay, (1 + s) / (10 + s))`, where
-    ``s`` is the value of ``thres_steps`` at this step (usually the global step). The weight is made
-    once per step and shared by every average.
+    ``s`` is the value of ``thres_steps`` at this step (usually the global step).
     """
     if thres_steps is None:
-        return paddle.full([1], 1.0 - decay, _SCALAR_DTYPE)
-    steps = paddle.reshape(paddle.cast(thres_steps, _SCALAR_DTYPE), [1])
-    warmup = (steps + 1.0) / (steps + 10.0)
-    # paddle.minimum rejects legacy Variables on Paddle 3.3, and paddle.clip warns under PIR (it asks a
-    # Value for its place); where + full is quiet and exact in every IR.
-    decay_t = paddle.where(warmup < decay, warmup, paddle.full([1], decay, _SCALAR_DTYPE))
-    return 1.0 - decay_t
+        decay_t = paddle.full([1], decay, _SCALAR_DTYPE)
+    else:
+        steps = paddle.reshape(paddle.cast(thres_steps, _SCALAR_DTYPE), [1])
+        warmup = (steps + 1.0) / (steps + 10.0)
+        # paddle.minimum rejects legacy Variables on Paddle 3.3, and paddle.clip warns under PIR (it
+        # asks a Value for its place); where + full is quiet and exact in every IR.
+        decay_t = paddle.where(warmup < decay, warmup, paddle.full([1], decay, _SCALAR_DTYPE))
+    # For d_t in [0.5, 1) both differences are exact in float32 (Sterbenz), so the two update forms
+    # in emit_update weigh the average and the parameter by exactly d_t and 1 - d_t alike.
+    return StepScalars(decay=decay_t, weight=1.0 - decay_t, weight_neg=decay_t - 1.0)
 
 
-def _cast_once(value: Any, dtype: str, cache: dict[str, Any]) -> Any:
-    """``value`` cast to ``dtype``, emitting at most one cast per dtype per program."""
-    if dtype not in cache:
-        cache[dtype] = value if dtype == _SCALAR_DTYPE else paddle.cast(value, dtype)
-    return cache[dtype]
+def _cast_once(value: Any, dtype: str, cache: dict[tuple[int, str], Any]) -> Any:
+    """``value`` cast to ``dtype``, emitting at most one cast per value and dtype per program."""
+    key = (id(value), dtype)
+    if key not in cache:
+        cache[key] = value if dtype == _SCALAR_DTYPE else paddle.cast(value, dtype)
+    return cache[key]
 
 
-def emit_update(params: Sequence[Any], state: StateHandles, weight: Any) -> None:
+def _lerp_is_faster(shape: Sequence[int]) -> bool:
+    """Whether one ``lerp_`` beats ``scale_`` + ``sgd_`` for a tensor of this shape on CPU.
+
+    Per-op overhead (3-10 us an op) dominates small tensors, so one op wins there. But ``lerp``'s
+    kernel broadcasts its weight through Eigen at rank-dependent cost (about 1 ns an element on 2-d
+    tensors, 2.5 on 4-d), so two flat kernels at memory speed win on large tensors, and on conv weights
+    already from a few thousand elements. Crossovers measured on 2 CPU cores in all three IR modes
+    with 128 tensors of each shape (see benchmarks/).
+    """
+    return len(shape) <= 2 and math.prod(shape) <= LERP_MAX_NUMEL
+
+
+LERP_MAX_NUMEL = 16384
+
+
+def emit_update(params: Sequence[Any], state: StateHandles, scalars: StepScalars) -> None:
     """Emit one EMA step: ``step += 1``; every average and the bias denominator move toward their target.
 
-    One in-place op per parameter: ``average += weight * (param - average)``, which is
-    :math:`d_t a + (1 - d_t) \\theta` in a single read of each operand and a single write.
+    Each average is updated in place, with no temporary: :math:`a \\leftarrow d_t a + (1 - d_t)\\theta`.
 
     Args:
         params: The parameters, in the order of ``state.averages``; read after the optimizer updated them.
         state: Handles made by :func:`emit_state` in the same program.
-        weight: This step's :math:`1 - d_t`, from :func:`emit_weight`.
+        scalars: This step's decay and weights, from :func:`emit_step_scalars`.
     """
-    weights: dict[str, Any] = {}
+    casts: dict[tuple[int, str], Any] = {}
     paddle.increment(state.step)
     for param, average in zip(params, state.averages):
-        _ir.lerp_(average, param, _cast_once(weight, _ir.dtype_name(param), weights))
-    # The moving average of the constant 1, through the same op and weight as the averages.
-    _ir.lerp_(state.debias, paddle.ones([1], _SCALAR_DTYPE), weight)
+        dtype = _ir.dtype_name(param)
+        if _lerp_is_faster(param.shape):
+            _ir.lerp_(average, param, _cast_once(scalars.weight, dtype, casts))
+        else:
+            _ir.scale_add_(
+                average, _cast_once(scalars.decay, dtype, casts), param,
+                _cast_once(scalars.weight_neg, dtype, casts),
+            )
+    # The moving average of the constant 1, with the same decay values as the averages.
+    _ir.lerp_(state.debias, paddle.ones([1], _SCALAR_DTYPE), scalars.weight)
 
 
 def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
@@ -146,13 +180,13 @@ def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
         debias = _ir.bind_persistable(plan.debias, [1], _SCALAR_DTYPE)
-        denominators: dict[str, Any] = {}
+        casts: dict[tuple[int, str], Any] = {}
         for slot in plan.slots:
             param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
             average = _ir.bind_persistable(slot.average, slot.shape, slot.dtype)
             backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
             paddle.assign(param, output=backup)
-            _ir.divide_into(average, _cast_once(debias, slot.dtype, denominators), param)
+            _ir.divide_into(average, _cast_once(debias, slot.dtype, casts), param)
     return program
 
 

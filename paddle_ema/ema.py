@@ -160,8 +160,8 @@ class ExponentialMovingAverage:
             )
         with paddle.static.name_scope("ema"), _ir.update_role(self._program):
             state = _graph.emit_state(self._plan)
-            weight = _graph.emit_weight(self._decay, self._thres_steps)
-            _graph.emit_update(self._params, state, weight)
+            scalars = _graph.emit_step_scalars(self._decay, self._thres_steps)
+            _graph.emit_update(self._params, state, scalars)
         self._state = state
 
     @contextlib.contextmanager
