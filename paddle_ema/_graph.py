@@ -21,6 +21,7 @@ digits, and is wrong outright when the decay varies.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -34,37 +35,82 @@ _SCALAR_DTYPE = "float32"
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """One averaged parameter and the names of the tensors paddle_ema keeps for it."""
+    """One averaged parameter: its name and backup, and where its average lives."""
 
     param: str
     shape: tuple[int, ...]
     dtype: str
-    average: str
     backup: str
+    average: str  # the average tensor holding this parameter's average, maybe shared (see Group)
+    rows: tuple[int, int] | None  # rows [start, stop) of ``average`` along axis 0; None: all of it
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One average tensor: a parameter's own, or the averages of small parameters stacked on axis 0.
+
+    Small parameters of one dtype and one trailing shape share a stacked average, updated from their
+    concatenation by one op instead of one op each: per-op overhead (3-15 us an op, more under PIR,
+    which also spends an op per state tensor it refers to) dominates small tensors, while the
+    concatenation costs one extra pass over them (see benchmarks/).
+    """
+
+    average: str
+    shape: tuple[int, ...]
+    dtype: str
+    members: tuple[int, ...]  # indices into EmaPlan.slots, in stacking order
+
+
+# Parameters of at most this many elements (and rank >= 1) are stacked into shared averages.
+STACK_MAX_NUMEL = 32768
+
+
+def _stack_key(shape: Sequence[int], dtype: str) -> tuple | None:
+    """Parameters with equal keys can share a stacked average; None: this one keeps its own."""
+    if len(shape) == 0 or math.prod(shape) > STACK_MAX_NUMEL:
+        return None
+    return (dtype, tuple(shape[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
 class EmaPlan:
-    """Names of every tensor one EMA instance owns. The only place those names are made."""
+    """Names and layout of every tensor one EMA instance owns. The only place those names are made."""
 
     step: str
     debias: str
     slots: tuple[Slot, ...]
+    groups: tuple[Group, ...]
 
     @classmethod
     def for_params(cls, prefix: str, params: Sequence[Any]) -> EmaPlan:
         """Plan the state of an EMA named ``prefix`` over graph parameters ``params``."""
-        slots = tuple(
-            Slot(
-                param=p.name,
-                shape=tuple(p.shape),
-                dtype=_ir.dtype_name(p),
-                average=f"{prefix}.{p.name}.average",
-                backup=f"{prefix}.{p.name}.backup",
-            )
-            for p in params
+        shapes = [tuple(p.shape) for p in params]
+        dtypes = [_ir.dtype_name(p) for p in params]
+        stacks: dict[tuple, list[int]] = {}
+        for index, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+            stacks.setdefault(_stack_key(shape, dtype) or ("own", index), []).append(index)
+
+        slots: list[Slot | None] = [None] * len(params)
+        groups = []
+        for number, members in enumerate(stacks.values()):
+            first = members[0]
+            if len(members) == 1:
+                average = f"{prefix}.{params[first].name}.average"
+                shape, rows = shapes[first], [None]
+            else:
+                average = f"{prefix}.stack{number}.average"
+                ends = list(itertools.accumulate(shapes[i][0] for i in members))
+                shape = (ends[-1], *shapes[first][1:])
+                rows = list(zip([0, *ends[:-1]], ends))
+            groups.append(Group(average, shape, dtypes[first], tuple(members)))
+            for index, row in zip(members, rows):
+                slots[index] = Slot(
+                    param=params[index].name, shape=shapes[index], dtype=dtypes[index],
+                    backup=f"{prefix}.{params[index].name}.backup", average=average, rows=row,
+                )
+        return cls(
+            step=f"{prefix}.step", debias=f"{prefix}.debias", slots=tuple(slots), groups=tuple(groups)
         )
-        return cls(step=f"{prefix}.step", debias=f"{prefix}.debias", slots=slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +119,7 @@ class StateHandles:
 
     step: Any
     debias: Any
-    averages: tuple[Any, ...]
+    averages: tuple[Any, ...]  # one per EmaPlan.groups
 
 
 def emit_state(plan: EmaPlan) -> StateHandles:
@@ -84,14 +130,14 @@ def emit_state(plan: EmaPlan) -> StateHandles:
     """
     step = _ir.create_state(plan.step, [1], "int64", 0)
     debias = _ir.create_state(plan.debias, [1], _SCALAR_DTYPE, 0.0)
-    averages = tuple(_ir.create_state(s.average, s.shape, s.dtype, 0.0) for s in plan.slots)
+    averages = tuple(_ir.create_state(g.average, g.shape, g.dtype, 0.0) for g in plan.groups)
 
     place = _ir.initialized_place(plan.slots[0].param) if plan.slots else None
     if place is not None:
         _ir.fill_scope_tensor(plan.step, [1], "int64", 0, place)
         _ir.fill_scope_tensor(plan.debias, [1], _SCALAR_DTYPE, 0.0, place)
-        for slot in plan.slots:
-            _ir.fill_scope_tensor(slot.average, slot.shape, slot.dtype, 0.0, place)
+        for group in plan.groups:
+            _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place)
     return StateHandles(step=step, debias=debias, averages=averages)
 
 
@@ -146,26 +192,31 @@ def _lerp_is_faster(shape: Sequence[int]) -> bool:
 LERP_MAX_NUMEL = 16384
 
 
-def emit_update(params: Sequence[Any], state: StateHandles, scalars: StepScalars) -> None:
+def emit_update(
+    plan: EmaPlan, params: Sequence[Any], state: StateHandles, scalars: StepScalars
+) -> None:
     """Emit one EMA step: ``step += 1``; every average and the bias denominator move toward their target.
 
-    Each average is updated in place, with no temporary: :math:`a \\leftarrow d_t a + (1 - d_t)\\theta`.
+    Each average is updated in place: :math:`a \\leftarrow d_t a + (1 - d_t)\\theta`, where for a
+    stacked average :math:`\\theta` is the concatenation of its members.
 
     Args:
-        params: The parameters, in the order of ``state.averages``; read after the optimizer updated them.
+        plan: The layout of the averages.
+        params: The parameters, in the order of ``plan.slots``; read after the optimizer updated them.
         state: Handles made by :func:`emit_state` in the same program.
         scalars: This step's decay and weights, from :func:`emit_step_scalars`.
     """
     casts: dict[tuple[int, str], Any] = {}
     paddle.increment(state.step)
-    for param, average in zip(params, state.averages):
-        dtype = _ir.dtype_name(param)
-        if _lerp_is_faster(param.shape):
-            _ir.lerp_(average, param, _cast_once(scalars.weight, dtype, casts))
+    for group, average in zip(plan.groups, state.averages):
+        members = [params[i] for i in group.members]
+        target = members[0] if len(members) == 1 else paddle.concat(members, axis=0)
+        if _lerp_is_faster(group.shape):
+            _ir.lerp_(average, target, _cast_once(scalars.weight, group.dtype, casts))
         else:
             _ir.scale_add_(
-                average, _cast_once(scalars.decay, dtype, casts), param,
-                _cast_once(scalars.weight_neg, dtype, casts),
+                average, _cast_once(scalars.decay, group.dtype, casts), target,
+                _cast_once(scalars.weight_neg, group.dtype, casts),
             )
     # The moving average of the constant 1, with the same decay values as the averages.
     _ir.lerp_(state.debias, paddle.ones([1], _SCALAR_DTYPE), scalars.weight)
@@ -181,12 +232,18 @@ def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
     with paddle.static.program_guard(program, paddle.static.Program()):
         debias = _ir.bind_persistable(plan.debias, [1], _SCALAR_DTYPE)
         casts: dict[tuple[int, str], Any] = {}
-        for slot in plan.slots:
-            param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
-            average = _ir.bind_persistable(slot.average, slot.shape, slot.dtype)
-            backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
-            paddle.assign(param, output=backup)
-            _ir.divide_into(average, _cast_once(debias, slot.dtype, casts), param)
+        for group in plan.groups:
+            average = _ir.bind_persistable(group.average, group.shape, group.dtype)
+            slots = [plan.slots[i] for i in group.members]
+            pieces = (
+                [average] if len(slots) == 1
+                else paddle.split(average, [s.rows[1] - s.rows[0] for s in slots], axis=0)
+            )
+            for slot, piece in zip(slots, pieces):
+                param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
+                backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
+                paddle.assign(param, output=backup)
+                _ir.divide_into(piece, _cast_once(debias, slot.dtype, casts), param)
     return program
 
 

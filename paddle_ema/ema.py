@@ -161,7 +161,7 @@ class ExponentialMovingAverage:
         with paddle.static.name_scope("ema"), _ir.update_role(self._program):
             state = _graph.emit_state(self._plan)
             scalars = _graph.emit_step_scalars(self._decay, self._thres_steps)
-            _graph.emit_update(self._params, state, scalars)
+            _graph.emit_update(self._plan, self._params, state, scalars)
         self._state = state
 
     @contextlib.contextmanager

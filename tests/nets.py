@@ -70,3 +70,9 @@ def read_all(names) -> dict[str, np.ndarray]:
 
 def batch(rng, n=8) -> np.ndarray:
     return rng.standard_normal((n, IN_FEATURES)).astype("float32")
+
+
+def read_average(slot) -> np.ndarray:
+    """The stored (biased) average of one parameter, cut out of its possibly stacked average tensor."""
+    average = read(slot.average)
+    return average if slot.rows is None else average[slot.rows[0]:slot.rows[1]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import pytest
-from nets import batch, build_net, read, read_all
+from nets import batch, build_net, read, read_all, read_average
 from oracle import EmaOracle
 
 import paddle_ema
@@ -49,8 +49,9 @@ def test_raw_averages_are_float32_zero_start_and_biased(programs, exe, rng):
     ema.update()
     exe.run(startup)
     plan = ema._plan
+    assert any(len(g.members) > 1 for g in plan.groups), "the test net must exercise stacked averages"
     for slot in plan.slots:
-        average = read(slot.average)
+        average = read_average(slot)
         assert average.dtype == np.float32, slot.average
         np.testing.assert_array_equal(average, np.zeros(slot.shape, np.float32), err_msg=slot.average)
     oracle = EmaOracle(0.9, ema.parameter_names)
@@ -58,7 +59,7 @@ def test_raw_averages_are_float32_zero_start_and_biased(programs, exe, rng):
         exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
         oracle.step(read_all(ema.parameter_names))
     for slot in plan.slots:
-        np.testing.assert_allclose(read(slot.average), oracle.averages[slot.param], rtol=RTOL, atol=ATOL,
+        np.testing.assert_allclose(read_average(slot), oracle.averages[slot.param], rtol=RTOL, atol=ATOL,
                                    err_msg=f"stored (biased) average of {slot.param}")
     np.testing.assert_array_equal(read(plan.step), [3])
     np.testing.assert_allclose(read(plan.debias), [1 - 0.9**3], rtol=1e-6)
@@ -199,6 +200,37 @@ def test_float64_parameters_get_float64_averages(programs, exe, rng):
         exe.run(main, feed={"x": rng.standard_normal((8, 5))}, fetch_list=[loss])
         oracle.step(read_all(ema.parameter_names))
     for slot in ema._plan.slots:
-        assert read(slot.average).dtype == np.float64, slot.average
+        assert read_average(slot).dtype == np.float64, slot.average
     # The weight 1 - d is a float32 scalar cast to float64, so allow its float32 rounding.
     assert_applied_matches(ema, exe, oracle, "float64 parameters")
+
+
+def build_wide_or_conv(kind):
+    """Nets whose averages take the scale_ + sgd_ path: a 4-d conv weight, and a 2-d fc weight too large
+    to stack or to lerp."""
+    if kind == "conv":
+        x = paddle.static.data("x", [-1, 3, 6, 6], "float32")
+        h = paddle.nn.Conv2D(3, 8, 3, weight_attr=paddle.ParamAttr(name="conv.w"))(x)
+        h = paddle.nn.BatchNorm2D(8)(h)
+        return x, paddle.mean(h * h), (4, 3, 6, 6)
+    x = paddle.static.data("x", [-1, 300], "float32")
+    h = paddle.static.nn.fc(x, 200, weight_attr=paddle.ParamAttr(name="wide.w"))
+    return x, paddle.mean(h * h), (4, 300)
+
+
+@pytest.mark.parametrize("kind", ["conv", "wide"])
+def test_large_and_conv_parameters_match_oracle_each_step(programs, exe, rng, kind):
+    main, startup = programs
+    x, loss, batch_shape = build_wide_or_conv(kind)
+    paddle.optimizer.Adam(0.01).minimize(loss)
+    ema = paddle_ema.ExponentialMovingAverage(0.999)
+    ema.update()
+    big = "conv.w" if kind == "conv" else "wide.w"
+    group = next(g for g in ema._plan.groups if ema._plan.slots[g.members[0]].param == big)
+    assert len(group.members) == 1 and not paddle_ema._graph._lerp_is_faster(group.shape)
+    exe.run(startup)
+    oracle = EmaOracle(0.999, ema.parameter_names)
+    for _ in range(6):
+        exe.run(main, feed={"x": rng.standard_normal(batch_shape).astype("float32")}, fetch_list=[loss])
+        oracle.step(read_all(ema.parameter_names))
+        assert_applied_matches(ema, exe, oracle, f"{kind} net")
