@@ -52,7 +52,8 @@ class Group:
     Small parameters of one dtype and one trailing shape share a stacked average, updated from their
     concatenation by one op instead of one op each: per-op overhead (3-15 us an op, more under PIR,
     which also spends an op per state tensor it refers to) dominates small tensors, while the
-    concatenation costs one extra pass over them (see benchmarks/).
+    concatenation costs one extra pass over them. How small is small depends on the IR
+    (:func:`paddle_ema._ir.stack_max_numel`).
     """
 
     average: str
@@ -61,13 +62,9 @@ class Group:
     members: tuple[int, ...]  # indices into EmaPlan.slots, in stacking order
 
 
-# Parameters of at most this many elements (and rank >= 1) are stacked into shared averages.
-STACK_MAX_NUMEL = 32768
-
-
 def _stack_key(shape: Sequence[int], dtype: str) -> tuple | None:
     """Parameters with equal keys can share a stacked average; None: this one keeps its own."""
-    if len(shape) == 0 or math.prod(shape) > STACK_MAX_NUMEL:
+    if len(shape) == 0 or math.prod(shape) > _ir.stack_max_numel():
         return None
     return (dtype, tuple(shape[1:]))
 

@@ -27,6 +27,7 @@ __all__ = [
     "is_graph_variable",
     "lerp_",
     "scale_add_",
+    "stack_max_numel",
     "read_scalar",
     "release_scope_tensor",
     "fill_scope_tensor",
@@ -128,6 +129,18 @@ def scale_add_(average: Any, decay: Any, target: Any, weight_neg: Any) -> None:
             outputs={"ParamOut": [average]},
             attrs={"multi_precision": False},
         )
+
+
+def stack_max_numel() -> int:
+    """Largest parameter (in elements) whose average is worth stacking with others (see _graph.Group).
+
+    Stacking trades one op per tensor for one concatenation pass over it. Paddle's CPU concat moves
+    only about 1.5 GB/s, so it pays only where an op costs more than copying the tensor: below ~32k
+    elements in the legacy IR, but under PIR, whose per-op cost is mostly scheduling and is cut in half
+    already by stacking the tiny tensors (biases, norms), only up to ~1k elements. Measured on the
+    512-tensor fc64 model in benchmarks/ (EMA-only program, 4-op chain as the in-run baseline).
+    """
+    return 1024 if in_pir_mode() else 32768
 
 
 def lerp_(average: Any, target: Any, weight: Any) -> None:
