@@ -222,9 +222,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(name)
         ax.set_ylabel("ms per EMA step (log)")
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    # One legend for all panels, below them, so it never hides a bar.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     fig.suptitle("EMA update alone: time per step")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
