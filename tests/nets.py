@@ -76,3 +76,23 @@ def read_average(slot) -> np.ndarray:
     """The stored (biased) average of one parameter, cut out of its possibly stacked average tensor."""
     average = read(slot.average)
     return average if slot.rows is None else average[slot.rows[0]:slot.rows[1]]
+
+
+def state_names(ema) -> list[str]:
+    """Names of an EMA's persistable state: the step, the bias denominator and every average tensor."""
+    plan = ema._plan
+    return [plan.step, plan.debias] + [group.average for group in plan.groups]
+
+
+def train_with_ema(programs, exe, rng, steps, decay=0.9, **net_options):
+    """A net (see build_net) with an EMA of ``decay``, started up and trained for ``steps`` steps."""
+    import paddle_ema
+
+    main, startup = programs
+    net = build_net(main, **net_options)
+    ema = paddle_ema.ExponentialMovingAverage(decay)
+    ema.update()
+    exe.run(startup)
+    for _ in range(steps):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    return net, ema

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import pytest
-from nets import batch, build_net, read_all
+from nets import batch, build_net, read_all, state_names, train_with_ema
 
 import paddle_ema
 
@@ -13,19 +13,11 @@ import paddle_ema
 @pytest.fixture
 def trained(programs, exe, rng):
     """A net with an EMA (decay 0.9) after 3 training steps."""
-    main, startup = programs
-    net = build_net(main, batch_norm=True)
-    ema = paddle_ema.ExponentialMovingAverage(0.9)
-    ema.update()
-    exe.run(startup)
-    for _ in range(3):
-        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
-    return net, ema
+    return train_with_ema(programs, exe, rng, steps=3, batch_norm=True)
 
 
 def ema_state(ema):
-    plan = ema._plan
-    return read_all([plan.step, plan.debias] + [s.average for s in plan.slots])
+    return read_all(state_names(ema))
 
 
 def assert_same(now, before, what):
@@ -112,13 +104,7 @@ def test_restore_without_apply_changes_nothing(trained, exe, caplog):
 
 
 def test_apply_evaluates_the_test_program_with_averaged_weights(programs, exe, rng):
-    main, startup = programs
-    net = build_net(main)
-    ema = paddle_ema.ExponentialMovingAverage(0.9)
-    ema.update()
-    exe.run(startup)
-    for _ in range(3):
-        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    net, ema = train_with_ema(programs, exe, rng, steps=3)
     x = batch(rng)
     (raw,) = exe.run(net.test_program, feed={"x": x}, fetch_list=[net.test_out])
     with ema.apply(exe):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import pytest
-from nets import batch, build_net, read_all
+from nets import build_net, read_all, state_names, train_with_ema
 
 import paddle_ema
 
@@ -67,19 +67,13 @@ def test_update_under_another_program_raises_and_adds_nothing(programs):
 
 @pytest.fixture
 def trained(programs, exe, rng):
-    main, startup = programs
-    net = build_net(main)
-    ema = paddle_ema.ExponentialMovingAverage(0.9)
-    ema.update()
-    exe.run(startup)
-    exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
-    return ema
+    return train_with_ema(programs, exe, rng, steps=1)[1]
 
 
 @pytest.mark.parametrize("executor", [None, "exe", paddle.CPUPlace()])
 def test_apply_and_restore_need_an_executor(trained, exe, executor):
     ema = trained
-    names = ema.parameter_names + [s.average for s in ema._plan.slots]
+    names = ema.parameter_names + state_names(ema)
     before = read_all(names)
     with pytest.raises(TypeError, match=r"apply\(executor\) needs a paddle.static.Executor"):
         with ema.apply(executor):

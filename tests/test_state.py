@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import paddle
-from nets import batch, build_net, read, read_all
+from nets import batch, build_net, read, read_all, state_names
 from oracle import EmaOracle
 from test_average import assert_applied_matches
 
 import paddle_ema
-
-
-def state_names(ema):
-    plan = ema._plan
-    return [plan.step, plan.debias] + [s.average for s in plan.slots]
 
 
 def test_state_is_persistable_and_not_trainable(programs):
