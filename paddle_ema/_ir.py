@@ -5,7 +5,8 @@ ProgramDesc IR that Paddle 2.6 uses and 3.x keeps behind ``FLAGS_enable_pir_api=
 that touches private Paddle APIs. Each such use says why.
 
 Everything else in paddle_ema is written once, against what both IRs share: ``paddle.assign(x,
-output=y)``, ``paddle.lerp``, ``paddle.where``, ``paddle.cast`` and the arithmetic operators.
+output=y)``, ``paddle.increment``, ``paddle.where``, ``paddle.cast``, ``paddle.concat``,
+``paddle.split`` and the arithmetic operators. The in-place update ops are spelled here, per IR.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ __all__ = [
     "declare_scope_tensor",
     "divide_into",
     "dtype_name",
+    "fill_scope_tensor",
     "in_pir_mode",
+    "initialized_place",
     "is_graph_variable",
     "lerp_",
-    "scale_add_",
-    "stack_max_numel",
     "read_scalar",
     "release_scope_tensor",
-    "fill_scope_tensor",
-    "initialized_place",
+    "scale_add_",
+    "stack_max_numel",
     "update_role",
 ]
 
