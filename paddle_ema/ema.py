@@ -169,7 +169,9 @@ class ExponentialMovingAverage:
         """Write the bias-corrected averages into the parameters for the duration of a ``with`` block.
 
         The parameters are backed up first. Before the first update step has run they are left as
-        they are (there is no average yet).
+        they are (there is no average yet). Like the Executor's own default, this works on
+        ``paddle.static.global_scope()``; if you train in another scope, wrap the block in
+        ``paddle.static.scope_guard(scope)``.
 
         Args:
             executor: The Executor that runs the training program (its place is used).
