@@ -13,9 +13,9 @@ The maths, for decays :math:`d_1, d_2, \\dots`:
 
 and ``apply`` writes the debiased average :math:`a_t / c_t` into the parameter. :math:`c_t` is the
 moving average of the constant 1, updated with the very decay values that update the parameters'
-averages, so their ratio is exact to a few ulp. A running fp32
-product of the decays (or ``1 - pow(decay, t)``, as Paddle's own class does) loses one to two more
-digits, and is wrong outright when the decay varies.
+averages, so their ratio is exact to a few ulp. A running fp32 product of the decays (or
+``1 - pow(decay, t)``, as Paddle's own class does) loses one to two more digits, and is wrong outright
+when the decay varies.
 """
 
 from __future__ import annotations
@@ -174,6 +174,9 @@ def _cast_once(value: Any, dtype: str, cache: dict[tuple[int, str], Any]) -> Any
     return cache[key]
 
 
+LERP_MAX_NUMEL = 16384  # see _lerp_is_faster
+
+
 def _lerp_is_faster(shape: Sequence[int]) -> bool:
     """Whether one ``lerp_`` beats ``scale_`` + ``sgd_`` for a tensor of this shape on CPU.
 
@@ -184,9 +187,6 @@ def _lerp_is_faster(shape: Sequence[int]) -> bool:
     with 128 tensors of each shape (see benchmarks/).
     """
     return len(shape) <= 2 and math.prod(shape) <= LERP_MAX_NUMEL
-
-
-LERP_MAX_NUMEL = 16384
 
 
 def emit_update(

@@ -210,24 +210,28 @@ def _typed_place(place: Any) -> Any:
     )
 
 
+def _initialized_tensor(name: str) -> Any | None:
+    """Tensor ``name`` of the global scope if it holds data, else None (missing or uninitialised)."""
+    var = paddle.static.global_scope().find_var(name)
+    if var is None or not var.get_tensor()._is_initialized():
+        return None
+    return var.get_tensor()
+
+
 def initialized_place(name: str) -> Any | None:
     """The place of tensor ``name`` in the global scope, or None if it is missing or uninitialised.
 
     Used to tell whether the startup program has already run (a parameter holds data) and, if so,
     where the state that paddle_ema adds must live so that it sits beside that parameter.
     """
-    var = paddle.static.global_scope().find_var(name)
-    if var is None or not var.get_tensor()._is_initialized():
-        return None
-    return _typed_place(var.get_tensor()._place())
+    tensor = _initialized_tensor(name)
+    return None if tensor is None else _typed_place(tensor._place())
 
 
 def read_scalar(name: str) -> float | None:
     """The value of one-element tensor ``name`` in the global scope, or None if it holds no data."""
-    var = paddle.static.global_scope().find_var(name)
-    if var is None or not var.get_tensor()._is_initialized():
-        return None
-    return float(np.array(var.get_tensor()).reshape(-1)[0])
+    tensor = _initialized_tensor(name)
+    return None if tensor is None else float(np.array(tensor).reshape(-1)[0])
 
 
 def declare_scope_tensor(name: str) -> None:
