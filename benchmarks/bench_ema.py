@@ -395,7 +395,10 @@ def build_ema_only(shapes: Sequence[tuple[int, ...]], flavor: str, warmup: int) 
         with paddle.static.program_guard(main, startup):
             ones = paddle.nn.initializer.Constant(1.0)
             for i, shape in enumerate(shapes):
-                paddle.static.create_parameter(list(shape), "float32", name=f"p{i}", default_initializer=ones)
+                # Not trainable: no optimizer updates them, and paddle_ema's update() requires an
+                # optimizer's update of every trainable parameter it averages to come first.
+                attr = paddle.ParamAttr(name=f"p{i}", initializer=ones, trainable=False)
+                paddle.static.create_parameter(list(shape), "float32", attr=attr)
         exe.run(startup)
         baseline = Baseline.now()
         with paddle.static.program_guard(main, ema_startup):

@@ -25,12 +25,26 @@ import itertools
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import paddle
 
 from paddle_ema import _ir
 
-# The bias denominator and the decay schedule are kept in float32 whatever the parameters' dtype.
+# The step weight is a float32 scalar whatever the parameters' dtype (cast where an average needs it).
 _SCALAR_DTYPE = "float32"
+# The bias denominator c is one float64 number. In float32, c <- c + w (1 - c) stalls once w (1 - c)
+# falls below half an ulp of 1, i.e. at 1 - c ~ 3e-8 / w: 3e-5 short of 1 at decay 0.999, an error that
+# every applied average would carry. In float64, updated with the very float32 weights the averages
+# use, it is the exact normaliser of those weights.
+_DEBIAS_DTYPE = "float64"
+# Parameters of these dtypes get float32 averages: at decay 0.999 an increment below 1/256 of the value
+# vanishes in a bfloat16 average (8 bits of mantissa), so it would stall instead of following.
+_LOW_PRECISION = ("float16", "bfloat16")
+
+
+def accumulator_dtype(dtype: str) -> str:
+    """The dtype of the average kept for a parameter of ``dtype``."""
+    return _SCALAR_DTYPE if dtype in _LOW_PRECISION else dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +63,16 @@ class Slot:
 class Group:
     """One average tensor: a parameter's own, or the averages of small parameters stacked on axis 0.
 
-    Small parameters of one dtype and one trailing shape share a stacked average, updated from their
-    concatenation by one op instead of one op each: per-op overhead (3-15 us an op, more under PIR,
-    which also spends an op per state tensor it refers to) dominates small tensors, while the
-    concatenation costs one extra pass over them. How small is small depends on the IR
+    Small parameters of one accumulator dtype and one trailing shape share a stacked average, updated
+    from their concatenation by one op instead of one op each: per-op overhead (3-15 us an op, more
+    under PIR, which also spends an op per state tensor it refers to) dominates small tensors, while
+    the concatenation costs one extra pass over them. How small is small depends on the IR
     (:func:`paddle_ema._ir.stack_max_numel`).
     """
 
     average: str
     shape: tuple[int, ...]
-    dtype: str
+    dtype: str  # the accumulator dtype (see accumulator_dtype)
     members: tuple[int, ...]  # indices into EmaPlan.slots, in stacking order
 
 
@@ -66,7 +80,7 @@ def _stack_key(shape: Sequence[int], dtype: str) -> tuple | None:
     """Parameters with equal keys can share a stacked average; None: this one keeps its own."""
     if len(shape) == 0 or math.prod(shape) > _ir.stack_max_numel():
         return None
-    return (dtype, tuple(shape[1:]))
+    return (accumulator_dtype(dtype), tuple(shape[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +94,7 @@ class EmaPlan:
 
     @classmethod
     def for_params(cls, prefix: str, params: Sequence[Any]) -> EmaPlan:
-        """Plan the state of an EMA named ``prefix`` over graph parameters ``params``."""
+        """Plan the state of an EMA named ``prefix`` over graph parameters ``params`` (unique names)."""
         shapes = [tuple(p.shape) for p in params]
         dtypes = [_ir.dtype_name(p) for p in params]
         stacks: dict[tuple, list[int]] = {}
@@ -99,7 +113,7 @@ class EmaPlan:
                 ends = list(itertools.accumulate(shapes[i][0] for i in members))
                 shape = (ends[-1], *shapes[first][1:])
                 rows = list(zip([0, *ends[:-1]], ends))
-            groups.append(Group(average, shape, dtypes[first], tuple(members)))
+            groups.append(Group(average, shape, accumulator_dtype(dtypes[first]), tuple(members)))
             for index, row in zip(members, rows):
                 slots[index] = Slot(
                     param=params[index].name, shape=shapes[index], dtype=dtypes[index],
@@ -119,66 +133,80 @@ class StateHandles:
     averages: tuple[Any, ...]  # one per EmaPlan.groups
 
 
-def emit_state(plan: EmaPlan) -> StateHandles:
+def emit_state(plan: EmaPlan, scope: Any) -> StateHandles:
     """Create the EMA's persistable state, zero-initialised by the current startup program.
 
     Must run under ``paddle.static.program_guard(main, startup)``. If the startup program has already
-    run (the parameters hold data), the state is also set in the global scope right away.
+    run in ``scope`` (the parameters hold data), the state is also set in ``scope`` right away.
     """
     step = _ir.create_state(plan.step, [1], "int64", 0)
-    debias = _ir.create_state(plan.debias, [1], _SCALAR_DTYPE, 0.0)
+    debias = _ir.create_state(plan.debias, [1], _DEBIAS_DTYPE, 0.0)
     averages = tuple(_ir.create_state(g.average, g.shape, g.dtype, 0.0) for g in plan.groups)
 
-    place = _ir.initialized_place(plan.slots[0].param) if plan.slots else None
+    place = _ir.initialized_place(plan.slots[0].param, scope)
     if place is not None:
-        _ir.fill_scope_tensor(plan.step, [1], "int64", 0, place)
-        _ir.fill_scope_tensor(plan.debias, [1], _SCALAR_DTYPE, 0.0, place)
+        _ir.fill_scope_tensor(plan.step, [1], "int64", 0, place, scope)
+        _ir.fill_scope_tensor(plan.debias, [1], _DEBIAS_DTYPE, 0.0, place, scope)
         for group in plan.groups:
-            _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place)
+            _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place, scope)
     return StateHandles(step=step, debias=debias, averages=averages)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepScalars:
-    """This step's decay :math:`d_t` and the weights derived from it, each emitted once per step."""
+def constant_weight(decay: float) -> float:
+    """The weight :math:`1 - d` of a constant decay, as the float32 average will use it.
 
-    decay: Any  # d_t
-    weight: Any  # 1 - d_t
-    weight_neg: Any  # d_t - 1
-
-
-def emit_step_scalars(decay: float, thres_steps: Any | None) -> StepScalars:
-    """Emit this step's decay and weights as float32 tensors of shape [1], shared by every average.
-
-    With ``thres_steps`` the decay warms up as :math:`d_t = \\min(decay, (1 + s) / (10 + s))`, where
-    ``s`` is the value of ``thres_steps`` at this step (usually the global step).
+    Computed in float64 and rounded once. ``1 - float32(decay)`` would be off by up to half an ulp of
+    1 (3e-8), which is 3e-4 of the weight at decay 0.9999 and 3e-3 at 0.99999; every tiny weight is a
+    normal float32, so any decay below 1 moves the average.
     """
+    return float(np.float32(1.0 - decay))
+
+
+def emit_step_weight(decay: float, thres_steps: Any | None) -> Any:
+    """Emit this step's weight :math:`w_t = 1 - d_t` as a float32 tensor of shape [1].
+
+    Every average (and the bias denominator) is updated by :math:`a \\leftarrow a + w_t(\\theta - a)`,
+    in which only the weight enters, so it is computed precisely rather than as ``1 - d_t`` in float32.
+    With ``thres_steps`` the decay warms up as :math:`d_t = \\min(decay, (1 + s) / (10 + s))`, where
+    ``s`` is the value of ``thres_steps`` at this step (usually the global step); the weight is then
+    :math:`\\max(1 - decay, 9 / (10 + s))`, one correctly rounded division. A negative ``s`` counts as
+    0, so the decay never leaves [0, decay].
+    """
+    constant = paddle.full([1], constant_weight(decay), _SCALAR_DTYPE)
     if thres_steps is None:
-        decay_t = paddle.full([1], decay, _SCALAR_DTYPE)
-    else:
-        steps = paddle.reshape(paddle.cast(thres_steps, _SCALAR_DTYPE), [1])
-        warmup = (steps + 1.0) / (steps + 10.0)
-        # paddle.minimum rejects legacy Variables on Paddle 3.3, and paddle.clip warns under PIR (it
-        # asks a Value for its place); where + full is quiet and exact in every IR.
-        decay_t = paddle.where(warmup < decay, warmup, paddle.full([1], decay, _SCALAR_DTYPE))
-    # For d_t in [0.5, 1) both differences are exact in float32 (Sterbenz), so the two update forms
-    # in emit_update weigh the average and the parameter by exactly d_t and 1 - d_t alike.
-    return StepScalars(decay=decay_t, weight=1.0 - decay_t, weight_neg=decay_t - 1.0)
+        return constant
+    steps = paddle.reshape(paddle.cast(thres_steps, _SCALAR_DTYPE), [1])
+    # where + full is quiet and exact in every IR: paddle.maximum rejects legacy Variables on Paddle
+    # 3.3, and paddle.clip warns under PIR (it asks a Value for its place). NaN steps count as 0 too.
+    steps = paddle.where(steps > 0.0, steps, paddle.zeros([1], _SCALAR_DTYPE))
+    warmup = paddle.full([1], 9.0, _SCALAR_DTYPE) / (steps + 10.0)
+    return paddle.where(warmup > constant, warmup, constant)
 
 
-def _cast_once(value: Any, dtype: str, cache: dict[tuple[int, str], Any]) -> Any:
-    """``value`` cast to ``dtype``, emitting at most one cast per value and dtype per program."""
-    key = (id(value), dtype)
-    if key not in cache:
-        cache[key] = value if dtype == _SCALAR_DTYPE else paddle.cast(value, dtype)
-    return cache[key]
+class _ScalarVariants:
+    """A scalar of shape [1], cast, reshaped or negated as each op needs it, each variant emitted once."""
+
+    def __init__(self, scalar: Any) -> None:
+        self._scalar = scalar
+        self._dtype = _ir.dtype_name(scalar)
+        self._cache: dict[tuple, Any] = {}
+
+    def get(self, dtype: str, rank0: bool = False, negated: bool = False) -> Any:
+        key = (dtype, rank0, negated)
+        if key not in self._cache:
+            value = self._scalar if dtype == self._dtype else paddle.cast(self._scalar, dtype)
+            # A 0-d average must be updated with a 0-d weight: a [1] operand would broadcast it to [1]
+            # in the legacy IR, and the checkpoint would carry the wrong shape.
+            value = paddle.reshape(value, []) if rank0 else value
+            self._cache[key] = -value if negated else value
+        return self._cache[key]
 
 
 LERP_MAX_NUMEL = 16384  # see _lerp_is_faster
 
 
 def _lerp_is_faster(shape: Sequence[int]) -> bool:
-    """Whether one ``lerp_`` beats ``scale_`` + ``sgd_`` for a tensor of this shape on CPU.
+    """Whether one ``lerp_`` beats two ``sgd_`` kernels for a tensor of this shape on CPU.
 
     Per-op overhead (3-10 us an op) dominates small tensors, so one op wins there. But ``lerp``'s
     kernel broadcasts its weight through Eigen at rank-dependent cost (about 1 ns an element on 2-d
@@ -189,46 +217,74 @@ def _lerp_is_faster(shape: Sequence[int]) -> bool:
     return len(shape) <= 2 and math.prod(shape) <= LERP_MAX_NUMEL
 
 
-def emit_update(
-    plan: EmaPlan, params: Sequence[Any], state: StateHandles, scalars: StepScalars
-) -> None:
+def _as_accumulator(param: Any, dtype: str) -> Any:
+    """``param`` in its average's dtype: low-precision parameters are read as float32."""
+    return param if _ir.dtype_name(param) == dtype else paddle.cast(param, dtype)
+
+
+def emit_update(plan: EmaPlan, params: Sequence[Any], state: StateHandles, weight: Any) -> None:
     """Emit one EMA step: ``step += 1``; every average and the bias denominator move toward their target.
 
-    Each average is updated in place: :math:`a \\leftarrow d_t a + (1 - d_t)\\theta`, where for a
-    stacked average :math:`\\theta` is the concatenation of its members.
+    Each average is updated in place: :math:`a \\leftarrow a + w_t(\\theta - a)`, where for a stacked
+    average :math:`\\theta` is the concatenation of its members.
 
     Args:
         plan: The layout of the averages.
         params: The parameters, in the order of ``plan.slots``; read after the optimizer updated them.
         state: Handles made by :func:`emit_state` in the same program.
-        scalars: This step's decay and weights, from :func:`emit_step_scalars`.
+        weight: This step's weight :math:`1 - d_t`, from :func:`emit_step_weight`.
     """
-    casts: dict[tuple[int, str], Any] = {}
+    weights = _ScalarVariants(weight)
     paddle.increment(state.step)
     for group, average in zip(plan.groups, state.averages):
-        members = [params[i] for i in group.members]
+        members = [_as_accumulator(params[i], group.dtype) for i in group.members]
         target = members[0] if len(members) == 1 else paddle.concat(members, axis=0)
+        rank0 = len(group.shape) == 0
         if _lerp_is_faster(group.shape):
-            _ir.lerp_(average, target, _cast_once(scalars.weight, group.dtype, casts))
+            _ir.lerp_(average, target, weights.get(group.dtype, rank0))
         else:
-            _ir.scale_add_(
-                average, _cast_once(scalars.decay, group.dtype, casts), target,
-                _cast_once(scalars.weight_neg, group.dtype, casts),
+            _ir.sgd_lerp_(
+                average, target, weights.get(group.dtype), weights.get(group.dtype, negated=True)
             )
-    # The moving average of the constant 1, with the same decay values as the averages.
-    _ir.lerp_(state.debias, paddle.ones([1], _SCALAR_DTYPE), scalars.weight)
+    # The moving average of the constant 1, with the same weights as the averages.
+    _ir.lerp_(state.debias, paddle.ones([1], _DEBIAS_DTYPE), weights.get(_DEBIAS_DTYPE))
 
 
-def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
-    """A program that backs every parameter up and writes its debiased average into it.
+def _bind_slots(slots: Sequence[Slot], attribute: str) -> list[tuple[Any, Any]]:
+    """Handles to every slot's parameter and its ``attribute`` tensor (the backup), in a new program."""
+    return [
+        (
+            _ir.bind_persistable(slot.param, slot.shape, slot.dtype),
+            _ir.bind_persistable(getattr(slot, attribute), slot.shape, slot.dtype),
+        )
+        for slot in slots
+    ]
 
-    Run it only once the bias denominator is non-zero (after the first update step): before that
-    there is no average to apply.
+
+def build_backup_program(plan: EmaPlan) -> paddle.static.Program:
+    """A program that copies every parameter into its backup, and writes nothing else.
+
+    Kept apart from :func:`build_write_program` so that apply is a transaction: if backing up fails
+    or is interrupted, no parameter has been touched yet; once it has succeeded, every parameter is
+    recoverable whatever happens while the averages are written.
     """
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
-        debias = _ir.bind_persistable(plan.debias, [1], _SCALAR_DTYPE)
-        casts: dict[tuple[int, str], Any] = {}
+        for param, backup in _bind_slots(plan.slots, "backup"):
+            paddle.assign(param, output=backup)
+    return program
+
+
+def build_write_program(plan: EmaPlan) -> paddle.static.Program:
+    """A program that writes every parameter's debiased average into it, in the parameter's dtype.
+
+    Run it only after the backup program, and once the bias denominator is non-zero (after the first
+    update step): before that there is no average to apply.
+    """
+    program = paddle.static.Program()
+    with paddle.static.program_guard(program, paddle.static.Program()):
+        debias = _ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE)
+        debiases = _ScalarVariants(debias)
         for group in plan.groups:
             average = _ir.bind_persistable(group.average, group.shape, group.dtype)
             slots = [plan.slots[i] for i in group.members]
@@ -238,30 +294,30 @@ def build_apply_program(plan: EmaPlan) -> paddle.static.Program:
             )
             for slot, piece in zip(slots, pieces):
                 param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
-                backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
-                paddle.assign(param, output=backup)
-                _ir.divide_into(piece, _cast_once(debias, slot.dtype, casts), param)
+                denominator = debiases.get(group.dtype, rank0=len(slot.shape) == 0)
+                if slot.dtype == group.dtype:
+                    _ir.divide_into(piece, denominator, param)
+                else:  # a float32 average of a low-precision parameter: round once, on the way in
+                    paddle.assign(paddle.cast(piece / denominator, slot.dtype), output=param)
     return program
 
 
 def build_restore_program(plan: EmaPlan) -> paddle.static.Program:
-    """A program that copies every backup made by the apply program back into its parameter."""
+    """A program that copies every backup made by the backup program back into its parameter."""
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
-        for slot in plan.slots:
-            param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
-            backup = _ir.bind_persistable(slot.backup, slot.shape, slot.dtype)
+        for param, backup in _bind_slots(plan.slots, "backup"):
             paddle.assign(backup, output=param)
     return program
 
 
-def debias_value(plan: EmaPlan) -> float:
-    """The current bias denominator :math:`1 - \\prod d_i`; 0 before the first update step.
+def debias_value(plan: EmaPlan, scope: Any) -> float:
+    """The current bias denominator :math:`1 - \\prod d_i` in ``scope``; 0 before the first update step.
 
     Raises:
         RuntimeError: the state is not initialised (the startup program has not run).
     """
-    value = _ir.read_scalar(plan.debias)
+    value = _ir.read_scalar(plan.debias, scope)
     if value is None:
         raise RuntimeError(
             f"the EMA state {plan.debias!r} is not initialised in the current scope; run the startup "
@@ -270,17 +326,17 @@ def debias_value(plan: EmaPlan) -> float:
     return value
 
 
-def declare_backups(plan: EmaPlan) -> None:
-    """Declare the backup tensors in the global scope; the apply program allocates and fills them.
+def declare_backups(plan: EmaPlan, scope: Any) -> None:
+    """Declare the backup tensors in ``scope``; the backup program allocates and fills them.
 
     Backups live only in the scope (not in the training program), so checkpoints do not carry them,
     and only between apply and restore (see :func:`release_backups`).
     """
     for slot in plan.slots:
-        _ir.declare_scope_tensor(slot.backup)
+        _ir.declare_scope_tensor(slot.backup, scope)
 
 
-def release_backups(plan: EmaPlan) -> None:
+def release_backups(plan: EmaPlan, scope: Any) -> None:
     """Free the backups once restored, so a model does not carry a second copy of its weights."""
     for slot in plan.slots:
-        _ir.release_scope_tensor(slot.backup)
+        _ir.release_scope_tensor(slot.backup, scope)

@@ -1,12 +1,14 @@
-"""The public ExponentialMovingAverage class and its apply/restore state."""
+"""The public ExponentialMovingAverage class and its apply/restore state machine."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import gc
 import logging
 import math
 import numbers
-from typing import Any, Iterator
+import warnings
+from typing import Any
 
 import paddle
 from paddle.utils import unique_name
@@ -24,12 +26,16 @@ def _check_decay(decay: Any) -> float:
             f"decay must be a float in [0, 1), got {decay!r} of type {type(decay).__name__}; "
             "pass e.g. decay=0.999"
         )
-    if not (0.0 <= float(decay) < 1.0) or math.isnan(decay):
+    try:
+        value = float(decay)
+    except OverflowError:
+        value = math.inf
+    if not (0.0 <= value < 1.0):  # also False for NaN
         raise ValueError(f"decay must be in [0, 1), got {decay!r}; pass e.g. decay=0.999")
-    return float(decay)
+    return value
 
 
-def _check_thres_steps(thres_steps: Any) -> Any:
+def _check_thres_steps(thres_steps: Any, program: Any) -> Any:
     if thres_steps is None:
         return None
     if not _ir.is_graph_variable(thres_steps):
@@ -41,7 +47,28 @@ def _check_thres_steps(thres_steps: Any) -> Any:
     dtype = _ir.dtype_name(thres_steps)
     if dtype not in ("int32", "int64", "float16", "float32", "float64"):
         raise TypeError(f"thres_steps must have an int or float dtype, got {dtype}")
+    if tuple(thres_steps.shape) not in ((1,), ()):
+        raise ValueError(
+            f"thres_steps must hold one number (shape [1] or []), got shape {list(thres_steps.shape)}; "
+            "pass the global step, e.g. paddle_ema.global_step_counter()"
+        )
+    if _ir.program_of(thres_steps) is not program:
+        raise ValueError(
+            "thres_steps belongs to another program than the default main program this "
+            "ExponentialMovingAverage averages; create it under the same paddle.static.program_guard"
+        )
     return thres_steps
+
+
+def _check_name(name: Any) -> str:
+    if name is None:
+        return "ema"
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"name must be a non-empty str (the prefix of the EMA's variable names) or None, got "
+            f"{name!r} of type {type(name).__name__}; pass e.g. name='ema'"
+        )
+    return name
 
 
 def _check_executor(executor: Any, method: str) -> None:
@@ -50,6 +77,62 @@ def _check_executor(executor: Any, method: str) -> None:
             f"{method}(executor) needs a paddle.static.Executor, got {executor!r} of type "
             f"{type(executor).__name__}; pass the Executor that runs your training program"
         )
+
+
+def _averaged_parameters(program: Any) -> list[Any]:
+    """The parameters of ``program`` to average: ``do_model_average`` not False, each name once.
+
+    PIR lists a parameter shared by two layers (one ``ParamAttr`` name) once per use; averaging,
+    backing up or restoring it twice would write an average over its backup.
+    """
+    seen: dict[str, Any] = {}
+    for param in program.global_block().all_parameters():
+        if getattr(param, "do_model_average", None) is not False:
+            seen.setdefault(param.name, param)
+    return list(seen.values())
+
+
+def _compiled_programs_of(program: Any) -> bool:
+    """Whether a ``paddle.static.CompiledProgram`` was built from ``program`` and is still alive."""
+    compiled = getattr(paddle.static, "CompiledProgram", None)
+    if compiled is None:
+        return False
+    return any(
+        isinstance(obj, compiled) and getattr(obj, "_program", None) is program
+        for obj in gc.get_objects()
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Applied:
+    """What :meth:`ExponentialMovingAverage.restore` needs: where the backups are, and if there are any."""
+
+    scope: Any  # the scope apply() worked on, whatever scope is current at restore()
+    backed_up: bool  # False when apply() ran before the first update step and changed nothing
+
+
+# Every applied EMA with what its restore needs, in the order they were applied: the one record of
+# which EMAs are applied (one append and one remove, so an interrupt cannot leave it half-updated).
+# One EMA restoring under another that shares parameters with it would put its own backup (the raw
+# weights) back, then the other's restore would put the first EMA's averages over them: restores must
+# come in reverse order.
+_APPLIED_STACK: list[tuple[ExponentialMovingAverage, _Applied]] = []
+
+
+class _Restorer:
+    """What :meth:`ExponentialMovingAverage.apply` returns: restores on leaving a ``with`` block."""
+
+    def __init__(self, ema: ExponentialMovingAverage, executor: Any, need_restore: bool) -> None:
+        self._ema = ema
+        self._executor = executor
+        self._need_restore = need_restore
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._need_restore:
+            self._ema.restore(self._executor)
 
 
 class ExponentialMovingAverage:
@@ -68,17 +151,28 @@ class ExponentialMovingAverage:
     constant decay the denominator is :math:`1 - d^t`) and :meth:`restore` puts the trained values back.
 
     With ``thres_steps`` the decay warms up: :math:`d_t = \\min(\\text{decay}, (1 + s_t) / (10 + s_t))`,
-    :math:`s_t` being the value of ``thres_steps`` at step ``t``, usually the global step.
+    :math:`s_t` being the value of ``thres_steps`` at step ``t``, usually the global step (a negative
+    value counts as 0).
+
+    Each average is kept in its parameter's dtype, except that float16 and bfloat16 parameters get
+    float32 averages (a bfloat16 average stalls at decay 0.999). The weight :math:`1 - d_t` is computed
+    precisely (in float64 for a constant decay), so any decay below 1 works, and the bias denominator
+    is kept in float64: the applied float32 average stays within 1e-5 relative of a float64 reference
+    over 20,000 steps at decay 0.999, 0.9999 and 0.99999 (measured; see README).
 
     Args:
         decay: The decay rate, in [0, 1); usually close to 1 (0.999, 0.9999).
-        thres_steps: Optional int or float Variable/Value (e.g. from :func:`paddle_ema.global_step_counter`)
-            that schedules the decay as above.
+        thres_steps: Optional int or float Variable/Value of shape [1] or [] in the default main
+            program (e.g. from :func:`paddle_ema.global_step_counter`) that schedules the decay as
+            above.
         name: Prefix of the state's variable names; made unique per instance. Defaults to ``"ema"``.
 
     Raises:
-        TypeError: ``decay`` is not a number, or ``thres_steps`` is not an int/float graph variable.
-        ValueError: ``decay`` is outside [0, 1).
+        TypeError: ``decay`` is not a number, ``name`` is not a str, or ``thres_steps`` is not an
+            int/float graph variable.
+        ValueError: ``decay`` is outside [0, 1); ``thres_steps`` does not hold one number or belongs
+            to another program; or the default main program has no parameter to average.
+        RuntimeError: called in dygraph mode (this class averages static programs).
 
     Example:
         .. code-block:: python
@@ -111,23 +205,31 @@ class ExponentialMovingAverage:
     def __init__(
         self, decay: float = 0.999, thres_steps: Any | None = None, name: str | None = None
     ) -> None:
-        self._decay = _check_decay(decay)
-        self._thres_steps = _check_thres_steps(thres_steps)
+        if paddle.in_dynamic_mode():
+            raise RuntimeError(
+                "ExponentialMovingAverage averages a static program's parameters; call "
+                "paddle.enable_static() and build the network before creating it"
+            )
         self._program = paddle.static.default_main_program()
-        self._params = [
-            p
-            for p in self._program.global_block().all_parameters()
-            if getattr(p, "do_model_average", None) is not False
-        ]
-        self._plan = _graph.EmaPlan.for_params(unique_name.generate(name or "ema"), self._params)
+        self._decay = _check_decay(decay)
+        self._thres_steps = _check_thres_steps(thres_steps, self._program)
+        prefix = _check_name(name)
+        self._params = _averaged_parameters(self._program)
+        if not self._params:
+            raise ValueError(
+                "the default main program has no parameter to average (none, or all with "
+                "do_model_average=False); build the network and call optimizer.minimize() before "
+                "creating the ExponentialMovingAverage"
+            )
+        self._name = unique_name.generate(prefix)
+        self._plan = _graph.EmaPlan.for_params(self._name, self._params)
         self._state: _graph.StateHandles | None = None
-        self._apply_program: paddle.static.Program | None = None
+        # The programs apply() and restore() run, built by update(): building a program is not safe
+        # to interrupt (under PIR an interrupted build can crash the next one), running one is.
+        self._backup_program: paddle.static.Program | None = None
+        self._write_program: paddle.static.Program | None = None
         self._restore_program: paddle.static.Program | None = None
-        # Between apply() and restore(): whether averages are applied, and whether the apply program ran
-        # (it does not before the first update step, when there is nothing to apply or restore).
-        self._applied = False
-        self._backed_up = False
-        _logger.debug("%s averages %d parameters", self._plan.step, len(self._params))
+        _logger.debug("%s averages %d parameters", self._name, len(self._params))
 
     @property
     def decay(self) -> float:
@@ -142,11 +244,14 @@ class ExponentialMovingAverage:
     def update(self) -> None:
         """Append the EMA ops to the default main program.
 
-        Call it once, after ``optimizer.minimize``, so the averages see the updated parameters.
+        Call it once, after ``optimizer.minimize``, so the averages see the updated parameters. Build
+        any ``paddle.static.CompiledProgram`` of the training program after it: one built before
+        never runs the EMA ops.
 
         Raises:
-            RuntimeError: ``update()`` was already called, or the default main program is not the one
-                this EMA was built on.
+            RuntimeError: ``update()`` was already called; the default main program is not the one
+                this EMA was built on; or no op of the program updates the averaged parameters yet
+                (``optimizer.minimize`` has not run). Nothing is appended then.
         """
         if self._state is not None:
             raise RuntimeError(
@@ -158,77 +263,153 @@ class ExponentialMovingAverage:
                 "update() must append to the program whose parameters this ExponentialMovingAverage "
                 "averages; call it under the same paddle.static.program_guard as the constructor"
             )
+        trainable = {p.name for p in self._params if getattr(p, "trainable", True)}
+        if trainable and not trainable & _ir.parameters_written(self._program):
+            raise RuntimeError(
+                "update() found no op that updates the parameters it averages, so the averages would "
+                "lag one step behind the trained weights; call ema.update() after "
+                "optimizer.minimize(loss)"
+            )
+        if _compiled_programs_of(self._program):
+            warnings.warn(
+                "a paddle.static.CompiledProgram was built from this program before "
+                "ExponentialMovingAverage.update(); it will not run the EMA ops: build it again after "
+                "update()",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        scope = paddle.static.global_scope()
         with paddle.static.name_scope("ema"), _ir.update_role(self._program):
-            state = _graph.emit_state(self._plan)
-            scalars = _graph.emit_step_scalars(self._decay, self._thres_steps)
-            _graph.emit_update(self._plan, self._params, state, scalars)
+            state = _graph.emit_state(self._plan, scope)
+            weight = _graph.emit_step_weight(self._decay, self._thres_steps)
+            _graph.emit_update(self._plan, self._params, state, weight)
+        self._backup_program = _graph.build_backup_program(self._plan)
+        self._write_program = _graph.build_write_program(self._plan)
+        self._restore_program = _graph.build_restore_program(self._plan)
         self._state = state
 
-    @contextlib.contextmanager
-    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> Iterator[None]:
-        """Write the bias-corrected averages into the parameters for the duration of a ``with`` block.
+    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> _Restorer:
+        """Write the bias-corrected averages into the parameters, backing the parameters up first.
 
-        The parameters are backed up first. Before the first update step has run they are left as
-        they are (there is no average yet). Like the Executor's own default, this works on
-        ``paddle.static.global_scope()``; if you train in another scope, wrap the block in
-        ``paddle.static.scope_guard(scope)``.
+        It takes effect when called. Use it as a context manager: leaving the ``with`` block (also
+        by an exception) restores the trained parameters bit-exactly, unless ``need_restore`` is
+        False; then call :meth:`restore` yourself, with or without ``with``.
+
+        apply is a transaction: if it fails or is interrupted (``KeyboardInterrupt``) before the
+        parameters are backed up, nothing has changed; after that, it restores them before raising,
+        and if even that is interrupted, :meth:`restore` finishes the job. Before the first update
+        step has run the parameters are left as they are (there is no average yet) and a warning says
+        so. It works on the current scope (``paddle.static.global_scope()``, like the Executor's
+        default; wrap it in ``paddle.static.scope_guard(scope)`` if you train in another scope), and
+        :meth:`restore` acts on that same scope.
 
         Args:
             executor: The Executor that runs the training program (its place is used).
-            need_restore: Restore the parameters when the block exits (also on an exception). With
-                False, call :meth:`restore` yourself.
+            need_restore: Whether leaving the ``with`` block restores the parameters.
+
+        Returns:
+            A context manager whose exit restores the parameters if ``need_restore``.
 
         Raises:
-            TypeError: ``executor`` is not a ``paddle.static.Executor``.
-            RuntimeError: :meth:`update` was never called, or the averages are already applied and
-                not yet restored.
+            TypeError: ``executor`` is not a ``paddle.static.Executor``, or ``need_restore`` is not a
+                bool.
+            RuntimeError: :meth:`update` was never called, the state is not initialised (the startup
+                program has not run), or the averages are already applied and not yet restored.
 
         Example:
             .. code-block:: python
 
                 with ema.apply(exe):
                     exe.run(test_program, feed=feed, fetch_list=[pred])
+
+                ema.apply(exe, need_restore=False)   # e.g. to save the averaged model
+                paddle.static.save_inference_model(path, [x], [pred], exe, program=test_program)
+                ema.restore(exe)
         """
         _check_executor(executor, "apply")
+        if not isinstance(need_restore, bool):
+            raise TypeError(
+                f"need_restore must be a bool, got {need_restore!r} of type "
+                f"{type(need_restore).__name__}; pass need_restore=False to restore yourself later"
+            )
         if self._state is None:
             raise RuntimeError("apply() needs the EMA ops: call ema.update() after optimizer.minimize()")
-        if self._applied:
+        if self._applied is not None:
             raise RuntimeError(
                 "the averages are already applied and the trained parameters are backed up; call "
                 "ema.restore(executor) before applying again"
             )
-        if _graph.debias_value(self._plan) == 0.0:
-            _logger.info("apply() before the first update step: parameters left as they are")
-        else:
-            _graph.declare_backups(self._plan)
-            if self._apply_program is None:
-                self._apply_program = _graph.build_apply_program(self._plan)
-            executor.run(self._apply_program)
-            self._backed_up = True
-        self._applied = True
+        scope = paddle.static.global_scope()
+        if _graph.debias_value(self._plan, scope) == 0.0:
+            warnings.warn(
+                "ExponentialMovingAverage.apply(): no update step has run yet, so there is no average "
+                "and the parameters are left as they are. If you did train, the training program "
+                "never ran the EMA ops: was it a paddle.static.CompiledProgram built before "
+                "ema.update()? Build it after update().",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._push(_Applied(scope, backed_up=False))
+            return _Restorer(self, executor, need_restore)
+        _graph.declare_backups(self._plan, scope)
         try:
-            yield
-        finally:
-            if need_restore:
-                self.restore(executor)
+            executor.run(self._backup_program, scope=scope)
+        except BaseException:
+            # Only backups were written: the parameters are untouched.
+            _graph.release_backups(self._plan, scope)
+            raise
+        # From here every parameter is recoverable from its backup, so the state says applied before
+        # the first parameter is written: restore() works whatever happens next.
+        self._push(_Applied(scope, backed_up=True))
+        try:
+            executor.run(self._write_program, scope=scope)
+        except BaseException:
+            self.restore(executor)
+            raise
+        return _Restorer(self, executor, need_restore)
 
     def restore(self, executor: paddle.static.Executor) -> None:
-        """Put back the parameters that :meth:`apply` backed up. Does nothing if nothing is applied.
+        """Put back the parameters that :meth:`apply` backed up, in the scope apply worked on.
+
+        Does nothing (and logs a warning) if nothing is applied. If it fails or is interrupted, the
+        averages stay applied and the backups kept: call it again.
 
         Args:
             executor: The Executor that runs the training program.
 
         Raises:
             TypeError: ``executor`` is not a ``paddle.static.Executor``.
+            RuntimeError: another ExponentialMovingAverage sharing parameters with this one was
+                applied after it and is not restored yet; restore that one first.
         """
         _check_executor(executor, "restore")
-        if not self._applied:
+        applied = self._applied
+        if applied is None:
             _logger.warning("restore() called with no applied averages; parameters left unchanged")
             return
-        if self._backed_up:
-            if self._restore_program is None:
-                self._restore_program = _graph.build_restore_program(self._plan)
-            executor.run(self._restore_program)
-            _graph.release_backups(self._plan)
-        self._applied = False
-        self._backed_up = False
+        entry = (self, applied)
+        later = [
+            other for other, other_applied in _APPLIED_STACK[_APPLIED_STACK.index(entry) + 1:]
+            if other_applied.scope is applied.scope
+            and set(other.parameter_names) & set(self.parameter_names)
+        ]
+        if later:
+            raise RuntimeError(
+                f"EMA {later[-1]._name!r} was applied after EMA {self._name!r} over the same parameters "
+                "and is not restored yet; restore the EMAs in the reverse order of apply (nothing was "
+                "changed)"
+            )
+        if applied.backed_up:
+            executor.run(self._restore_program, scope=applied.scope)
+        _APPLIED_STACK.remove(entry)
+        if applied.backed_up:
+            _graph.release_backups(self._plan, applied.scope)
+
+    @property
+    def _applied(self) -> _Applied | None:
+        """Where this EMA's averages are applied, or None: set from before a parameter is written."""
+        return next((applied for ema, applied in _APPLIED_STACK if ema is self), None)
+
+    def _push(self, applied: _Applied) -> None:
+        _APPLIED_STACK.append((self, applied))
+

@@ -136,3 +136,18 @@ def test_backups_hold_memory_only_between_apply_and_restore(trained, exe):
                 np.testing.assert_array_equal(backed_up[slot.backup], trained_values[slot.param],
                                               err_msg=f"backup of {slot.param}")
         assert not any(allocated()), "backups must be freed after restore"
+
+
+def test_apply_takes_effect_when_called_without_with(trained, exe):
+    net, ema = trained
+    before = read_all(ema.parameter_names)
+    with ema.apply(exe):
+        averaged = read_all(ema.parameter_names)
+    ema.apply(exe, need_restore=False)
+    assert_same(read_all(ema.parameter_names), averaged, "apply(need_restore=False) without with")
+    ema.restore(exe)
+    assert_same(read_all(ema.parameter_names), before, "restore after apply without with")
+    ema.apply(exe)  # need_restore only acts when a with block exits: the averages stay applied
+    assert_same(read_all(ema.parameter_names), averaged, "apply() without with")
+    ema.restore(exe)
+    assert_same(read_all(ema.parameter_names), before, "restore after apply() without with")

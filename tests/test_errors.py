@@ -111,3 +111,81 @@ def test_apply_before_startup_raises(programs, exe):
     with pytest.raises(RuntimeError, match="run the startup program"):  # and nothing was left applied
         with ema.apply(exe):
             pass
+
+
+def program_sizes(programs):
+    return tuple(len(p.global_block().ops) for p in programs)
+
+
+def test_decay_too_large_for_a_float(programs):
+    build_net(programs[0])
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\), got 1000"):
+        paddle_ema.ExponentialMovingAverage(10**400)
+
+
+@pytest.mark.parametrize("name", [1, b"ema", "", ["ema"]])
+def test_name_must_be_a_str(programs, name):
+    build_net(programs[0])
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        paddle_ema.ExponentialMovingAverage(0.9, name=name)
+
+
+@pytest.mark.parametrize("shape", [[2], [1, 1], [-1]])
+def test_thres_steps_must_hold_one_number(programs, shape):
+    build_net(programs[0])
+    step = paddle.static.data("step", shape, "int64")
+    sizes = program_sizes(programs)
+    with pytest.raises(ValueError, match=r"thres_steps must hold one number \(shape \[1\] or \[\]\)"):
+        paddle_ema.ExponentialMovingAverage(0.9, thres_steps=step)
+    assert program_sizes(programs) == sizes
+
+
+def test_an_ema_built_before_the_network_raises(programs):
+    with pytest.raises(ValueError, match="no parameter to average"):
+        paddle_ema.ExponentialMovingAverage(0.9)
+
+
+def test_an_ema_of_only_do_model_average_false_parameters_raises(programs):
+    x = paddle.static.data("x", [-1, 3], "float32")
+    paddle.static.nn.fc(x, 2, weight_attr=paddle.ParamAttr(do_model_average=False),
+                        bias_attr=paddle.ParamAttr(do_model_average=False))
+    with pytest.raises(ValueError, match="no parameter to average"):
+        paddle_ema.ExponentialMovingAverage(0.9)
+
+
+def test_an_ema_in_dygraph_mode_raises():
+    paddle.disable_static()
+    try:
+        with pytest.raises(RuntimeError, match=r"static program's parameters; call paddle.enable_static"):
+            paddle_ema.ExponentialMovingAverage(0.9)
+    finally:
+        paddle.enable_static()
+
+
+def test_update_before_minimize_raises_adds_nothing_and_works_after(programs, exe, rng):
+    main, startup = programs
+    x = paddle.static.data("x", [-1, 5], "float32")
+    loss = paddle.mean(paddle.static.nn.fc(x, 2) ** 2)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    sizes = program_sizes(programs)
+    with pytest.raises(RuntimeError, match=r"call ema.update\(\) after optimizer.minimize\(loss\)"):
+        ema.update()
+    assert program_sizes(programs) == sizes
+    paddle.optimizer.SGD(0.1).minimize(loss)
+    ema.update()  # a failed update() leaves the EMA usable
+    exe.run(startup)
+    exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[loss])
+    with ema.apply(exe):
+        pass
+
+
+@pytest.mark.parametrize("need_restore", ["no", 0, None])
+def test_need_restore_must_be_a_bool(trained, exe, need_restore):
+    ema = trained
+    names = ema.parameter_names + state_names(ema)
+    before = read_all(names)
+    with pytest.raises(TypeError, match="need_restore must be a bool"):
+        ema.apply(exe, need_restore=need_restore)
+    for name, value in read_all(names).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert ema._applied is None

@@ -22,7 +22,7 @@ class _FakeGpuPlace:
 
 def test_typed_place_for_cpu_tensors(programs, exe, rng):
     net, ema = train_with_ema(programs, exe, rng, steps=1)
-    place = _ir.initialized_place(ema.parameter_names[0])
+    place = _ir.initialized_place(ema.parameter_names[0], paddle.static.global_scope())
     assert isinstance(place, paddle.CPUPlace)
 
 

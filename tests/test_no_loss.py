@@ -1,0 +1,266 @@
+"""No user action loses a trained weight: shared parameters, interrupted or failing apply/restore,
+other scopes, several EMAs restored in any order, and thres_steps from another program."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import paddle
+import pytest
+from nets import IN_FEATURES, batch, build_net, read, read_all, state_names, train_with_ema
+from oracle import EmaOracle
+from test_average import assert_applied_matches
+
+import paddle_ema
+from paddle_ema import _ir
+
+
+def assert_same(now, before, what):
+    assert now.keys() == before.keys()
+    for name in before:
+        np.testing.assert_array_equal(now[name], before[name], err_msg=f"{what}: {name}")
+
+
+def build_shared_net(main):
+    """x -> fc(4, shared.w) -> fc(4, shared.w) -> mean: one weight used by two layers."""
+    x = paddle.static.data("x", [-1, IN_FEATURES], "float32")
+    h = paddle.static.nn.fc(x, IN_FEATURES, weight_attr=paddle.ParamAttr(name="shared.w"),
+                            bias_attr=paddle.ParamAttr(name="b1"))
+    out = paddle.static.nn.fc(h, IN_FEATURES, weight_attr=paddle.ParamAttr(name="shared.w"),
+                              bias_attr=paddle.ParamAttr(name="b2"))
+    loss = paddle.mean(out * out)
+    paddle.optimizer.SGD(0.05).minimize(loss)
+    return loss
+
+
+def test_a_shared_parameter_is_averaged_backed_up_and_restored_once(programs, exe, rng):
+    main, startup = programs
+    loss = build_shared_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    assert sorted(ema.parameter_names) == ["b1", "b2", "shared.w"]
+    exe.run(startup)
+    oracle = EmaOracle(0.9, ema.parameter_names)
+    for _ in range(4):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[loss])
+        oracle.step(read_all(ema.parameter_names))
+        assert_applied_matches(ema, exe, oracle, "shared parameter")
+
+
+@pytest.fixture
+def trained(programs, exe, rng):
+    """A net with an EMA (decay 0.9) after 3 training steps, its raw weights and expected averages."""
+    main, startup = programs
+    net = build_net(main, batch_norm=True)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    oracle = EmaOracle(0.9, ema.parameter_names)
+    for _ in range(3):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        oracle.step(read_all(ema.parameter_names))
+    return ema, read_all(ema.parameter_names), oracle
+
+
+class Interrupting:
+    """An Executor whose ``run`` raises KeyboardInterrupt on call ``at`` (0-based), before or after
+    running the program: what Ctrl-C (or any signal handler that raises) does when it lands in the
+    Python part of ``Executor.run`` on either side of the C++ run."""
+
+    def __init__(self, exe, at, when):
+        self._exe, self._at, self._when, self.calls = exe, at, when, 0
+
+    def __call__(self, *args, **kwargs):
+        call, self.calls = self.calls, self.calls + 1
+        if call == self._at and self._when == "before":
+            raise KeyboardInterrupt
+        result = self._exe.__class__.run(self._exe, *args, **kwargs)
+        if call == self._at and self._when == "after":
+            raise KeyboardInterrupt
+        return result
+
+
+def assert_recoverable(ema, exe, raw, what):
+    """The parameters are the raw ones, or restore() brings them back bit-exactly; then usable again."""
+    if ema._applied is not None:
+        ema.restore(exe)
+    assert ema._applied is None
+    assert_same(read_all(ema.parameter_names), raw, what)
+
+
+# apply runs 2 programs (backup, write), restore 1: calls 0-2 of a `with ema.apply(exe): pass`.
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_keyboard_interrupt_at_any_point_of_apply_and_restore_loses_nothing(
+    trained, exe, monkeypatch, at, when
+):
+    ema, raw, oracle = trained
+    state = read_all(state_names(ema))
+    interrupting = Interrupting(exe, at, when)
+    monkeypatch.setattr(exe, "run", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        with ema.apply(exe):
+            pass
+    assert interrupting.calls > at
+    monkeypatch.undo()
+    assert_recoverable(ema, exe, raw, f"interrupt {when} run {at}")
+    assert_same(read_all(state_names(ema)), state, "EMA state after an interrupt")
+    assert_applied_matches(ema, exe, oracle, f"apply after an interrupt {when} run {at}")
+
+
+def test_an_apply_that_fails_half_way_restores_before_raising(trained, exe):
+    ema, raw, oracle = trained
+    # A kernel failure while averages are written (a missing kernel, or out of memory): one stacked
+    # average cannot be read, so the write program fails after backing everything up.
+    scope = paddle.static.global_scope()
+    group = ema._plan.groups[-1]
+    saved = read(group.average)
+    scope.find_var(group.average).get_tensor()._clear()
+    with pytest.raises(Exception) as failure:
+        with ema.apply(exe):
+            pytest.fail("the body must not run when apply fails")
+    assert not isinstance(failure.value, pytest.fail.Exception)
+    assert ema._applied is None, "a failed apply must leave nothing applied"
+    assert_same(read_all(ema.parameter_names), raw, "parameters after a failed apply")
+    scope.find_var(group.average).get_tensor().set(saved, paddle.CPUPlace())
+    assert_applied_matches(ema, exe, oracle, "apply after a failed one")
+
+
+def test_an_interrupted_restore_can_be_finished(trained, exe, monkeypatch):
+    ema, raw, oracle = trained
+    ema.apply(exe, need_restore=False)
+    applied = read_all(ema.parameter_names)
+    monkeypatch.setattr(exe, "run", Interrupting(exe, 0, "before"))
+    with pytest.raises(KeyboardInterrupt):
+        ema.restore(exe)
+    monkeypatch.undo()
+    assert_same(read_all(ema.parameter_names), applied, "an interrupted restore changed parameters")
+    ema.restore(exe)
+    assert_same(read_all(ema.parameter_names), raw, "restore after an interrupted one")
+
+
+def test_an_interrupt_while_backups_are_freed_leaves_the_ema_usable(trained, exe, monkeypatch):
+    ema, raw, oracle = trained
+    release = _ir.release_scope_tensor
+    calls = []
+
+    def interrupted_release(name, scope):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        release(name, scope)
+
+    monkeypatch.setattr(_ir, "release_scope_tensor", interrupted_release)
+    with pytest.raises(KeyboardInterrupt):
+        with ema.apply(exe):
+            pass
+    monkeypatch.undo()
+    assert_same(read_all(ema.parameter_names), raw, "parameters after an interrupted release")
+    for _ in range(2):
+        assert_applied_matches(ema, exe, oracle, "apply after an interrupted release")
+
+
+def test_real_signals_during_apply_restore_loops_lose_nothing(trained, exe):
+    """SIGALRM at random moments of apply/restore cycles, its handler raising KeyboardInterrupt."""
+    ema, raw, oracle = trained
+    timing = np.random.default_rng(7)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    caught_applied = []
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        for trial in range(60):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, float(timing.uniform(1e-4, 1e-2)))
+                for _ in range(1000):
+                    with ema.apply(exe):
+                        pass
+                    ema.apply(exe, need_restore=False)
+                    ema.restore(exe)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            caught_applied.append(ema._applied is not None)
+            assert_recoverable(ema, exe, raw, f"SIGALRM trial {trial}")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    # About a third of the interrupts land while the averages are applied: the test must reach those.
+    assert sum(caught_applied) >= 3, f"only {sum(caught_applied)} interrupts caught apply half-way"
+    assert_applied_matches(ema, exe, oracle, "apply after the signal trials")
+
+
+def test_restore_acts_on_the_scope_apply_used(programs, exe, rng):
+    elsewhere = paddle.static.Scope()
+    with paddle.static.scope_guard(elsewhere):
+        net, ema = train_with_ema(programs, exe, rng, steps=3)
+        raw = read_all(ema.parameter_names)
+        ema.apply(exe, need_restore=False)
+        applied = read_all(ema.parameter_names)
+    assert any(not np.array_equal(applied[n], raw[n]) for n in raw)
+    ema.restore(exe)  # outside the scope_guard: the current scope holds nothing of this model
+    with paddle.static.scope_guard(elsewhere):
+        assert_same(read_all(ema.parameter_names), raw, "restore outside the scope of apply")
+        backups = [elsewhere.find_var(s.backup) for s in ema._plan.slots]
+        assert not any(b.get_tensor()._is_initialized() for b in backups), "backups not freed"
+
+
+def two_emas(programs, exe, rng):
+    main, startup = programs
+    net = build_net(main)
+    a = paddle_ema.ExponentialMovingAverage(0.5, name="a")
+    a.update()
+    b = paddle_ema.ExponentialMovingAverage(0.9, name="b")
+    b.update()
+    exe.run(startup)
+    oracles = {"a": EmaOracle(0.5, a.parameter_names), "b": EmaOracle(0.9, b.parameter_names)}
+    for _ in range(3):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        for oracle in oracles.values():
+            oracle.step(read_all(a.parameter_names))
+    return a, b, oracles
+
+
+def test_restoring_two_emas_out_of_order_raises_and_loses_nothing(programs, exe, rng):
+    a, b, oracles = two_emas(programs, exe, rng)
+    raw = read_all(a.parameter_names)
+    a.apply(exe, need_restore=False)
+    b.apply(exe, need_restore=False)
+    b_applied = read_all(b.parameter_names)
+    for name in b.parameter_names:
+        np.testing.assert_allclose(b_applied[name], oracles["b"].debiased(name), rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="'b.*' was applied after EMA 'a.*' .*reverse order"):
+        a.restore(exe)
+    assert_same(read_all(a.parameter_names), b_applied, "a refused restore changed parameters")
+    b.restore(exe)
+    for name in a.parameter_names:
+        np.testing.assert_allclose(read(name), oracles["a"].debiased(name), rtol=1e-5, atol=1e-7)
+    a.restore(exe)
+    assert_same(read_all(a.parameter_names), raw, "restore in reverse order")
+
+
+def test_nested_with_blocks_of_two_emas_restore_in_order(programs, exe, rng):
+    a, b, oracles = two_emas(programs, exe, rng)
+    raw = read_all(a.parameter_names)
+    with a.apply(exe):
+        with b.apply(exe):
+            for name in b.parameter_names:
+                np.testing.assert_allclose(read(name), oracles["b"].debiased(name), rtol=1e-5, atol=1e-7)
+        for name in a.parameter_names:
+            np.testing.assert_allclose(read(name), oracles["a"].debiased(name), rtol=1e-5, atol=1e-7)
+    assert_same(read_all(a.parameter_names), raw, "nested apply")
+
+
+def test_thres_steps_from_another_program_is_refused(programs):
+    main, startup = programs
+    build_net(main)
+    other = paddle.static.Program()
+    with paddle.static.program_guard(other, paddle.static.Program()):
+        step = paddle.static.data("step", [1], "int64")
+    n_ops = len(main.global_block().ops), len(startup.global_block().ops)
+    with pytest.raises(ValueError, match="thres_steps belongs to another program"):
+        paddle_ema.ExponentialMovingAverage(0.9, thres_steps=step)
+    assert (len(main.global_block().ops), len(startup.global_block().ops)) == n_ops
