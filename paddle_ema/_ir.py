@@ -52,7 +52,10 @@ def is_graph_variable(value: Any) -> bool:
 
 
 def dtype_name(value: Any) -> str:
-    """The dtype of a graph variable as a numpy-style name ('float32'), in either IR."""
+    """The dtype of a graph variable as a numpy-style name ('float32', 'bfloat16'), in either IR."""
+    # convert_dtype names bfloat16 'uint16' (numpy has no bfloat16 and holds its bits as uint16).
+    if value.dtype == paddle.bfloat16:
+        return "bfloat16"
     return convert_dtype(value.dtype)
 
 

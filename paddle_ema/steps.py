@@ -21,7 +21,9 @@ def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
 
     The counter is incremented by one each time the program runs, before any op that reads it, so it
     holds ``begin`` during the first run, ``begin + 1`` during the second, and so on. It is saved and
-    loaded with the program's other persistable variables.
+    loaded with the program's other persistable variables. In the legacy IR a test program made with
+    ``clone(for_test=True)`` does not increment it. PIR's ``Program.clone()`` copies every op made so
+    far: under PIR, clone the test program before creating the counter.
 
     Args:
         begin: The value during the first run.
@@ -43,6 +45,9 @@ def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
     if isinstance(begin, bool) or not isinstance(begin, int):
         raise TypeError(f"begin must be an int, got {begin!r} of type {type(begin).__name__}")
     counter = _ir.create_state(unique_name.generate(name or "global_step"), [1], "int64", begin - 1)
-    with paddle.static.name_scope("global_step"):
+    # Marked as an optimizer op, so a legacy clone(for_test=True) leaves it out: evaluating must not
+    # move the step that schedules training.
+    program = paddle.static.default_main_program()
+    with paddle.static.name_scope("global_step"), _ir.update_role(program):
         paddle.assign(counter + 1, output=counter)
     return counter

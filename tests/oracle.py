@@ -10,10 +10,14 @@ import numpy as np
 
 
 def scheduled_decay(decay: float, thres_value: float | None) -> float:
-    """The doc's schedule: min(decay, (1 + s) / (10 + s)), or the plain decay without thres_steps."""
+    """The doc's schedule: min(decay, (1 + s) / (10 + s)), or the plain decay without thres_steps.
+
+    paddle_ema counts a negative s as 0 (the doc's formula would give a negative or infinite decay).
+    """
     if thres_value is None:
         return decay
-    return min(decay, (1.0 + thres_value) / (10.0 + thres_value))
+    s = max(float(thres_value), 0.0)
+    return min(decay, (1.0 + s) / (10.0 + s))
 
 
 class EmaOracle:

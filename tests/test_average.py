@@ -103,6 +103,22 @@ def test_thres_steps_fed_as_data_schedules_the_decay(programs, exe, rng):
         assert_applied_matches(ema, exe, oracle, f"thres_steps={s}")
 
 
+@pytest.mark.parametrize("dtype", ["int64", "float32"])
+def test_negative_thres_steps_count_as_zero(programs, exe, rng, dtype):
+    main, startup = programs
+    step = paddle.static.data("step", [1], dtype)
+    net = build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.95, thres_steps=step)
+    ema.update()
+    exe.run(startup)
+    oracle = EmaOracle(0.95, ema.parameter_names)
+    # Without the clamp: s = -1 gives decay 0, s = -10 an infinite one, s = -20 a decay of 1.9.
+    for s in [-1, -10, -20, -3, 4]:
+        exe.run(main, feed={"x": batch(rng), "step": np.array([s], dtype)}, fetch_list=[net.loss])
+        oracle.step(read_all(ema.parameter_names), thres_value=s)
+        assert_applied_matches(ema, exe, oracle, f"thres_steps={s}")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int32"])
 def test_thres_steps_of_any_numeric_dtype(programs, exe, rng, dtype):
     main, startup = programs

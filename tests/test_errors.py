@@ -189,3 +189,23 @@ def test_need_restore_must_be_a_bool(trained, exe, need_restore):
     for name, value in read_all(names).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
     assert ema._applied is None
+
+
+def test_a_compiled_program_built_before_update_is_named(programs, exe, rng, mode):
+    if mode.endswith("pir"):
+        pytest.skip("CompiledProgram rejects PIR programs (TypeError: The type of program_to_graph "
+                    "parameter is wrong, expected Graph or Program)")
+    main, startup = programs
+    net = build_net(main)
+    compiled = paddle.static.CompiledProgram(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    with pytest.warns(RuntimeWarning, match="CompiledProgram was built from this program before"):
+        ema.update()
+    exe.run(startup)
+    for _ in range(2):
+        exe.run(compiled, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[net.loss])
+    trained = read_all(ema.parameter_names)
+    with pytest.warns(RuntimeWarning, match="no update step has run yet.*CompiledProgram built before"):
+        with ema.apply(exe):
+            for name, value in read_all(ema.parameter_names).items():
+                np.testing.assert_array_equal(value, trained[name], err_msg=name)

@@ -37,3 +37,22 @@ def test_two_counters_are_independent(programs, exe):
 def test_begin_must_be_an_int(programs, begin):
     with pytest.raises(TypeError, match="begin must be an int"):
         paddle_ema.global_step_counter(begin=begin)
+
+
+def test_a_test_program_never_moves_the_counter(programs, exe, rng, mode):
+    if mode.endswith("pir"):
+        pytest.skip("PIR's Program.clone() has no for_test and copies every op made so far, the "
+                    "counter's increment too; under PIR the test program is cloned before the counter")
+    from nets import batch, build_net
+
+    main, startup = programs
+    step = paddle_ema.global_step_counter()
+    net = build_net(main)
+    test_program = main.clone(for_test=True)
+    exe.run(startup)
+    for run in range(3):
+        (seen,) = exe.run(main, feed={"x": batch(rng)}, fetch_list=[step])
+        np.testing.assert_array_equal(seen, [run])
+        exe.run(test_program, feed={"x": batch(rng)}, fetch_list=[net.out])
+    (seen,) = exe.run(main, feed={"x": batch(rng)}, fetch_list=[step])
+    np.testing.assert_array_equal(seen, [3], err_msg="test-program runs moved the counter")

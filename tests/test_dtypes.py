@@ -1,0 +1,156 @@
+"""Low-precision parameters get float32 averages, 0-d parameters keep their shape, and a decay whose
+weight is tiny still moves the average."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+from nets import batch, build_net, read, read_all, read_average
+from oracle import EmaOracle
+from test_average import assert_applied_matches
+
+import paddle_ema
+
+BATCH = 4
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """numpy holds bfloat16 tensors as their uint16 bit patterns."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bf16(x: np.ndarray, truncate: bool = False) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), or toward zero, as float32."""
+    bits = x.astype(np.float32).view(np.uint32)
+    if not truncate:
+        bits = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+    return (bits & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+# Paddle 2.6's CPU cast from float32 to float16 and bfloat16 truncates (1.242112 -> 1.2412109 in
+# float16); Paddle 3.x rounds to nearest, as numpy does.
+CAST_TRUNCATES = paddle.__version__.startswith("2.")
+
+
+def read_low(name: str) -> np.ndarray:
+    value = read(name)
+    return bf16_to_float32(value) if value.dtype == np.uint16 else value.astype(np.float32)
+
+
+def build_bf16_net():
+    """loss = mean((x * w + b)^2) with bfloat16 w [4, 5] and b [5], trained by SGD."""
+    x = paddle.static.data("x", [BATCH, 5], "float32")
+    init = paddle.nn.initializer
+    w = paddle.static.create_parameter(
+        [BATCH, 5], "bfloat16", attr=paddle.ParamAttr(name="bf.w", initializer=init.Uniform(0.5, 1.5)))
+    b = paddle.static.create_parameter(
+        [5], "bfloat16", attr=paddle.ParamAttr(name="bf.b", initializer=init.Constant(1.0)))
+    y = x * paddle.cast(w, "float32") + paddle.cast(b, "float32")
+    loss = paddle.mean(y * y)
+    paddle.optimizer.SGD(0.05).minimize(loss)
+    return loss
+
+
+def test_bfloat16_parameters_train_with_float32_averages_that_follow_float64(programs, exe):
+    main, startup = programs
+    loss = build_bf16_net()
+    ema = paddle_ema.ExponentialMovingAverage(0.999)
+    ema.update()
+    assert {g.dtype for g in ema._plan.groups} == {"float32"}
+    exe.run(startup)
+    rng = np.random.default_rng(3)
+    names = ema.parameter_names
+    oracle = EmaOracle(0.999, names)
+    emulated_bf16 = {n: np.zeros(s.shape, np.float32) for n, s in zip(names, ema._plan.slots)}
+    weight, kept = np.float32(1 - 0.999), np.float32(0.0)
+    for _ in range(1000):
+        x = (0.3 * rng.standard_normal((BATCH, 5))).astype("float32")
+        exe.run(main, feed={"x": x}, fetch_list=[loss])
+        theta = {n: read_low(n) for n in names}
+        oracle.step(theta)
+        for n in names:  # the same EMA with its average kept in bfloat16
+            a = emulated_bf16[n]
+            emulated_bf16[n] = round_to_bf16(a + weight * (theta[n] - a))
+        kept = np.float32(kept + weight * (1 - kept))
+    raw = read_all(names)
+    for slot in ema._plan.slots:
+        reference = oracle.debiased(slot.param)
+        ours = read_average(slot) / (1.0 - oracle.decay_product)
+        scale = np.max(np.abs(reference))
+        assert np.max(np.abs(ours - reference)) / scale < 1e-5, f"float32 average of {slot.param}"
+        stalled = emulated_bf16[slot.param] / kept
+        assert np.max(np.abs(stalled - reference)) / scale > 1e-2, "a bfloat16 average should stall"
+    denominator = np.float32(read(ema._plan.debias)[0])
+    with ema.apply(exe):
+        for slot in ema._plan.slots:
+            assert read(slot.param).dtype == np.uint16, f"{slot.param} must stay bfloat16 while applied"
+            np.testing.assert_array_equal(
+                read_low(slot.param), round_to_bf16(read_average(slot) / denominator, CAST_TRUNCATES),
+                err_msg=f"applied {slot.param}: its float32 average, debiased, rounded once to bfloat16")
+    for name in names:
+        np.testing.assert_array_equal(read(name), raw[name], err_msg=f"restore of {name}")
+
+
+def test_float16_parameters_get_float32_averages(programs, exe, rng):
+    """Paddle has no float16 optimizer kernel on CPU (sgd_: 'expected_dtype: bfloat16, float32,
+    float64'), so this float16 parameter is trained by an explicit assign."""
+    main, startup = programs
+    ones = paddle.nn.initializer.Constant(1.0)
+    w = paddle.static.create_parameter(
+        [3, 4], "float16", attr=paddle.ParamAttr(name="half.w", initializer=ones))
+    step = paddle.static.data("delta", [3, 4], "float32")
+    paddle.assign(paddle.cast(paddle.cast(w, "float32") + step, "float16"), output=w)
+    ema = paddle_ema.ExponentialMovingAverage(0.99)
+    ema.update()
+    assert [g.dtype for g in ema._plan.groups] == ["float32"]
+    exe.run(startup)
+    oracle = EmaOracle(0.99, ["half.w"])
+    for _ in range(50):
+        exe.run(main, feed={"delta": (0.01 + 0.01 * rng.standard_normal((3, 4))).astype("float32")})
+        oracle.step({"half.w": read_low("half.w")})
+    raw = read("half.w")
+    with ema.apply(exe):
+        assert read("half.w").dtype == np.float16
+        # Half an ulp of float16 when rounded to nearest, a whole one when the cast truncates.
+        np.testing.assert_allclose(read("half.w"), oracle.debiased("half.w"),
+                                   rtol=2**-10 if CAST_TRUNCATES else 2**-11)
+    np.testing.assert_array_equal(read("half.w"), raw, err_msg="restore of a float16 parameter")
+
+
+def test_a_0d_parameter_keeps_its_shape(programs, exe, rng):
+    main, startup = programs
+    x = paddle.static.data("x", [-1, 5], "float32")
+    scale = paddle.static.create_parameter(
+        [], "float32", attr=paddle.ParamAttr(name="scale", initializer=paddle.nn.initializer.Constant(2.0)))
+    h = paddle.static.nn.fc(x, 3, weight_attr=paddle.ParamAttr(name="fc.w"))
+    loss = paddle.mean((h * scale) ** 2)
+    paddle.optimizer.SGD(0.05).minimize(loss)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    oracle = EmaOracle(0.9, ema.parameter_names)
+    for _ in range(4):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[loss])
+        oracle.step(read_all(ema.parameter_names))
+        slot = next(s for s in ema._plan.slots if s.param == "scale")
+        assert read_average(slot).shape == (), "the average of a 0-d parameter must be 0-d"
+        with ema.apply(exe):
+            assert read("scale").shape == (), "a 0-d parameter must stay 0-d while applied"
+        assert read("scale").shape == ()
+        assert_applied_matches(ema, exe, oracle, "0-d parameter")
+
+
+@pytest.mark.parametrize("decay", [0.99999999, 1 - 1e-12])
+def test_a_decay_that_rounds_to_one_in_float32_still_averages(programs, exe, rng, decay):
+    main, startup = programs
+    net = build_net(main)
+    assert np.float32(decay) == 1.0
+    ema = paddle_ema.ExponentialMovingAverage(decay)
+    ema.update()
+    exe.run(startup)
+    oracle = EmaOracle(decay, ema.parameter_names)
+    for _ in range(5):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        oracle.step(read_all(ema.parameter_names))
+    assert_applied_matches(ema, exe, oracle, f"decay {decay}")
