@@ -119,8 +119,13 @@ class EmaPlan:
                     param=params[index].name, shape=shapes[index], dtype=dtypes[index],
                     backup=f"{prefix}.{params[index].name}.backup", average=average, rows=row,
                 )
+        # The float64 bias denominator is named ".bias_correction": paddle_ema 0.1 kept a float32 one
+        # as ".debias", and under PIR a float32 tensor loaded under the float64 one's name fails the
+        # first training step half-way (some averages updated, the denominator not). Under a new name,
+        # loading a 0.1 checkpoint fails in paddle.static.load instead, before training.
         return cls(
-            step=f"{prefix}.step", debias=f"{prefix}.debias", slots=tuple(slots), groups=tuple(groups)
+            step=f"{prefix}.step", debias=f"{prefix}.bias_correction", slots=tuple(slots),
+            groups=tuple(groups),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import paddle
+import pytest
 from nets import batch, build_net, read, read_all, state_names
 from oracle import EmaOracle
 from test_average import assert_applied_matches
@@ -88,3 +89,28 @@ def test_ema_built_after_the_startup_program_ran(programs, exe, rng):
         exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
         oracle.step(read_all(ema.parameter_names))
         assert_applied_matches(ema, exe, oracle, "EMA built after startup")
+
+
+def test_a_checkpoint_of_paddle_ema_0_1_fails_to_load_before_training(programs, exe, rng, tmp_path):
+    """paddle_ema 0.1 kept the bias denominator in float32 as ``<name>.debias``; 0.2 keeps it in float64
+    under another name, so loading a 0.1 checkpoint fails in paddle.static.load and names the missing
+    state, rather than under PIR in the middle of the first training step."""
+    import pickle
+
+    main, startup = programs
+    net = build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    prefix = str(tmp_path / "ckpt")
+    paddle.static.save(main, prefix)
+    with open(prefix + ".pdopt", "rb") as f:  # persistables that are not parameters
+        saved = pickle.load(f)
+    debias = saved.pop(ema._plan.debias)
+    assert debias.dtype == np.float64
+    saved[ema._plan.debias.rsplit(".", 1)[0] + ".debias"] = debias.astype(np.float32)  # 0.1's layout
+    with open(prefix + ".pdopt", "wb") as f:
+        pickle.dump(saved, f, protocol=2)
+    with pytest.raises(AssertionError, match=rf"Can not find \[{ema._plan.debias}\] in model file"):
+        paddle.static.load(main, prefix)
