@@ -30,10 +30,10 @@ __all__ = [
     "is_graph_variable",
     "lerp_",
     "parameters_written",
+    "program_of",
     "read_scalar",
     "release_scope_tensor",
     "sgd_lerp_",
-    "program_of",
     "stack_max_numel",
     "update_role",
 ]

@@ -223,6 +223,10 @@ class ExponentialMovingAverage:
             )
         self._name = unique_name.generate(prefix)
         self._plan = _graph.EmaPlan.for_params(self._name, self._params)
+        # The states: new (self._state is None: update() not called yet) -> ready (the EMA ops are in
+        # the training program) <-> applied (this EMA is on _APPLIED_STACK: its averages are written,
+        # or about to be, with every parameter backed up in that entry's scope). apply() moves ready to
+        # applied, restore() back; a failure in either leaves a state from which restore() recovers.
         self._state: _graph.StateHandles | None = None
         # The programs apply() and restore() run, built by update(): building a program is not safe
         # to interrupt (under PIR an interrupted build can crash the next one), running one is.

@@ -27,7 +27,8 @@ def assert_applied_matches(ema, exe, oracle, case):
         np.testing.assert_array_equal(read(name), trained[name], err_msg=f"{case}: restore of {name}")
 
 
-@pytest.mark.parametrize("decay", [0.999, 0.9, 0.5, 0.0])
+# 0.99999999 rounds to 1.0 in float32: its weight 1e-8 must still move the average.
+@pytest.mark.parametrize("decay", [0.99999999, 0.999, 0.9, 0.5, 0.0])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_constant_decay_matches_oracle_each_step(programs, exe, rng, decay, optimizer):
     main, startup = programs
@@ -88,23 +89,14 @@ def test_averages_cover_batch_norm_statistics_and_skip_do_model_average_false(pr
             np.testing.assert_array_equal(read(name), value, err_msg=f"{name} must not be averaged")
 
 
-def test_thres_steps_fed_as_data_schedules_the_decay(programs, exe, rng):
-    main, startup = programs
-    step = paddle.static.data("step", [1], "int64")
-    net = build_net(main)
-    ema = paddle_ema.ExponentialMovingAverage(0.95, thres_steps=step)
-    ema.update()
-    exe.run(startup)
-    oracle = EmaOracle(0.95, ema.parameter_names)
-    # Exercise both sides of min(decay, (1+s)/(10+s)): it crosses 0.95 at s = 161.
-    for s in [0, 1, 5, 100, 160, 161, 162, 1000]:
-        exe.run(main, feed={"x": batch(rng), "step": np.array([s], "int64")}, fetch_list=[net.loss])
-        oracle.step(read_all(ema.parameter_names), thres_value=s)
-        assert_applied_matches(ema, exe, oracle, f"thres_steps={s}")
-
-
-@pytest.mark.parametrize("dtype", ["int64", "float32"])
-def test_negative_thres_steps_count_as_zero(programs, exe, rng, dtype):
+# Both sides of min(decay, (1+s)/(10+s)), which crosses 0.95 at s = 161; and negative steps, which
+# count as 0 (the doc's formula would give decay 0 at s = -1, an infinite one at -10, 1.9 at -20).
+@pytest.mark.parametrize("dtype, values", [
+    ("int64", [0, 1, 5, 100, 160, 161, 162, 1000]),
+    ("int64", [-1, -10, -20, -3, 4]),
+    ("float32", [-1.0, -10.0, -20.0, -0.5, 4.0]),
+])
+def test_thres_steps_fed_as_data_schedules_the_decay(programs, exe, rng, dtype, values):
     main, startup = programs
     step = paddle.static.data("step", [1], dtype)
     net = build_net(main)
@@ -112,8 +104,7 @@ def test_negative_thres_steps_count_as_zero(programs, exe, rng, dtype):
     ema.update()
     exe.run(startup)
     oracle = EmaOracle(0.95, ema.parameter_names)
-    # Without the clamp: s = -1 gives decay 0, s = -10 an infinite one, s = -20 a decay of 1.9.
-    for s in [-1, -10, -20, -3, 4]:
+    for s in values:
         exe.run(main, feed={"x": batch(rng), "step": np.array([s], dtype)}, fetch_list=[net.loss])
         oracle.step(read_all(ema.parameter_names), thres_value=s)
         assert_applied_matches(ema, exe, oracle, f"thres_steps={s}")
