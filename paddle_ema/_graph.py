@@ -21,6 +21,7 @@ when the decay varies.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 from typing import Any, Sequence
@@ -83,6 +84,17 @@ def _stack_key(shape: Sequence[int], dtype: str) -> tuple | None:
     return (accumulator_dtype(dtype), tuple(shape[1:]))
 
 
+def _stack_name(members: Sequence[str]) -> str:
+    """``stack_<digest>``: one name per set of member parameters, whatever order they come in.
+
+    The digest is of the sorted member names, so a checkpoint's stack is found again under the same
+    model whatever order its parameters are listed in, and a stack whose members changed (a layer added)
+    gets a new name instead of another stack's.
+    """
+    digest = hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()[:12]
+    return f"stack_{digest}"
+
+
 @dataclasses.dataclass(frozen=True)
 class EmaPlan:
     """Names and layout of every tensor one EMA instance owns. The only place those names are made."""
@@ -103,13 +115,16 @@ class EmaPlan:
 
         slots: list[Slot | None] = [None] * len(params)
         groups = []
-        for number, members in enumerate(stacks.values()):
+        for members in stacks.values():
+            # Names and rows must not depend on the order of the parameters (fleet's graph passes
+            # reorder them), so that a checkpoint loads into the same model built another way.
+            members.sort(key=lambda i: params[i].name)
             first = members[0]
             if len(members) == 1:
                 average = f"{prefix}.{params[first].name}.average"
                 shape, rows = shapes[first], [None]
             else:
-                average = f"{prefix}.stack{number}.average"
+                average = f"{prefix}.{_stack_name([params[i].name for i in members])}.average"
                 ends = list(itertools.accumulate(shapes[i][0] for i in members))
                 shape = (ends[-1], *shapes[first][1:])
                 rows = list(zip([0, *ends[:-1]], ends))
