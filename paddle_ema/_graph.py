@@ -308,10 +308,9 @@ def build_write_program(plan: EmaPlan) -> paddle.static.Program:
         for group in plan.groups:
             average = _ir.bind_persistable(group.average, group.shape, group.dtype)
             slots = [plan.slots[i] for i in group.members]
-            pieces = (
-                [average] if len(slots) == 1
-                else paddle.split(average, [s.rows[1] - s.rows[0] for s in slots], axis=0)
-            )
+            # Slices rather than paddle.split, which on Paddle 3.2 prints a "Non compatible API" warning
+            # about torch.split at its first call in a process.
+            pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
             for slot, piece in zip(slots, pieces):
                 param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
                 denominator = debiases.get(group.dtype, rank0=len(slot.shape) == 0)

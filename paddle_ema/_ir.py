@@ -6,7 +6,7 @@ that touches private Paddle APIs. Each such use says why.
 
 Everything else in paddle_ema is written once, against what both IRs share: ``paddle.assign(x,
 output=y)``, ``paddle.increment``, ``paddle.where``, ``paddle.cast``, ``paddle.concat``,
-``paddle.split`` and the arithmetic operators. The in-place update ops are spelled here, per IR.
+slicing and the arithmetic operators. The in-place update ops are spelled here, per IR.
 """
 
 from __future__ import annotations
