@@ -6,7 +6,8 @@ with the raw weights and, inside ``ema.apply(exe)``, with paddle_ema's averaged 
 up from the global step (``thres_steps``). At the end the averaged model is exported for inference and
 loaded back to show it reproduces the EMA accuracy.
 
-Run: ``python examples/digits.py [--epochs 30] [--decay 0.99] [--seed 0] [--out out]``
+Run: ``python examples/digits.py [--epochs 30] [--decay 0.99] [--lr 0.3] [--seed 0] [--out out]
+[--no-progress]``
 Needs the demo extras: ``pip install .[examples]``.
 """
 
@@ -14,13 +15,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import sys
 from pathlib import Path
 
-import numpy as np
-import paddle
 
-import paddle_ema
+def _in_range(kind, ok, what: str):
+    """An argparse type: a finite ``kind`` for which ``ok`` holds, else a usage error saying ``what``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} "
+                                             f"{kind.__name__}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {what}")
+        return value
+
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=_in_range(int, lambda n: n >= 1, "at least 1"), default=30,
+                        help="training epochs, at least 1 (default 30)")
+    parser.add_argument("--decay", type=_in_range(float, lambda d: 0 <= d < 1, "in [0, 1)"), default=0.99,
+                        help="EMA decay in [0, 1) (default 0.99)")
+    parser.add_argument("--lr", type=_in_range(float, lambda lr: lr > 0, "positive"), default=0.3,
+                        help="momentum SGD learning rate, positive; high on purpose (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot and model")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and bad arguments end here, before Paddle is imported
+    os.environ.setdefault("GLOG_minloglevel", "2")  # read by Paddle's C++ logging when it loads
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import paddle_ema  # noqa: E402
 
 HIDDEN = 128
 BATCH_SIZE = 32
@@ -48,17 +86,6 @@ class History:
     ema_acc: list = dataclasses.field(default_factory=list)
     raw_loss: list = dataclasses.field(default_factory=list)
     ema_loss: list = dataclasses.field(default_factory=list)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--decay", type=float, default=0.99, help="EMA decay (default 0.99)")
-    parser.add_argument("--lr", type=float, default=0.3, help="SGD learning rate, high on purpose (0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot and model")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
 
 
 def load_data(seed: int):
@@ -126,6 +153,10 @@ def train(model: Model, exe, data, epochs: int, seed: int, progress: bool) -> Hi
                 feed={"images": x_train[batch], "labels": y_train[batch]},
                 fetch_list=[model.train_loss],
             )
+            if not np.isfinite(loss).all():
+                bar.close()
+                sys.exit(f"training diverged: the loss is {float(np.mean(loss))} in epoch {epoch + 1}; "
+                         "lower --lr")
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{float(np.mean(loss)):.3f}", refresh=False)
         raw = evaluate(exe, model.test_program, model.test_logits, model.test_loss, x_val, y_val)
@@ -180,16 +211,17 @@ def plot(history: History, path: Path, title: str) -> None:
 
 def summary_table(history: History, exported_acc: float) -> str:
     """A markdown table of raw vs EMA validation metrics: final, spread over the last epochs, best."""
+    last_n = min(LAST_EPOCHS, len(history.raw_acc))
     header = (
-        f"| weights | final acc | mean acc, last {LAST_EPOCHS} | std acc, last {LAST_EPOCHS} "
-        f"| min acc, last {LAST_EPOCHS} | mean acc, all epochs | best acc | final loss |"
+        f"| weights | final acc | mean acc, last {last_n} | std acc, last {last_n} "
+        f"| min acc, last {last_n} | mean acc, all epochs | best acc | final loss |"
     )
     lines = [header, "|" + "|".join("---" for _ in range(8)) + "|"]
     for name, acc, loss in (
         ("raw", history.raw_acc, history.raw_loss),
         ("EMA", history.ema_acc, history.ema_loss),
     ):
-        last = np.array(acc[-LAST_EPOCHS:])
+        last = np.array(acc[-last_n:])
         lines.append(
             f"| {name} | {acc[-1]:.4f} | {last.mean():.4f} | {last.std():.4f} | {last.min():.4f} "
             f"| {np.mean(acc):.4f} | {max(acc):.4f} | {loss[-1]:.4f} |"
@@ -198,8 +230,7 @@ def summary_table(history: History, exported_acc: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> dict:
     paddle.enable_static()
     paddle.seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -229,5 +260,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    main()
+    main(ARGS)

@@ -42,3 +42,19 @@ def test_class_docstring_example_runs(tmp_path):
     script.write_text(code)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_sdist_carries_a_runnable_test_suite(tmp_path):
+    """Every test module's helpers, and the examples, tools and files the tests read, are in the sdist."""
+    import subprocess
+    import tarfile
+
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
+                   check=True, capture_output=True)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {str(p.relative_to(ROOT)) for folder in ("tests", "examples", "tools")
+              for p in (ROOT / folder).glob("*.py")}
+    needed |= {"README.md", "README_cn.md", "CHANGELOG.md", "tox.ini", ".ci/run", "docs/digits_ema.png"}
+    assert needed <= shipped, f"missing from the sdist: {sorted(needed - shipped)}"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -43,3 +46,50 @@ def test_digits_demo_fast_mode(tmp_path):
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
     assert (out / "digits_ema.pdmodel").exists() or (out / "digits_ema.json").exists()
+
+
+def run_digits(tmp_path, *args, env=None):
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / "digits.py"), "--no-progress", "--out", str(tmp_path / "out"), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--epochs", "0"], "--epochs: 0 is out of range: it must be at least 1"),
+    (["--epochs", "two"], "--epochs: 'two' is not an int"),
+    (["--decay", "1.5"], "--decay: 1.5 is out of range: it must be in [0, 1)"),
+    (["--decay", "nan"], "--decay: nan is out of range"),
+    (["--lr", "-1"], "--lr: -1 is out of range: it must be positive"),
+])
+def test_digits_rejects_bad_options_before_importing_paddle(tmp_path, args, says):
+    done = run_digits(tmp_path, *args, env=without_paddle(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def without_paddle(tmp_path):
+    """An environment in which `import paddle` fails: what runs in it never imported Paddle."""
+    fake = tmp_path / "fake"
+    (fake / "paddle").mkdir(parents=True)
+    (fake / "paddle" / "__init__.py").write_text("raise ImportError('paddle must not be imported here')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_digits_help_does_not_import_paddle(tmp_path):
+    done = run_digits(tmp_path, "--help", env=without_paddle(tmp_path))
+    assert done.returncode == 0, done.stderr
+    for option in ("--epochs", "--decay", "--lr", "--seed", "--out", "--no-progress"):
+        assert option in done.stdout
+
+
+def test_digits_stops_with_a_clear_error_when_training_diverges(tmp_path):
+    done = run_digits(tmp_path, "--epochs", "1", "--lr", "1e10")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "training diverged" in done.stderr and "lower --lr" in done.stderr, done.stderr
+
+
+def test_digits_table_headers_count_the_epochs_there_are(tmp_path):
+    done = run_digits(tmp_path, "--epochs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "last 2" in done.stdout and "last 5" not in done.stdout, done.stdout
