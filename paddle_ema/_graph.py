@@ -162,14 +162,31 @@ def emit_state(plan: EmaPlan, scope: Any) -> StateHandles:
     step = _ir.create_state(plan.step, [1], "int64", 0)
     debias = _ir.create_state(plan.debias, [1], _DEBIAS_DTYPE, 0.0)
     averages = tuple(_ir.create_state(g.average, g.shape, g.dtype, 0.0) for g in plan.groups)
-
-    place = _ir.initialized_place(plan.slots[0].param, scope)
-    if place is not None:
-        _ir.fill_scope_tensor(plan.step, [1], "int64", 0, place, scope)
-        _ir.fill_scope_tensor(plan.debias, [1], _DEBIAS_DTYPE, 0.0, place, scope)
-        for group in plan.groups:
-            _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place, scope)
+    if _ir.initialized_place(plan.slots[0].param, scope) is not None:
+        reset_state(plan, scope)
     return StateHandles(step=step, debias=debias, averages=averages)
+
+
+def state_names(plan: EmaPlan) -> list[str]:
+    """The names of an EMA's persistable state: what a checkpoint carries of it."""
+    return [plan.step, plan.debias] + [group.average for group in plan.groups]
+
+
+def reset_state(plan: EmaPlan, scope: Any) -> None:
+    """Set the EMA's state in ``scope`` to its initial zeros, beside the parameters it averages.
+
+    Raises:
+        RuntimeError: the parameters hold no data in ``scope`` (the startup program has not run).
+    """
+    place = _ir.initialized_place(plan.slots[0].param, scope)
+    if place is None:
+        raise RuntimeError(
+            f"parameter {plan.slots[0].param!r} holds no data; run the startup program first"
+        )
+    _ir.fill_scope_tensor(plan.step, [1], "int64", 0, place, scope)
+    _ir.fill_scope_tensor(plan.debias, [1], _DEBIAS_DTYPE, 0.0, place, scope)
+    for group in plan.groups:
+        _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place, scope)
 
 
 def constant_weight(decay: float) -> float:

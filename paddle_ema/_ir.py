@@ -30,6 +30,7 @@ __all__ = [
     "is_graph_variable",
     "lerp_",
     "parameters_written",
+    "persistable_names",
     "program_of",
     "read_scalar",
     "release_scope_tensor",
@@ -264,6 +265,17 @@ def fill_scope_tensor(
     """
     tensor = scope.var(name).get_tensor()
     tensor.set(np.full(list(shape), fill, dtype=dtype), place)
+
+
+def persistable_names(program: Any) -> set[str]:
+    """Names of every persistable variable of ``program``: what a checkpoint of it holds."""
+    if in_pir_mode():
+        # The helper paddle.static.load itself uses under PIR (parameters, then other persistables).
+        from paddle.static.pir_io import get_pir_parameters
+
+        params, others = get_pir_parameters(program)
+        return {v.name for v in params + others if v.persistable}
+    return {v.name for v in program.list_vars() if v.persistable}
 
 
 def program_of(value: Any) -> Any:

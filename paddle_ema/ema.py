@@ -8,6 +8,7 @@ import logging
 import math
 import numbers
 import warnings
+import weakref
 from typing import Any
 
 import paddle
@@ -117,6 +118,15 @@ class _Applied:
 # weights) back, then the other's restore would put the first EMA's averages over them: restores must
 # come in reverse order.
 _APPLIED_STACK: list[tuple[ExponentialMovingAverage, _Applied]] = []
+
+
+# Every EMA whose ops are in a program, so that paddle_ema.load can tell EMA state from the rest.
+_UPDATED: weakref.WeakSet[ExponentialMovingAverage] = weakref.WeakSet()
+
+
+def updated_emas(program: Any) -> list[ExponentialMovingAverage]:
+    """The live EMAs whose update() appended their ops to ``program``."""
+    return [e for e in list(_UPDATED) if e._program is program]
 
 
 class _Restorer:
@@ -291,6 +301,7 @@ class ExponentialMovingAverage:
         self._write_program = _graph.build_write_program(self._plan)
         self._restore_program = _graph.build_restore_program(self._plan)
         self._state = state
+        _UPDATED.add(self)
 
     def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> _Restorer:
         """Write the bias-corrected averages into the parameters, backing the parameters up first.

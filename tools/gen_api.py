@@ -26,6 +26,7 @@ def _entries():
         ("ExponentialMovingAverage.apply", Ema.apply, Ema.apply),
         ("ExponentialMovingAverage.restore", Ema.restore, Ema.restore),
         ("paddle_ema.global_step_counter", paddle_ema.global_step_counter, paddle_ema.global_step_counter),
+        ("paddle_ema.load", paddle_ema.load, paddle_ema.load),
     ]
 
 

@@ -1,0 +1,136 @@
+"""paddle_ema.load: resuming checkpoints with, without or with part of the EMA's state."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import numpy as np
+import paddle
+import pytest
+from nets import batch, build_net, read, read_all, state_names
+from oracle import EmaOracle
+from test_average import assert_applied_matches
+
+import paddle_ema
+
+
+def fresh_world():
+    """A new program pair, scope and name generator, as a fresh training process would have."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    stack.enter_context(paddle.utils.unique_name.guard())
+    stack.enter_context(paddle.static.scope_guard(paddle.static.Scope()))
+    stack.enter_context(paddle.static.program_guard(main, startup))
+    return stack, main, startup
+
+
+def save_trained(exe, rng, prefix, *, with_ema):
+    """Train 3 steps of build_net (Adam) with or without an EMA, save, and return the parameters."""
+    stack, main, startup = fresh_world()
+    with stack:
+        net = build_net(main, optimizer="adam")
+        if with_ema:
+            paddle_ema.ExponentialMovingAverage(0.9).update()
+        exe.run(startup)
+        for _ in range(3):
+            exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        paddle.static.save(main, prefix)
+        return read_all([p.name for p in main.global_block().all_parameters()])
+
+
+def resume(exe, prefix):
+    """The same model with an EMA (decay 0.9), started up and loaded by paddle_ema.load."""
+    stack, main, startup = fresh_world()
+    net = build_net(main, optimizer="adam")
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    return stack, main, net, ema
+
+
+def test_a_checkpoint_written_without_the_ema_resumes_with_a_fresh_ema(exe, rng, tmp_path, caplog):
+    prefix = str(tmp_path / "no_ema")
+    saved = save_trained(exe, rng, prefix, with_ema=False)
+    with pytest.raises(AssertionError, match=r"Can not find \[ema_0\."):  # what Paddle does
+        stack, main, net, ema = resume(exe, prefix)
+        with stack:
+            paddle.static.load(main, prefix)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "ema_0 starts fresh" in caplog.text and "ema_0.step" in caplog.text
+        for name, value in saved.items():
+            np.testing.assert_array_equal(read(name), value, err_msg=f"loaded {name}")
+        for name in state_names(ema):
+            assert not np.any(read(name)), f"{name} must start at zero"
+        oracle = EmaOracle(0.9, ema.parameter_names)
+        for _ in range(3):
+            exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+            oracle.step(read_all(ema.parameter_names))
+            assert_applied_matches(ema, exe, oracle, "EMA started fresh on a loaded checkpoint")
+
+
+def test_a_checkpoint_with_the_ema_resumes_it_bit_exactly(exe, rng, tmp_path):
+    prefix = str(tmp_path / "with_ema")
+    save_trained(exe, rng, prefix, with_ema=True)
+    loaded = {}
+    for loader in (paddle.static.load, paddle_ema.load):
+        stack, main, net, ema = resume(exe, prefix)
+        with stack:
+            loader(main, prefix)
+            with ema.apply(exe):
+                loaded[loader] = read_all(ema.parameter_names + state_names(ema))
+    ours, paddles = loaded[paddle_ema.load], loaded[paddle.static.load]
+    for name in paddles:
+        np.testing.assert_array_equal(ours[name], paddles[name], err_msg=name)
+
+
+def test_a_checkpoint_with_part_of_the_ema_state_starts_it_fresh(exe, rng, tmp_path, caplog):
+    prefix = str(tmp_path / "part")
+    save_trained(exe, rng, prefix, with_ema=True)
+    with open(prefix + ".pdopt", "rb") as f:
+        saved = pickle.load(f)
+    del saved["ema_0.bias_correction"]
+    with open(prefix + ".pdopt", "wb") as f:
+        pickle.dump(saved, f, protocol=2)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "ema_0 starts fresh" in caplog.text and "ema_0.bias_correction" in caplog.text
+        for name in state_names(ema):
+            assert not np.any(read(name)), f"{name} must start at zero, not from a partial checkpoint"
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_loading_anything(exe, rng, tmp_path):
+    prefix = str(tmp_path / "other")
+    stack, main, startup = fresh_world()
+    with stack:
+        x = paddle.static.data("x", [-1, 5], "float32")
+        loss = paddle.mean(paddle.static.nn.fc(x, 2, weight_attr=paddle.ParamAttr(name="fc1.w")))
+        paddle.optimizer.SGD(0.1).minimize(loss)
+        exe.run(startup)
+        paddle.static.save(main, prefix)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        before = read_all(ema.parameter_names + state_names(ema))
+        with pytest.raises(ValueError, match=r"lacks \d+ variable\(s\) of the program.*nothing was loaded"):
+            paddle_ema.load(main, prefix)
+        for name, value in read_all(list(before)).items():
+            np.testing.assert_array_equal(value, before[name], err_msg=f"{name} changed by a refused load")
+
+
+def test_load_refuses_while_an_ema_is_applied(exe, rng, tmp_path):
+    prefix = str(tmp_path / "applied")
+    save_trained(exe, rng, prefix, with_ema=True)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        paddle_ema.load(main, prefix)
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        with ema.apply(exe):
+            with pytest.raises(RuntimeError, match=r"restore\(executor\) before loading"):
+                paddle_ema.load(main, prefix)
