@@ -6,10 +6,10 @@ Drop-in for ``paddle.static.ExponentialMovingAverage`` on Paddle 3.x (PIR and le
 import logging
 
 from paddle_ema._version import __version__
-from paddle_ema.checkpoint import load
+from paddle_ema.checkpoint import load, load_averages
 from paddle_ema.ema import ExponentialMovingAverage
 from paddle_ema.steps import global_step_counter
 
-__all__ = ["ExponentialMovingAverage", "__version__", "global_step_counter", "load"]
+__all__ = ["ExponentialMovingAverage", "__version__", "global_step_counter", "load", "load_averages"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -91,8 +91,12 @@ def _stack_name(members: Sequence[str]) -> str:
     model whatever order its parameters are listed in, and a stack whose members changed (a layer added)
     gets a new name instead of another stack's.
     """
-    digest = hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()[:12]
-    return f"stack_{digest}"
+    return f"stack_{stack_digest(members)}"
+
+
+def stack_digest(members: Sequence[str]) -> str:
+    """The digest in a stacked average's name: of its members' names, sorted."""
+    return hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)

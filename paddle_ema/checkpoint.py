@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from typing import Any
 
+import numpy as np
 import paddle
 
 from paddle_ema import _graph, _ir, ema
 
-__all__ = ["load"]
+__all__ = ["load", "load_averages"]
 
 _logger = logging.getLogger(__name__)
 
@@ -71,3 +74,112 @@ def load(program: Any, path_prefix: str) -> None:
             "%s starts fresh: the checkpoint %r has no %s", e._name, path_prefix,
             ", ".join(absent[e][:3]) + (" ..." if len(absent[e]) > 3 else ""),
         )
+
+
+def _read_checkpoint(path_prefix: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The arrays of a ``paddle.static.save`` checkpoint: its parameters, and its other persistables."""
+    parts = []
+    for suffix in (".pdparams", ".pdopt"):
+        try:
+            with open(path_prefix + suffix, "rb") as f:
+                parts.append(dict(pickle.load(f, encoding="latin1")))
+        except FileNotFoundError:
+            if suffix == ".pdparams":
+                raise
+            parts.append({})
+    return parts[0], parts[1]
+
+
+def _dtype_name(value: np.ndarray) -> str:
+    """numpy holds bfloat16 tensors as their uint16 bit patterns."""
+    return "bfloat16" if value.dtype == np.uint16 else str(value.dtype)
+
+
+def _as_numpy(value: np.ndarray) -> np.ndarray:
+    """A parameter's value in a numpy dtype: bfloat16 bit patterns become float32."""
+    return (value.astype(np.uint32) << 16).view(np.float32) if value.dtype == np.uint16 else value
+
+
+def _ema_prefix(state: dict[str, np.ndarray], name: str) -> str:
+    """The state prefix of the EMA called ``name`` (``"ema"`` finds ``"ema_0"``) in a checkpoint."""
+    prefixes = sorted(k[: -len(".bias_correction")] for k in state if k.endswith(".bias_correction"))
+    matches = [p for p in prefixes if p == name or re.fullmatch(re.escape(name) + r"_\d+", p)]
+    if len(matches) != 1:
+        found = f"it holds the EMAs {prefixes}" if prefixes else "it holds no paddle_ema 0.2+ state"
+        raise ValueError(f"cannot tell which EMA is {name!r} in this checkpoint: {found}; pass name=")
+    return matches[0]
+
+
+def _stack_members(
+    params: dict[str, np.ndarray], average: np.ndarray, stack: str, own: set[str]
+) -> list[str]:
+    """The parameters a stacked average holds, in stacking order, found again by its name's digest.
+
+    A stack holds every averaged parameter of one accumulator dtype and trailing shape up to the
+    size limit of the IR it was built under (see _graph.Group), and its name is a digest of their
+    sorted names: the candidates are the checkpoint's parameters that fit, and the digest confirms them.
+    """
+    for limit in (1024, 32768):  # _ir.stack_max_numel under PIR and in the legacy IR
+        members = sorted(
+            name for name, value in params.items()
+            if name not in own and value.ndim >= 1 and value.size <= limit
+            and value.shape[1:] == average.shape[1:]
+            and _graph.accumulator_dtype(_dtype_name(value)) == str(average.dtype)
+        )
+        if members and f"stack_{_graph.stack_digest(members)}" == stack:
+            return members
+    raise ValueError(
+        f"cannot tell which parameters share the stacked average {stack} (some parameters of the same "
+        "shape were left out of the EMA); build the program and use ExponentialMovingAverage.apply"
+    )
+
+
+def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
+    """The bias-corrected EMA weights in a ``paddle.static.save`` checkpoint, without a program.
+
+    Reads the checkpoint's files, cuts stacked averages into their parameters and divides by the
+    bias correction as :meth:`ExponentialMovingAverage.apply` does, so the values are the ones apply
+    writes (bit for bit, for float32 and float64 parameters; a bfloat16 or float16 parameter's float32
+    average comes back unrounded). Before the first update step there is no average, and the
+    parameters' own values are returned, as apply leaves them.
+
+    Args:
+        path_prefix: What was passed to ``paddle.static.save`` (without ``.pdparams``).
+        name: The ``name`` the EMA was created with (default ``"ema"``), or its full state prefix
+            (``"ema_0"``) when the checkpoint holds several.
+
+    Returns:
+        ``{parameter name: numpy array}`` for every parameter the EMA averages.
+
+    Raises:
+        FileNotFoundError: there is no ``path_prefix + ".pdparams"``.
+        ValueError: the checkpoint holds no EMA called ``name``, or several.
+
+    Example:
+        .. code-block:: python
+
+            weights = paddle_ema.load_averages("ckpt/model")
+            np.save("fc1_w_ema.npy", weights["fc1.w"])
+    """
+    params, others = _read_checkpoint(path_prefix)
+    prefix = _ema_prefix(others, name)
+    averages = {
+        key[len(prefix) + 1: -len(".average")]: value for key, value in others.items()
+        if key.startswith(prefix + ".") and key.endswith(".average")
+    }
+    own = {key for key in averages if key in params}
+    pieces = {param: averages[param] for param in own}
+    for stack in averages.keys() - own:
+        start = 0
+        for member in _stack_members(params, averages[stack], stack, own):
+            rows = params[member].shape[0]
+            pieces[member] = averages[stack][start:start + rows]
+            start += rows
+    correction = float(others[f"{prefix}.bias_correction"].reshape(-1)[0])
+    if correction == 0.0:
+        return {param: _as_numpy(params[param]) for param in pieces}
+    # apply divides in the average's dtype by the correction cast to it: the same roundings here.
+    return {
+        param: (piece / piece.dtype.type(correction)).astype(piece.dtype).reshape(params[param].shape)
+        for param, piece in pieces.items()
+    }

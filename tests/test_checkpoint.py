@@ -134,3 +134,67 @@ def test_load_refuses_while_an_ema_is_applied(exe, rng, tmp_path):
         with ema.apply(exe):
             with pytest.raises(RuntimeError, match=r"restore\(executor\) before loading"):
                 paddle_ema.load(main, prefix)
+
+
+def trained_and_saved(programs, exe, rng, prefix, steps, **net_options):
+    main, startup = programs
+    net = build_net(main, **net_options)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    for _ in range(steps):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    paddle.static.save(main, prefix)
+    return ema
+
+
+@pytest.mark.parametrize("steps", [0, 4])
+def test_load_averages_reads_what_apply_writes(programs, exe, rng, tmp_path, steps):
+    prefix = str(tmp_path / "ckpt")
+    ema = trained_and_saved(programs, exe, rng, prefix, steps, batch_norm=True)
+    assert any(len(g.members) > 1 for g in ema._plan.groups), "the net must exercise stacked averages"
+    averages = paddle_ema.load_averages(prefix)
+    assert sorted(averages) == sorted(ema.parameter_names)
+    with ema.apply(exe):
+        for name, value in read_all(ema.parameter_names).items():
+            assert averages[name].dtype == value.dtype and averages[name].shape == value.shape, name
+            np.testing.assert_array_equal(averages[name], value, err_msg=f"{name} after {steps} steps")
+
+
+def test_load_averages_names_the_ema_it_cannot_find(programs, exe, rng, tmp_path):
+    prefix = str(tmp_path / "ckpt")
+    trained_and_saved(programs, exe, rng, prefix, 1)
+    with pytest.raises(ValueError, match=r"which EMA is 'slow'.*\['ema_0'\]"):
+        paddle_ema.load_averages(prefix, name="slow")
+    assert sorted(paddle_ema.load_averages(prefix, name="ema_0")) == sorted(paddle_ema.load_averages(prefix))
+
+
+def test_load_averages_says_when_it_cannot_unstack(programs, exe, rng, tmp_path):
+    """A parameter left out of the EMA that has the shape of stacked ones hides the stack's members."""
+    prefix = str(tmp_path / "ckpt")
+    trained_and_saved(programs, exe, rng, prefix, 2, frozen=True)
+    with pytest.raises(ValueError, match="cannot tell which parameters share the stacked average"):
+        paddle_ema.load_averages(prefix)
+
+
+def test_load_averages_of_bfloat16_parameters_are_their_float32_averages(programs, exe, tmp_path):
+    from test_dtypes import bf16_to_float32, build_bf16_net, cast_truncates, round_to_bf16
+
+    main, startup = programs
+    loss = build_bf16_net()
+    ema = paddle_ema.ExponentialMovingAverage(0.99)
+    ema.update()
+    exe.run(startup)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[loss])
+    prefix = str(tmp_path / "ckpt")
+    paddle.static.save(main, prefix)
+    averages = paddle_ema.load_averages(prefix)
+    truncate = cast_truncates("bfloat16")
+    with ema.apply(exe):
+        for name in ema.parameter_names:
+            assert averages[name].dtype == np.float32, name
+            np.testing.assert_array_equal(
+                bf16_to_float32(read(name)), round_to_bf16(averages[name], truncate),
+                err_msg=f"{name}: apply writes the float32 average, rounded once")

@@ -27,6 +27,7 @@ def _entries():
         ("ExponentialMovingAverage.restore", Ema.restore, Ema.restore),
         ("paddle_ema.global_step_counter", paddle_ema.global_step_counter, paddle_ema.global_step_counter),
         ("paddle_ema.load", paddle_ema.load, paddle_ema.load),
+        ("paddle_ema.load_averages", paddle_ema.load_averages, paddle_ema.load_averages),
     ]
 
 
