@@ -24,9 +24,12 @@ def load(program: Any, path_prefix: str) -> None:
     (made by :meth:`ExponentialMovingAverage.update`). Everything the checkpoint holds is loaded as
     Paddle would. An EMA whose state the checkpoint does not hold completely (it was saved before the
     EMA was added, or by another EMA) starts fresh, as if just created: its averages and step are zero,
-    and a warning names what was missing. Any other variable of the program missing from the
-    checkpoint is an error, raised before anything is loaded, where ``paddle.static.load`` would stop
-    half-way.
+    and a warning names what was missing. If the checkpoint holds the state of Paddle's own
+    ``paddle.static.ExponentialMovingAverage`` with the same constant decay, the EMA carries it on
+    (averages, step and the bias correction ``1 - d^t``); with a varying decay (``thres_steps``) the
+    product of the decays is not in the checkpoint and the EMA starts fresh, saying why. Any other
+    variable of the program missing from the checkpoint is an error, raised before anything is
+    loaded, where ``paddle.static.load`` would stop half-way.
 
     Run the startup program first, as for ``paddle.static.load``.
 
@@ -62,18 +65,67 @@ def load(program: Any, path_prefix: str) -> None:
             f"the checkpoint {path_prefix!r} lacks {len(missing)} variable(s) of the program, e.g. "
             f"{missing[:5]}; it was written by another model (nothing was loaded)"
         )
-    absent = {e: [n for n in _graph.state_names(e._plan) if n not in state] for e in fresh}
-    for e in fresh:  # a part of an EMA's state would not match the rest: load none of it
-        for name in _graph.state_names(e._plan):
+    reasons = {}
+    for e in fresh:
+        absent = [n for n in _graph.state_names(e._plan) if n not in state]
+        for name in _graph.state_names(e._plan):  # a part of an EMA's state would not match the rest
             state.pop(name, None)
+        converted, why_not = _from_paddle_class(e, state)
+        if converted is None:
+            reasons[e] = f"the checkpoint {path_prefix!r} has no {_some(absent)}{why_not}"
+        else:
+            state.update(converted)
+            _logger.info("%s carries on the state of Paddle's ExponentialMovingAverage", e._name)
     paddle.static.set_program_state(program, state)
     scope = paddle.static.global_scope()
-    for e in fresh:
+    for e, reason in reasons.items():
         _graph.reset_state(e._plan, scope)
-        _logger.warning(
-            "%s starts fresh: the checkpoint %r has no %s", e._name, path_prefix,
-            ", ".join(absent[e][:3]) + (" ..." if len(absent[e]) > 3 else ""),
+        _logger.warning("%s starts fresh: %s", e._name, reason)
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+# The state of paddle.static.ExponentialMovingAverage (Paddle 2.6; 3.0 and 3.1 in the legacy IR): a
+# step counter and the current decay under fixed names, and "<param>_ema_<n>" per parameter, the same
+# biased average as paddle_ema's, from zero.
+_PADDLE_STEP, _PADDLE_DECAY = "@EMA_STEP_COUNTER@", "scheduled_ema_decay_rate"
+
+
+def _from_paddle_class(
+    e: ema.ExponentialMovingAverage, state: dict[str, Any]
+) -> tuple[dict | None, str]:
+    """This EMA's state made from the state of Paddle's own class in ``state``, or None and why not.
+
+    Paddle's average maps one to one. Its bias correction is not stored: with a constant decay it is
+    ``1 - d^t`` (what Paddle's apply divides by), but with ``thres_steps`` the decay varied and the
+    product of the decays is lost, so such an EMA starts fresh.
+    """
+    if _PADDLE_STEP not in state or _PADDLE_DECAY not in state:
+        return None, ""
+    plan = e._plan
+    averages = {}
+    for slot in plan.slots:
+        keys = [k for k in state if re.fullmatch(re.escape(slot.param) + r"_ema_\d+", k)]
+        if len(keys) != 1:
+            return None, f" (Paddle's class state has {keys or 'no average'} for {slot.param!r})"
+        averages[slot.param] = np.asarray(state[keys[0]])
+    decay = float(np.asarray(state[_PADDLE_DECAY]).reshape(-1)[0])
+    if e._thres_steps is not None or decay != float(np.float32(e.decay)):
+        return None, (
+            f" (Paddle's class state is there, but its decay ({decay}) was not this EMA's constant "
+            f"{e.decay}: the product of its decays, the bias correction, is not in the checkpoint)"
         )
+    steps = int(np.asarray(state[_PADDLE_STEP]).reshape(-1)[0])
+    converted = {
+        plan.step: np.array([steps], np.int64),
+        plan.debias: np.array([1.0 - decay**steps], np.float64),
+    }
+    for group in plan.groups:
+        parts = [averages[plan.slots[i].param].astype(group.dtype) for i in group.members]
+        converted[group.average] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    return converted, ""
 
 
 def _read_checkpoint(path_prefix: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -198,3 +198,86 @@ def test_load_averages_of_bfloat16_parameters_are_their_float32_averages(program
             np.testing.assert_array_equal(
                 bf16_to_float32(read(name)), round_to_bf16(averages[name], truncate),
                 err_msg=f"{name}: apply writes the float32 average, rounded once")
+
+
+def paddle_class_checkpoint(exe, rng, prefix, decay):
+    """Train build_net with Paddle's own ExponentialMovingAverage and save; the oracle of its averages.
+
+    Skips where Paddle's class cannot be built or run (every PIR cell; the legacy IR from 3.2 on),
+    with Paddle's error.
+    """
+    stack, main, startup = fresh_world()
+    with stack:
+        net = build_net(main, optimizer="adam")
+        try:
+            paddle_ema_class = paddle.static.ExponentialMovingAverage(decay)
+            paddle_ema_class.update()
+        except Exception as error:  # noqa: BLE001 - the Paddle defect is what the skip reports
+            pytest.skip(f"Paddle's own ExponentialMovingAverage fails here: {str(error).strip()[:200]}")
+        exe.run(startup)
+        names = [p.name for p in main.global_block().all_parameters()]
+        oracle = EmaOracle(float(np.float32(decay)), names)
+        for _ in range(4):
+            exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+            oracle.step(read_all(names))
+        paddle.static.save(main, prefix)
+    return oracle
+
+
+def test_a_checkpoint_of_paddles_own_class_carries_on(exe, rng, tmp_path):
+    prefix = str(tmp_path / "paddle_class")
+    oracle = paddle_class_checkpoint(exe, rng, prefix, 0.9)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        paddle_ema.load(main, prefix)
+        np.testing.assert_array_equal(read(ema._plan.step), [4])
+        assert_applied_matches(ema, exe, oracle, "averages carried on from Paddle's class")
+        oracle.decay = 0.9
+        for _ in range(2):
+            exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+            oracle.step(read_all(ema.parameter_names))
+            assert_applied_matches(ema, exe, oracle, "training on after Paddle's class")
+
+
+def add_paddle_class_state(prefix, params, decay, steps, rng):
+    """Write the state Paddle's class would have saved into a checkpoint; return its averages."""
+    with open(prefix + ".pdopt", "rb") as f:
+        others = pickle.load(f)
+    averages = {name: rng.standard_normal(value.shape).astype(value.dtype) for name, value in params.items()}
+    others.update({f"{name}_ema_0": value for name, value in averages.items()})
+    others["@EMA_STEP_COUNTER@"] = np.array([steps], np.int64)
+    others["scheduled_ema_decay_rate"] = np.array([decay], np.float32)
+    with open(prefix + ".pdopt", "wb") as f:
+        pickle.dump(others, f, protocol=2)
+    return averages
+
+
+def test_paddle_class_state_maps_onto_the_stacked_layout(exe, rng, tmp_path):
+    """In every mode (Paddle's class itself runs in few): its names, the stacks, 1 - d^t."""
+    prefix = str(tmp_path / "synthetic")
+    params = save_trained(exe, rng, prefix, with_ema=False)
+    averages = add_paddle_class_state(prefix, params, 0.9, 7, rng)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        paddle_ema.load(main, prefix)
+        np.testing.assert_array_equal(read(ema._plan.step), [7])
+        correction = 1.0 - float(np.float32(0.9)) ** 7
+        np.testing.assert_array_equal(read(ema._plan.debias), [correction])
+        with ema.apply(exe):
+            for name in ema.parameter_names:
+                expected = (averages[name] / np.float32(correction)).astype(np.float32)
+                np.testing.assert_array_equal(read(name), expected, err_msg=name)
+
+
+def test_paddle_class_state_with_another_decay_starts_fresh_and_says_why(exe, rng, tmp_path, caplog):
+    prefix = str(tmp_path / "warmed_up")
+    params = save_trained(exe, rng, prefix, with_ema=False)
+    add_paddle_class_state(prefix, params, 0.5, 7, rng)  # e.g. a thres_steps warm-up's last decay
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "ema_0 starts fresh" in caplog.text
+        assert "bias correction, is not in the checkpoint" in caplog.text
+        for name in state_names(ema):
+            assert not np.any(read(name)), name
