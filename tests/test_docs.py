@@ -44,8 +44,9 @@ def test_class_docstring_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_the_sdist_carries_a_runnable_test_suite(tmp_path):
-    """Every test module's helpers, and the examples, tools and files the tests read, are in the sdist."""
+def test_the_sdist_carries_a_runnable_test_suite_and_a_page_that_renders(tmp_path):
+    """Every test module's helpers, and the examples, tools and files the tests read, are in the sdist;
+    its long description has no repository-relative image or link."""
     import subprocess
     import tarfile
 
@@ -54,6 +55,10 @@ def test_the_sdist_carries_a_runnable_test_suite(tmp_path):
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        pkg_info = tar.extractfile(next(n for n in tar.getnames() if n.endswith("/PKG-INFO"))).read().decode()
+    # PyPI's page: README without the images and relative links that only resolve in the repository.
+    assert "# paddle_ema" in pkg_info and "## API reference" in pkg_info
+    assert "![" not in pkg_info and "](README_cn.md)" not in pkg_info and "](docs/" not in pkg_info
     needed = {str(p.relative_to(ROOT)) for folder in ("tests", "examples", "tools")
               for p in (ROOT / folder).glob("*.py")}
     needed |= {"README.md", "README_cn.md", "CHANGELOG.md", "tox.ini", ".ci/run", "docs/digits_ema.png"}
