@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import paddle
@@ -316,6 +316,20 @@ def build_backup_program(plan: EmaPlan) -> paddle.static.Program:
     return program
 
 
+def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
+    """Each slot with its debiased average, in its average's dtype, emitted in the current program."""
+    debias = _ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE)
+    debiases = _ScalarVariants(debias)
+    for group in plan.groups:
+        average = _ir.bind_persistable(group.average, group.shape, group.dtype)
+        slots = [plan.slots[i] for i in group.members]
+        # Slices rather than paddle.split, which on Paddle 3.2 prints a "Non compatible API" warning
+        # about torch.split at its first call in a process.
+        pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
+        for slot, piece in zip(slots, pieces):
+            yield slot, piece, debiases.get(group.dtype, rank0=len(slot.shape) == 0)
+
+
 def build_write_program(plan: EmaPlan) -> paddle.static.Program:
     """A program that writes every parameter's debiased average into it, in the parameter's dtype.
 
@@ -324,22 +338,32 @@ def build_write_program(plan: EmaPlan) -> paddle.static.Program:
     """
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
-        debias = _ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE)
-        debiases = _ScalarVariants(debias)
-        for group in plan.groups:
-            average = _ir.bind_persistable(group.average, group.shape, group.dtype)
-            slots = [plan.slots[i] for i in group.members]
-            # Slices rather than paddle.split, which on Paddle 3.2 prints a "Non compatible API" warning
-            # about torch.split at its first call in a process.
-            pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
-            for slot, piece in zip(slots, pieces):
-                param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
-                denominator = debiases.get(group.dtype, rank0=len(slot.shape) == 0)
-                if slot.dtype == group.dtype:
-                    _ir.divide_into(piece, denominator, param)
-                else:  # a float32 average of a low-precision parameter: round once, on the way in
-                    paddle.assign(paddle.cast(piece / denominator, slot.dtype), output=param)
+        for slot, piece, denominator in _debiased_pieces(plan):
+            param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
+            if slot.dtype == accumulator_dtype(slot.dtype):
+                _ir.divide_into(piece, denominator, param)
+            else:  # a float32 average of a low-precision parameter: round once, on the way in
+                paddle.assign(paddle.cast(piece / denominator, slot.dtype), output=param)
     return program
+
+
+def build_read_program(plan: EmaPlan) -> tuple[paddle.static.Program, dict[str, Any]]:
+    """A program that computes what the write program writes, without writing anything.
+
+    Returns the program and, per parameter, the value to fetch: the debiased average rounded to the
+    parameter's dtype, fetched as float32 for bfloat16 parameters (numpy has no bfloat16).
+    """
+    program = paddle.static.Program()
+    fetches = {}
+    with paddle.static.program_guard(program, paddle.static.Program()):
+        for slot, piece, denominator in _debiased_pieces(plan):
+            value = piece / denominator
+            if slot.dtype != accumulator_dtype(slot.dtype):
+                value = paddle.cast(value, slot.dtype)
+                if slot.dtype == "bfloat16":
+                    value = paddle.cast(value, _SCALAR_DTYPE)
+            fetches[slot.param] = value
+    return program, fetches
 
 
 def build_restore_program(plan: EmaPlan) -> paddle.static.Program:

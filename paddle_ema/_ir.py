@@ -32,6 +32,7 @@ __all__ = [
     "parameters_written",
     "persistable_names",
     "program_of",
+    "read_array",
     "read_scalar",
     "release_scope_tensor",
     "sgd_lerp_",
@@ -230,6 +231,12 @@ def initialized_place(name: str, scope: Any) -> Any | None:
     """
     tensor = _initialized_tensor(name, scope)
     return None if tensor is None else _typed_place(tensor._place())
+
+
+def read_array(name: str, scope: Any) -> np.ndarray:
+    """A copy of tensor ``name`` of ``scope`` as a numpy array; bfloat16 (held as uint16 bits) as float32."""
+    value = np.array(scope.find_var(name).get_tensor())
+    return (value.astype(np.uint32) << 16).view(np.float32) if value.dtype == np.uint16 else value
 
 
 def read_scalar(name: str, scope: Any) -> float | None:

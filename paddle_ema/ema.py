@@ -11,6 +11,7 @@ import warnings
 import weakref
 from typing import Any
 
+import numpy as np
 import paddle
 from paddle.utils import unique_name
 
@@ -243,6 +244,8 @@ class ExponentialMovingAverage:
         self._backup_program: paddle.static.Program | None = None
         self._write_program: paddle.static.Program | None = None
         self._restore_program: paddle.static.Program | None = None
+        self._read_program: paddle.static.Program | None = None
+        self._read_fetches: dict[str, Any] = {}
         _logger.debug("%s averages %d parameters", self._name, len(self._params))
 
     @property
@@ -300,6 +303,7 @@ class ExponentialMovingAverage:
         self._backup_program = _graph.build_backup_program(self._plan)
         self._write_program = _graph.build_write_program(self._plan)
         self._restore_program = _graph.build_restore_program(self._plan)
+        self._read_program, self._read_fetches = _graph.build_read_program(self._plan)
         self._state = state
         _UPDATED.add(self)
 
@@ -382,6 +386,42 @@ class ExponentialMovingAverage:
             self.restore(executor)
             raise
         return _Restorer(self, executor, need_restore)
+
+    def averages(self, executor: paddle.static.Executor) -> dict[str, np.ndarray]:
+        """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.
+
+        Parameters and EMA state stay as they are (also while the averages are applied). Before the
+        first update step there is no average, and the parameters' current values are returned, as
+        apply leaves them. Works on the current scope, like :meth:`apply`.
+
+        Args:
+            executor: The Executor that runs the training program.
+
+        Returns:
+            ``{parameter name: numpy array}``, each in its parameter's dtype, except that bfloat16
+            parameters come as float32 (numpy has no bfloat16) holding the bfloat16 value.
+
+        Raises:
+            TypeError: ``executor`` is not a ``paddle.static.Executor``.
+            RuntimeError: :meth:`update` was never called, or the state is not initialised.
+
+        Example:
+            .. code-block:: python
+
+                weights = ema.averages(exe)
+                np.save("fc_w_ema.npy", weights["fc_0.w_0"])
+        """
+        _check_executor(executor, "averages")
+        if self._state is None:
+            raise RuntimeError("averages() needs the EMA ops: call ema.update() after optimizer.minimize()")
+        scope = paddle.static.global_scope()
+        if _graph.debias_value(self._plan, scope) == 0.0:
+            return {name: _ir.read_array(name, scope) for name in self.parameter_names}
+        names = list(self._read_fetches)
+        values = executor.run(
+            self._read_program, fetch_list=[self._read_fetches[n] for n in names], scope=scope
+        )
+        return {name: np.asarray(value) for name, value in zip(names, values)}
 
     def restore(self, executor: paddle.static.Executor) -> None:
         """Put back the parameters that :meth:`apply` backed up, in the scope apply worked on.

@@ -151,3 +151,43 @@ def test_apply_takes_effect_when_called_without_with(trained, exe):
     assert_same(read_all(ema.parameter_names), averaged, "apply() without with")
     ema.restore(exe)
     assert_same(read_all(ema.parameter_names), before, "restore after apply() without with")
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_averages_returns_what_apply_writes_and_touches_nothing(programs, exe, rng, steps):
+    net, ema = train_with_ema(programs, exe, rng, steps=steps, batch_norm=True)
+    names = ema.parameter_names + state_names(ema)
+    before = read_all(names)
+    averages = ema.averages(exe)
+    assert_same(read_all(names), before, "averages() must not change parameters or state")
+    with ema.apply(exe):
+        applied = read_all(ema.parameter_names)
+        assert_same(ema.averages(exe), applied, "averages() while applied")
+    assert_same(averages, applied, f"averages() vs apply after {steps} steps")
+
+
+def test_averages_of_bfloat16_parameters_are_their_bfloat16_values_as_float32(programs, exe):
+    from test_dtypes import bf16_to_float32, build_bf16_net
+
+    main, startup = programs
+    loss = build_bf16_net()
+    ema = paddle_ema.ExponentialMovingAverage(0.99)
+    ema.update()
+    exe.run(startup)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[loss])
+    averages = ema.averages(exe)
+    with ema.apply(exe):
+        for name in ema.parameter_names:
+            assert averages[name].dtype == np.float32
+            np.testing.assert_array_equal(averages[name], bf16_to_float32(read_all([name])[name]), name)
+
+
+def test_averages_before_update_raises(programs, exe):
+    build_net(programs[0])
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    with pytest.raises(RuntimeError, match=r"averages\(\) needs the EMA ops"):
+        ema.averages(exe)
+    with pytest.raises(TypeError, match=r"averages\(executor\) needs a paddle.static.Executor"):
+        ema.averages("exe")

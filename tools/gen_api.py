@@ -25,6 +25,7 @@ def _entries():
         ("ExponentialMovingAverage.update", Ema.update, Ema.update),
         ("ExponentialMovingAverage.apply", Ema.apply, Ema.apply),
         ("ExponentialMovingAverage.restore", Ema.restore, Ema.restore),
+        ("ExponentialMovingAverage.averages", Ema.averages, Ema.averages),
         ("paddle_ema.global_step_counter", paddle_ema.global_step_counter, paddle_ema.global_step_counter),
         ("paddle_ema.load", paddle_ema.load, paddle_ema.load),
         ("paddle_ema.load_averages", paddle_ema.load_averages, paddle_ema.load_averages),
