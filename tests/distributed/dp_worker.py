@@ -1,0 +1,168 @@
+"""One rank of a data-parallel run (2 CPU processes over gloo) with paddle_ema, fleet-free.
+
+Run by tests/test_distributed.py in the Paddle mode of the test run (the interpreter and
+FLAGS_enable_pir_api in the environment):
+
+    python -m paddle.distributed.launch --nproc_per_node=2 --log_dir LOG dp_worker.py OUT  # OUT/rank<r>.npz
+    python dp_worker.py OUT --single  # one process over the combined batches: OUT/single.npz
+
+Each step is built by hand: append_backward, all-reduce (sum) of every gradient, scale by 1/n,
+apply_gradients. The all-reduce is paddle.distributed.all_reduce under PIR; in the legacy IR it is
+appended as an op (paddle.distributed.all_reduce fails there: "expected str instance, ReduceOp
+found"): c_allreduce_sum on Paddle 2.6, all_reduce on 3.x, where c_allreduce_sum is gone from 3.1 on
+("has not been registered"). Parameters are set from one numpy RNG after startup, so every rank starts
+alike without a broadcast. Two EMAs: a constant decay, and one warmed up by global_step_counter().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import paddle
+from paddle.base import core
+
+paddle.enable_static()
+
+import paddle_ema  # noqa: E402
+
+PIR = paddle.framework.in_pir_mode()
+MODE = f"{'.'.join(paddle.__version__.split('.')[:2])}-{'pir' if PIR else 'legacy'}"
+STEPS, LOCAL_BATCH, IN, HIDDEN, OUT = 6, 4, 5, 8, 3
+COLLECTIVE = re.compile(r"(^|\.)(c_|all_?reduce|all_?gather|broadcast|reduce_scatter|barrier|send|recv)")
+
+
+def init_comm(rank: int, nranks: int) -> None:
+    """The gloo communicator for ring 0, which the all-reduce ops look up."""
+    if paddle.__version__.startswith("2."):
+        paddle.distributed.init_parallel_env()
+    else:
+        store = core.create_or_get_global_tcp_store()
+        core.CommContextManager.create_gloo_comm_context(store, "0", rank, nranks)
+
+
+def all_reduce_mean(grad, nranks: int):
+    if PIR:
+        paddle.distributed.all_reduce(grad)
+    elif paddle.__version__.startswith("2."):
+        grad.block.append_op(
+            type="c_allreduce_sum", inputs={"X": [grad]}, outputs={"Out": [grad]},
+            attrs={"ring_id": 0, "use_calc_stream": True},
+        )
+    else:  # 3.x legacy IR: what fleet itself emits (c_allreduce_sum is gone from 3.1 on)
+        grad.block.append_op(
+            type="all_reduce", inputs={"x": [grad]}, outputs={"out": [grad]},
+            attrs={"ring_id": 0, "reduce_type": int(paddle.distributed.ReduceOp.SUM)},
+        )
+    return paddle.scale(grad, 1.0 / nranks)
+
+
+def build(nranks: int, with_ema: bool):
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
+        x = paddle.static.data("x", [-1, IN], "float32")
+        y = paddle.static.data("y", [-1, OUT], "float32")
+        h = paddle.static.nn.fc(x, HIDDEN, activation="relu", weight_attr=paddle.ParamAttr(name="fc1.w"),
+                                bias_attr=paddle.ParamAttr(name="fc1.b"))
+        out = paddle.static.nn.fc(h, OUT, weight_attr=paddle.ParamAttr(name="fc2.w"),
+                                  bias_attr=paddle.ParamAttr(name="fc2.b"))
+        loss = paddle.mean((out - y) * (out - y))
+        step = paddle_ema.global_step_counter()
+        opt = paddle.optimizer.Momentum(learning_rate=0.1, momentum=0.9)
+        if nranks > 1:
+            params_grads = paddle.static.append_backward(loss)
+            # (PIR lists the step counter with a None gradient)
+            opt.apply_gradients([(p, all_reduce_mean(g, nranks)) for p, g in params_grads if g is not None])
+        else:
+            opt.minimize(loss)
+        emas = {}
+        if with_ema:
+            emas["ema"] = paddle_ema.ExponentialMovingAverage(0.9, name="ema")
+            emas["ema"].update()
+            emas["ema_thres"] = paddle_ema.ExponentialMovingAverage(0.9, thres_steps=step, name="ema_thres")
+            emas["ema_thres"].update()
+    return main, startup, loss, step, emas
+
+
+def op_types(program) -> list[str]:
+    ops = program.global_block().ops
+    return [op.name() for op in ops] if PIR else [op.type for op in ops]
+
+
+def read(name: str) -> np.ndarray:
+    return np.array(paddle.static.global_scope().find_var(name).get_tensor())
+
+
+def main(build=build, fixup=lambda program: None) -> int:
+    """``build(nranks, with_ema)`` makes the programs; ``fixup(program)`` edits each before it runs."""
+    out_dir = sys.argv[1]
+    single = "--single" in sys.argv
+    rank = 0 if single else int(os.environ["PADDLE_TRAINER_ID"])
+    nranks = 1 if single else int(os.environ["PADDLE_TRAINERS_NUM"])
+    if nranks > 1:
+        init_comm(rank, nranks)
+
+    main_prog, startup, loss, step, emas = build(nranks, with_ema=True)
+    plain_prog = build(nranks, with_ema=False)[0]
+    for program in (main_prog, startup, plain_prog):
+        fixup(program)
+
+    # The EMA adds no collective op (and the data-parallel program does have some).
+    with_ema = [t for t in op_types(main_prog) if COLLECTIVE.search(t)]
+    without = [t for t in op_types(plain_prog) if COLLECTIVE.search(t)]
+    added = sorted(set(op_types(main_prog)) - set(op_types(plain_prog)))
+    report = {"mode": MODE, "rank": rank, "nranks": nranks, "collectives_with_ema": with_ema,
+              "collectives_without_ema": without, "op_types_added_by_ema": added}
+    assert sorted(with_ema) == sorted(without), report
+    assert nranks == 1 or len(without) >= 1, report
+
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    exe.run(startup)
+    init = np.random.default_rng(7)
+    params = sorted(emas["ema"].parameter_names)
+    for name in params:
+        tensor = paddle.static.global_scope().find_var(name).get_tensor()
+        tensor.set(init.standard_normal(np.array(tensor).shape).astype("float32") * 0.5, paddle.CPUPlace())
+
+    data = np.random.default_rng(11)
+    xs = data.standard_normal((STEPS, nranks_total(single, nranks) * LOCAL_BATCH, IN)).astype("float32")
+    ys = data.standard_normal((STEPS, xs.shape[1], OUT)).astype("float32")
+    lo, hi = (0, xs.shape[1]) if single else (rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    for t in range(STEPS):
+        exe.run(main_prog, feed={"x": xs[t, lo:hi], "y": ys[t, lo:hi]}, fetch_list=[loss])
+
+    result = {f"param/{n}": read(n) for n in params}
+    result["global_step"] = read_counter(main_prog)
+    for key, ema in emas.items():
+        plan = ema._plan
+        for name in [plan.step, plan.debias] + [g.average for g in plan.groups]:
+            result[f"state/{name}"] = read(name)
+        with ema.apply(exe):
+            for n in params:
+                result[f"applied/{key}/{n}"] = read(n)
+        for n in params:  # restored
+            np.testing.assert_array_equal(read(n), result[f"param/{n}"])
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, "single.npz" if single else f"rank{rank}.npz"), **result)
+    with open(os.path.join(out_dir, "single.json" if single else f"rank{rank}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print("OK", json.dumps(report))
+    return 0
+
+
+def nranks_total(single: bool, nranks: int) -> int:
+    # The reference process sees the batches of both ranks.
+    return 2 if single else nranks
+
+
+def read_counter(program) -> np.ndarray:
+    names = [n for n in paddle_ema._ir.persistable_names(program) if n.startswith("global_step")]
+    assert len(names) == 1, names
+    return read(names[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
