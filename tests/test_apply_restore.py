@@ -167,16 +167,9 @@ def test_averages_returns_what_apply_writes_and_touches_nothing(programs, exe, r
 
 
 def test_averages_of_bfloat16_parameters_are_their_bfloat16_values_as_float32(programs, exe):
-    from test_dtypes import bf16_to_float32, build_bf16_net
+    from test_dtypes import bf16_to_float32, trained_bf16_ema
 
-    main, startup = programs
-    loss = build_bf16_net()
-    ema = paddle_ema.ExponentialMovingAverage(0.99)
-    ema.update()
-    exe.run(startup)
-    rng = np.random.default_rng(2)
-    for _ in range(5):
-        exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[loss])
+    ema = trained_bf16_ema(programs, exe, decay=0.99, steps=5, seed=2)
     averages = ema.averages(exe)
     with ema.apply(exe):
         for name in ema.parameter_names:

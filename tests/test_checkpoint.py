@@ -178,18 +178,11 @@ def test_load_averages_says_when_it_cannot_unstack(programs, exe, rng, tmp_path)
 
 
 def test_load_averages_of_bfloat16_parameters_are_their_float32_averages(programs, exe, tmp_path):
-    from test_dtypes import bf16_to_float32, build_bf16_net, cast_truncates, round_to_bf16
+    from test_dtypes import bf16_to_float32, cast_truncates, round_to_bf16, trained_bf16_ema
 
-    main, startup = programs
-    loss = build_bf16_net()
-    ema = paddle_ema.ExponentialMovingAverage(0.99)
-    ema.update()
-    exe.run(startup)
-    rng = np.random.default_rng(5)
-    for _ in range(20):
-        exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[loss])
+    ema = trained_bf16_ema(programs, exe, decay=0.99, steps=20, seed=5)
     prefix = str(tmp_path / "ckpt")
-    paddle.static.save(main, prefix)
+    paddle.static.save(programs[0], prefix)
     averages = paddle_ema.load_averages(prefix)
     truncate = cast_truncates("bfloat16")
     with ema.apply(exe):

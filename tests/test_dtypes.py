@@ -62,6 +62,19 @@ def build_bf16_net():
     return loss
 
 
+def trained_bf16_ema(programs, exe, decay, steps, seed):
+    """build_bf16_net with an EMA of ``decay``, started up and trained for ``steps`` steps."""
+    main, startup = programs
+    loss = build_bf16_net()
+    ema = paddle_ema.ExponentialMovingAverage(decay)
+    ema.update()
+    exe.run(startup)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        exe.run(main, feed={"x": rng.standard_normal((BATCH, 5)).astype("float32")}, fetch_list=[loss])
+    return ema
+
+
 def test_bfloat16_parameters_train_with_float32_averages_that_follow_float64(programs, exe):
     main, startup = programs
     loss = build_bf16_net()

@@ -60,17 +60,32 @@ def all_reduce_mean(grad, nranks: int):
     return paddle.scale(grad, 1.0 / nranks)
 
 
+def network():
+    """x -> fc(8, relu) -> fc(3) -> squared error, with fixed parameter names; and the step counter."""
+    x = paddle.static.data("x", [-1, IN], "float32")
+    y = paddle.static.data("y", [-1, OUT], "float32")
+    h = paddle.static.nn.fc(x, HIDDEN, activation="relu", weight_attr=paddle.ParamAttr(name="fc1.w"),
+                            bias_attr=paddle.ParamAttr(name="fc1.b"))
+    out = paddle.static.nn.fc(h, OUT, weight_attr=paddle.ParamAttr(name="fc2.w"),
+                              bias_attr=paddle.ParamAttr(name="fc2.b"))
+    return paddle.mean((out - y) * (out - y)), paddle_ema.global_step_counter()
+
+
+def attach_emas(step) -> dict:
+    """Two EMAs after the optimizer: a constant decay, and one warmed up by the step counter."""
+    emas = {
+        "ema": paddle_ema.ExponentialMovingAverage(0.9, name="ema"),
+        "ema_thres": paddle_ema.ExponentialMovingAverage(0.9, thres_steps=step, name="ema_thres"),
+    }
+    for ema in emas.values():
+        ema.update()
+    return emas
+
+
 def build(nranks: int, with_ema: bool):
     main, startup = paddle.static.Program(), paddle.static.Program()
     with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
-        x = paddle.static.data("x", [-1, IN], "float32")
-        y = paddle.static.data("y", [-1, OUT], "float32")
-        h = paddle.static.nn.fc(x, HIDDEN, activation="relu", weight_attr=paddle.ParamAttr(name="fc1.w"),
-                                bias_attr=paddle.ParamAttr(name="fc1.b"))
-        out = paddle.static.nn.fc(h, OUT, weight_attr=paddle.ParamAttr(name="fc2.w"),
-                                  bias_attr=paddle.ParamAttr(name="fc2.b"))
-        loss = paddle.mean((out - y) * (out - y))
-        step = paddle_ema.global_step_counter()
+        loss, step = network()
         opt = paddle.optimizer.Momentum(learning_rate=0.1, momentum=0.9)
         if nranks > 1:
             params_grads = paddle.static.append_backward(loss)
@@ -78,12 +93,7 @@ def build(nranks: int, with_ema: bool):
             opt.apply_gradients([(p, all_reduce_mean(g, nranks)) for p, g in params_grads if g is not None])
         else:
             opt.minimize(loss)
-        emas = {}
-        if with_ema:
-            emas["ema"] = paddle_ema.ExponentialMovingAverage(0.9, name="ema")
-            emas["ema"].update()
-            emas["ema_thres"] = paddle_ema.ExponentialMovingAverage(0.9, thres_steps=step, name="ema_thres")
-            emas["ema_thres"].update()
+        emas = attach_emas(step) if with_ema else {}
     return main, startup, loss, step, emas
 
 

@@ -20,8 +20,6 @@ import paddle
 import paddle.distributed.fleet as fleet
 from paddle.distributed.fleet.meta_optimizers.common import CollectiveHelper
 
-import paddle_ema
-
 CollectiveHelper._init_communicator = lambda self, *args, **kwargs: None
 NO_CPU_KERNEL = ("c_sync_comm_stream", "c_sync_calc_stream")
 _FLEET_READY = []
@@ -34,25 +32,13 @@ def build(nranks: int, with_ema: bool):
         _FLEET_READY.append(True)
     main, startup = paddle.static.Program(), paddle.static.Program()
     with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
-        x = paddle.static.data("x", [-1, w.IN], "float32")
-        y = paddle.static.data("y", [-1, w.OUT], "float32")
-        h = paddle.static.nn.fc(x, w.HIDDEN, activation="relu", weight_attr=paddle.ParamAttr(name="fc1.w"),
-                                bias_attr=paddle.ParamAttr(name="fc1.b"))
-        out = paddle.static.nn.fc(h, w.OUT, weight_attr=paddle.ParamAttr(name="fc2.w"),
-                                  bias_attr=paddle.ParamAttr(name="fc2.b"))
-        loss = paddle.mean((out - y) * (out - y))
-        step = paddle_ema.global_step_counter()
+        loss, step = w.network()
         strategy = fleet.DistributedStrategy()
         strategy.without_graph_optimization = True
         opt = fleet.distributed_optimizer(
             paddle.optimizer.Momentum(learning_rate=0.1, momentum=0.9), strategy=strategy)
         opt.minimize(loss)
-        emas = {}
-        if with_ema:
-            emas["ema"] = paddle_ema.ExponentialMovingAverage(0.9, name="ema")
-            emas["ema"].update()
-            emas["ema_thres"] = paddle_ema.ExponentialMovingAverage(0.9, thres_steps=step, name="ema_thres")
-            emas["ema_thres"].update()
+        emas = w.attach_emas(step) if with_ema else {}
     return main, startup, loss, step, emas
 
 
