@@ -19,6 +19,7 @@ import paddle
 from paddle.base.data_feeder import convert_dtype
 
 __all__ = [
+    "as_numpy_dtype",
     "bind_persistable",
     "create_state",
     "declare_scope_tensor",
@@ -233,10 +234,15 @@ def initialized_place(name: str, scope: Any) -> Any | None:
     return None if tensor is None else _typed_place(tensor._place())
 
 
-def read_array(name: str, scope: Any) -> np.ndarray:
-    """A copy of tensor ``name`` of ``scope`` as a numpy array; bfloat16 (held as uint16 bits) as float32."""
-    value = np.array(scope.find_var(name).get_tensor())
+def as_numpy_dtype(value: np.ndarray) -> np.ndarray:
+    """An array Paddle gave numpy, in a numpy dtype: bfloat16, which numpy holds as its uint16 bit
+    patterns, becomes float32 (exactly)."""
     return (value.astype(np.uint32) << 16).view(np.float32) if value.dtype == np.uint16 else value
+
+
+def read_array(name: str, scope: Any) -> np.ndarray:
+    """A copy of tensor ``name`` of ``scope`` as a numpy array; bfloat16 as float32."""
+    return as_numpy_dtype(np.array(scope.find_var(name).get_tensor()))
 
 
 def read_scalar(name: str, scope: Any) -> float | None:

@@ -147,11 +147,6 @@ def _dtype_name(value: np.ndarray) -> str:
     return "bfloat16" if value.dtype == np.uint16 else str(value.dtype)
 
 
-def _as_numpy(value: np.ndarray) -> np.ndarray:
-    """A parameter's value in a numpy dtype: bfloat16 bit patterns become float32."""
-    return (value.astype(np.uint32) << 16).view(np.float32) if value.dtype == np.uint16 else value
-
-
 def _ema_prefix(state: dict[str, np.ndarray], name: str) -> str:
     """The state prefix of the EMA called ``name`` (``"ema"`` finds ``"ema_0"``) in a checkpoint."""
     prefixes = sorted(k[: -len(".bias_correction")] for k in state if k.endswith(".bias_correction"))
@@ -229,7 +224,7 @@ def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
             start += rows
     correction = float(others[f"{prefix}.bias_correction"].reshape(-1)[0])
     if correction == 0.0:
-        return {param: _as_numpy(params[param]) for param in pieces}
+        return {param: _ir.as_numpy_dtype(params[param]) for param in pieces}
     # apply divides in the average's dtype by the correction cast to it: the same roundings here.
     return {
         param: (piece / piece.dtype.type(correction)).astype(piece.dtype).reshape(params[param].shape)
