@@ -5,6 +5,11 @@ FLAGS_enable_pir_api in the environment):
 
     python -m paddle.distributed.launch --nproc_per_node=2 --log_dir LOG dp_worker.py OUT  # OUT/rank<r>.npz
     python dp_worker.py OUT --single  # one process over the combined batches: OUT/single.npz
+    ... dp_worker.py OUT --resume CKPT  # load rank 0's checkpoint, train the steps after it
+
+Rank 0 (only) saves a paddle.static.save checkpoint after step SAVE_AT to OUT/ckpt/model and records
+what it saved; a --resume run loads it with paddle_ema.load, records what it loaded, and trains the
+remaining steps on the same batches, so its end state can be compared with the uninterrupted run.
 
 Each step is built by hand: append_backward, all-reduce (sum) of every gradient, scale by 1/n,
 apply_gradients. The all-reduce is paddle.distributed.all_reduce under PIR; in the legacy IR it is
@@ -31,7 +36,7 @@ import paddle_ema  # noqa: E402
 
 PIR = paddle.framework.in_pir_mode()
 MODE = f"{'.'.join(paddle.__version__.split('.')[:2])}-{'pir' if PIR else 'legacy'}"
-STEPS, LOCAL_BATCH, IN, HIDDEN, OUT = 6, 4, 5, 8, 3
+STEPS, SAVE_AT, LOCAL_BATCH, IN, HIDDEN, OUT = 6, 3, 4, 5, 8, 3
 COLLECTIVE = re.compile(r"(^|\.)(c_|all_?reduce|all_?gather|broadcast|reduce_scatter|barrier|send|recv)")
 
 
@@ -110,6 +115,7 @@ def main(build=build, fixup=lambda program: None) -> int:
     """``build(nranks, with_ema)`` makes the programs; ``fixup(program)`` edits each before it runs."""
     out_dir = sys.argv[1]
     single = "--single" in sys.argv
+    resume = sys.argv[sys.argv.index("--resume") + 1] if "--resume" in sys.argv else None
     rank = 0 if single else int(os.environ["PADDLE_TRAINER_ID"])
     nranks = 1 if single else int(os.environ["PADDLE_TRAINERS_NUM"])
     if nranks > 1:
@@ -141,10 +147,17 @@ def main(build=build, fixup=lambda program: None) -> int:
     xs = data.standard_normal((STEPS, nranks_total(single, nranks) * LOCAL_BATCH, IN)).astype("float32")
     ys = data.standard_normal((STEPS, xs.shape[1], OUT)).astype("float32")
     lo, hi = (0, xs.shape[1]) if single else (rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    for t in range(STEPS):
+    result = {}
+    if resume:
+        paddle_ema.load(main_prog, resume)
+        result.update({f"loaded/{k}": v for k, v in snapshot(main_prog, emas).items()})
+    for t in range(SAVE_AT if resume else 0, STEPS):
         exe.run(main_prog, feed={"x": xs[t, lo:hi], "y": ys[t, lo:hi]}, fetch_list=[loss])
+        if t + 1 == SAVE_AT and rank == 0 and not single and not resume:
+            paddle.static.save(main_prog, os.path.join(out_dir, "ckpt", "model"))
+            result.update({f"saved/{k}": v for k, v in snapshot(main_prog, emas).items()})
 
-    result = {f"param/{n}": read(n) for n in params}
+    result.update({f"param/{n}": read(n) for n in params})
     result["global_step"] = read_counter(main_prog)
     for key, ema in emas.items():
         plan = ema._plan
@@ -156,11 +169,21 @@ def main(build=build, fixup=lambda program: None) -> int:
         for n in params:  # restored
             np.testing.assert_array_equal(read(n), result[f"param/{n}"])
     os.makedirs(out_dir, exist_ok=True)
-    np.savez(os.path.join(out_dir, "single.npz" if single else f"rank{rank}.npz"), **result)
-    with open(os.path.join(out_dir, "single.json" if single else f"rank{rank}.json"), "w") as f:
+    stem = ("single" if single else f"rank{rank}") + ("_resumed" if resume else "")
+    np.savez(os.path.join(out_dir, f"{stem}.npz"), **result)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(report, f, indent=1)
     print("OK", json.dumps(report))
     return 0
+
+
+def snapshot(program, emas) -> dict:
+    """Every persistable variable of the program that a checkpoint holds: parameters, optimizer
+    state, the step counter and the EMAs' state."""
+    names = sorted(paddle_ema._ir.persistable_names(program) - {"feed", "fetch"})
+    state = {name for ema in emas.values() for name in paddle_ema._graph.state_names(ema._plan)}
+    assert state <= set(names), sorted(state - set(names))
+    return {name: read(name) for name in names}
 
 
 def nranks_total(single: bool, nranks: int) -> int:
