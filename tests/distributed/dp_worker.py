@@ -12,23 +12,22 @@ what it saved; a --resume run loads it with paddle_ema.load, records what it loa
 remaining steps on the same batches, so its end state can be compared with the uninterrupted run.
 
 Each step is built by hand: append_backward, all-reduce (sum) of every gradient, scale by 1/n,
-apply_gradients. The all-reduce is paddle.distributed.all_reduce under PIR; in the legacy IR it is
-appended as an op (paddle.distributed.all_reduce fails there: "expected str instance, ReduceOp
-found"): c_allreduce_sum on Paddle 2.6, all_reduce on 3.x, where c_allreduce_sum is gone from 3.1 on
-("has not been registered"). Parameters are set from one numpy RNG after startup, so every rank starts
+apply_gradients, with the gloo set-up and all-reduce of examples/distributed.py (so the tests prove
+the example's code). Parameters are set from one numpy RNG after startup, so every rank starts
 alike without a broadcast. Two EMAs: a constant decay, and one warmed up by global_step_counter().
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
-from paddle.base import core
 
 paddle.enable_static()
 
@@ -40,29 +39,19 @@ STEPS, SAVE_AT, LOCAL_BATCH, IN, HIDDEN, OUT = 6, 3, 4, 5, 8, 3
 COLLECTIVE = re.compile(r"(^|\.)(c_|all_?reduce|all_?gather|broadcast|reduce_scatter|barrier|send|recv)")
 
 
-def init_comm(rank: int, nranks: int) -> None:
-    """The gloo communicator for ring 0, which the all-reduce ops look up."""
-    if paddle.__version__.startswith("2."):
-        paddle.distributed.init_parallel_env()
-    else:
-        store = core.create_or_get_global_tcp_store()
-        core.CommContextManager.create_gloo_comm_context(store, "0", rank, nranks)
+def _example():
+    """examples/distributed.py, whose CPU data-parallel helpers this worker uses (so the tests prove
+    the example's code)."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("distributed_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def all_reduce_mean(grad, nranks: int):
-    if PIR:
-        paddle.distributed.all_reduce(grad)
-    elif paddle.__version__.startswith("2."):
-        grad.block.append_op(
-            type="c_allreduce_sum", inputs={"X": [grad]}, outputs={"Out": [grad]},
-            attrs={"ring_id": 0, "use_calc_stream": True},
-        )
-    else:  # 3.x legacy IR: what fleet itself emits (c_allreduce_sum is gone from 3.1 on)
-        grad.block.append_op(
-            type="all_reduce", inputs={"x": [grad]}, outputs={"out": [grad]},
-            attrs={"ring_id": 0, "reduce_type": int(paddle.distributed.ReduceOp.SUM)},
-        )
-    return paddle.scale(grad, 1.0 / nranks)
+EXAMPLE = _example()
+init_comm = EXAMPLE.gloo_ring  # the gloo communicator for ring 0, which the all-reduce ops look up
+all_reduce_mean = EXAMPLE.all_reduce_mean
 
 
 def network():
