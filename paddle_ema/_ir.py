@@ -203,6 +203,22 @@ def update_role(program: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def schedule_role(program: Any) -> Iterator[None]:
+    """Mark the ops emitted inside as learning-rate-schedule ops of ``program``, as Paddle's own step
+    counters are.
+
+    Like :func:`update_role`, a legacy ``clone(for_test=True)`` drops them, but unlike optimizer ops
+    they may come before the backward pass: fleet's sharding optimizer asserts that no optimizer op
+    does (``AssertionError`` in ``ShardingOptimizer._split_program``). A no-op under PIR.
+    """
+    if in_pir_mode():
+        yield
+        return
+    with program._lr_schedule_guard():
+        yield
+
+
 def _typed_place(place: Any) -> Any:
     """Convert the generic ``Place`` a DenseTensor reports into the typed place ``DenseTensor.set`` needs."""
     if place.is_gpu_place():

@@ -45,9 +45,9 @@ def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
     if isinstance(begin, bool) or not isinstance(begin, int):
         raise TypeError(f"begin must be an int, got {begin!r} of type {type(begin).__name__}")
     counter = _ir.create_state(unique_name.generate(name or "global_step"), [1], "int64", begin - 1)
-    # Marked as an optimizer op, so a legacy clone(for_test=True) leaves it out: evaluating must not
-    # move the step that schedules training.
+    # Marked as a learning-rate-schedule op, so a legacy clone(for_test=True) leaves it out:
+    # evaluating must not move the step that schedules training.
     program = paddle.static.default_main_program()
-    with paddle.static.name_scope("global_step"), _ir.update_role(program):
+    with paddle.static.name_scope("global_step"), _ir.schedule_role(program):
         paddle.assign(counter + 1, output=counter)
     return counter

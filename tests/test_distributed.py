@@ -28,6 +28,7 @@ from conftest import ir_mode
 HERE = Path(__file__).resolve().parent / "distributed"
 WORKER = HERE / "dp_worker.py"
 FLEET_WORKER = HERE / "fleet_worker.py"  # legacy IR only, with a test-only CPU shim
+SHARD_WORKER = HERE / "shard_worker.py"  # fleet's static sharding, legacy IR only
 FLEET_SCENARIO = HERE / "fleet_ema_scenario.py"  # Paddle's test_ema_fleet.py scenario, legacy IR only
 FLEET_UNDER_PIR = ("fleet's collective minimize does not run under PIR on CPU (on 3.3: TypeError: "
                    "clone(): incompatible function arguments, in fleet's own "
@@ -194,4 +195,38 @@ def test_the_scenario_of_paddles_fleet_ema_test_in_one_and_two_processes(tmp_pat
     assert sorted(ranks[0]) == sorted(ranks[1]) == sorted(np.load(out / "scenario_single.npz"))
     assert len(ranks[0]) == 8
     for key in ranks[0]:  # trained and applied weights: the same on both ranks
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+
+
+def test_fleet_sharding_each_rank_averages_the_parameters_it_owns(tmp_path):
+    """Static sharding gives each rank some of the parameters: each rank's EMA averages those, and
+    together the ranks' averages, applied weights and parameters are one process's."""
+    if ir_mode().endswith("pir"):
+        pytest.skip(FLEET_UNDER_PIR)
+    python, env, out = sys.executable, _env(), tmp_path / "out"
+    wall = _run([python, "-m", "paddle.distributed.launch", "--nproc_per_node=2", "--log_dir",
+                 str(tmp_path / "log"), str(SHARD_WORKER), str(out)], env, tmp_path / "launch.log")
+    _run([python, str(WORKER), str(out), "--single"], env, tmp_path / "single.log")
+    print(f"\n{ir_mode()} fleet sharding: 2-process run {wall:.1f}s")
+    single = dict(np.load(out / "single.npz"))
+    ranks = [{k: v for k, v in np.load(out / f"rank{r}.npz").items() if not k.startswith("saved/")}
+             for r in range(2)]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in reports:  # sharding's broadcasts and reduces; none added by the EMA
+        assert r["collectives_with_ema"] == r["collectives_without_ema"], r
+        assert {"broadcast", "reduce"} <= set(r["collectives_with_ema"]) or \
+            {"c_broadcast", "c_reduce_sum"} <= set(r["collectives_with_ema"]), r
+
+    owned = [{k[len("param/"):] for k in rank if k.startswith("param/")} for rank in ranks]
+    assert owned[0] and owned[1] and not owned[0] & owned[1], owned
+    assert owned[0] | owned[1] == {k[len("param/"):] for k in single if k.startswith("param/")}
+    # Together the ranks hold exactly what one process holds, and agree with it.
+    assert set(ranks[0]) | set(ranks[1]) == set(single)
+    for rank in ranks:
+        for key, value in rank.items():
+            np.testing.assert_allclose(value, single[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # The step counts and bias corrections are every rank's: bit for bit the same.
+    shared = [k for k in single if k == "global_step" or k.endswith((".step", ".bias_correction"))]
+    assert len(shared) == 5, shared
+    for key in shared:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)

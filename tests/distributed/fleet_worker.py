@@ -25,7 +25,9 @@ NO_CPU_KERNEL = ("c_sync_comm_stream", "c_sync_calc_stream")
 _FLEET_READY = []
 
 
-def build(nranks: int, with_ema: bool):
+def build(nranks: int, with_ema: bool, configure=lambda strategy: None):
+    """dp_worker's network and EMAs under fleet's collective optimizer; ``configure(strategy)`` adds
+    to the strategy."""
     assert not w.PIR, "fleet collective on CPU: legacy IR only"
     if not _FLEET_READY:
         fleet.init(is_collective=True)
@@ -35,6 +37,7 @@ def build(nranks: int, with_ema: bool):
         loss, step = w.network()
         strategy = fleet.DistributedStrategy()
         strategy.without_graph_optimization = True
+        configure(strategy)
         opt = fleet.distributed_optimizer(
             paddle.optimizer.Momentum(learning_rate=0.1, momentum=0.9), strategy=strategy)
         opt.minimize(loss)
