@@ -26,7 +26,6 @@ import itertools
 import math
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import paddle
 
 from paddle_ema import _ir
@@ -193,37 +192,6 @@ def reset_state(plan: EmaPlan, scope: Any) -> None:
         _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place, scope)
 
 
-def constant_weight(decay: float) -> float:
-    """The weight :math:`1 - d` of a constant decay, as the float32 average will use it.
-
-    Computed in float64 and rounded once. ``1 - float32(decay)`` would be off by up to half an ulp of
-    1 (3e-8), which is 3e-4 of the weight at decay 0.9999 and 3e-3 at 0.99999; every tiny weight is a
-    normal float32, so any decay below 1 moves the average.
-    """
-    return float(np.float32(1.0 - decay))
-
-
-def emit_step_weight(decay: float, thres_steps: Any | None) -> Any:
-    """Emit this step's weight :math:`w_t = 1 - d_t` as a float32 tensor of shape [1].
-
-    Every average (and the bias denominator) is updated by :math:`a \\leftarrow a + w_t(\\theta - a)`,
-    in which only the weight enters, so it is computed precisely rather than as ``1 - d_t`` in float32.
-    With ``thres_steps`` the decay warms up as :math:`d_t = \\min(decay, (1 + s) / (10 + s))`, where
-    ``s`` is the value of ``thres_steps`` at this step (usually the global step); the weight is then
-    :math:`\\max(1 - decay, 9 / (10 + s))`, one correctly rounded division. A negative ``s`` counts as
-    0, so the decay never leaves [0, decay].
-    """
-    constant = paddle.full([1], constant_weight(decay), _SCALAR_DTYPE)
-    if thres_steps is None:
-        return constant
-    steps = paddle.reshape(paddle.cast(thres_steps, _SCALAR_DTYPE), [1])
-    # where + full is quiet and exact in every IR: paddle.maximum rejects legacy Variables on Paddle
-    # 3.3, and paddle.clip warns under PIR (it asks a Value for its place). NaN steps count as 0 too.
-    steps = paddle.where(steps > 0.0, steps, paddle.zeros([1], _SCALAR_DTYPE))
-    warmup = paddle.full([1], 9.0, _SCALAR_DTYPE) / (steps + 10.0)
-    return paddle.where(warmup > constant, warmup, constant)
-
-
 class _ScalarVariants:
     """A scalar of shape [1], cast, reshaped or negated as each op needs it, each variant emitted once."""
 
@@ -273,7 +241,7 @@ def emit_update(plan: EmaPlan, params: Sequence[Any], state: StateHandles, weigh
         plan: The layout of the averages.
         params: The parameters, in the order of ``plan.slots``; read after the optimizer updated them.
         state: Handles made by :func:`emit_state` in the same program.
-        weight: This step's weight :math:`1 - d_t`, from :func:`emit_step_weight`.
+        weight: This step's weight :math:`1 - d_t`, from :func:`paddle_ema.schedule.emit_step_weight`.
     """
     weights = _ScalarVariants(weight)
     paddle.increment(state.step)

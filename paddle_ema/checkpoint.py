@@ -72,7 +72,7 @@ def load(program: Any, path_prefix: str) -> None:
             state.pop(name, None)
         converted, why_not = _from_paddle_class(e, state)
         if converted is None:
-            reasons[e] = f"the checkpoint {path_prefix!r} has no {_some(absent)}{why_not}"
+            reasons[e] = f"the checkpoint {path_prefix!r} has no {ema.some_names(absent)}{why_not}"
         else:
             state.update(converted)
             _logger.info("%s carries on the state of Paddle's ExponentialMovingAverage", e._name)
@@ -81,10 +81,6 @@ def load(program: Any, path_prefix: str) -> None:
     for e, reason in reasons.items():
         _graph.reset_state(e._plan, scope)
         _logger.warning("%s starts fresh: %s", e._name, reason)
-
-
-def _some(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
 
 
 # The state of paddle.static.ExponentialMovingAverage (Paddle 2.6; 3.0 and 3.1 in the legacy IR): a
@@ -112,7 +108,7 @@ def _from_paddle_class(
             return None, f" (Paddle's class state has {keys or 'no average'} for {slot.param!r})"
         averages[slot.param] = np.asarray(state[keys[0]])
     decay = float(np.asarray(state[_PADDLE_DECAY]).reshape(-1)[0])
-    if e._thres_steps is not None or decay != float(np.float32(e.decay)):
+    if not e._schedule.is_constant or decay != float(np.float32(e.decay)):
         return None, (
             f" (Paddle's class state is there, but its decay ({decay}) was not this EMA's constant "
             f"{e.decay}: the product of its decays, the bias correction, is not in the checkpoint)"

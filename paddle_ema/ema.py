@@ -5,36 +5,20 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import math
-import numbers
+import re
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import paddle
 from paddle.utils import unique_name
 
-from paddle_ema import _graph, _ir
+from paddle_ema import _graph, _ir, schedule
 
 __all__ = ["ExponentialMovingAverage"]
 
 _logger = logging.getLogger(__name__)
-
-
-def _check_decay(decay: Any) -> float:
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        raise TypeError(
-            f"decay must be a float in [0, 1), got {decay!r} of type {type(decay).__name__}; "
-            "pass e.g. decay=0.999"
-        )
-    try:
-        value = float(decay)
-    except OverflowError:
-        value = math.inf
-    if not (0.0 <= value < 1.0):  # also False for NaN
-        raise ValueError(f"decay must be in [0, 1), got {decay!r}; pass e.g. decay=0.999")
-    return value
 
 
 def _check_thres_steps(thres_steps: Any, program: Any) -> Any:
@@ -81,17 +65,80 @@ def _check_executor(executor: Any, method: str) -> None:
         )
 
 
-def _averaged_parameters(program: Any) -> list[Any]:
-    """The parameters of ``program`` to average: ``do_model_average`` not False, each name once.
+def _program_parameters(program: Any) -> dict[str, Any]:
+    """Every parameter of ``program`` by name, in program order.
 
     PIR lists a parameter shared by two layers (one ``ParamAttr`` name) once per use; averaging,
     backing up or restoring it twice would write an average over its backup.
     """
     seen: dict[str, Any] = {}
     for param in program.global_block().all_parameters():
-        if getattr(param, "do_model_average", None) is not False:
-            seen.setdefault(param.name, param)
-    return list(seen.values())
+        seen.setdefault(param.name, param)
+    return seen
+
+
+def _listed(argument: str, items: Any, what: str) -> list[Any]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
+        raise TypeError(
+            f"{argument} must be a list of {what}, got {items!r} of type {type(items).__name__}; "
+            f"pass e.g. {argument}=['fc_0.w_0']"
+        )
+    return list(items)
+
+
+def _selected_parameters(program: Any, parameters: Any, exclude: Any) -> list[Any]:
+    """The parameters of ``program`` to average, in program order.
+
+    By default every parameter whose ``do_model_average`` is not False; else those ``parameters``
+    names (names or graph parameters, taken as given). Then ``exclude`` (names or regular
+    expressions, matched with ``re.fullmatch``) leaves some out. Every name and pattern must match.
+    """
+    everything = _program_parameters(program)
+    if parameters is None:
+        chosen = [p for p in everything.values() if getattr(p, "do_model_average", None) is not False]
+    else:
+        names = []
+        for item in _listed("parameters", parameters, "parameter names or graph parameters"):
+            name = item if isinstance(item, str) else getattr(item, "name", None)
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"parameters must hold parameter names or graph parameters, got {item!r} of type "
+                    f"{type(item).__name__}"
+                )
+            if name not in everything:
+                raise ValueError(
+                    f"parameters: {name!r} is not a parameter of the default main program (it has "
+                    f"{some_names(list(everything))}); build the EMA under the program_guard of that network"
+                )
+            names.append(name)
+        chosen = [p for name, p in everything.items() if name in names]
+    if exclude is None:
+        return chosen
+    left_out = set()
+    for pattern in _listed("exclude", exclude, "parameter names or regular expressions"):
+        if not isinstance(pattern, str):
+            raise TypeError(f"exclude must hold str names or patterns, got {pattern!r}")
+        try:
+            regex = re.compile(pattern)
+        except re.error as error:
+            regex = None
+            if not any(p.name == pattern for p in chosen):
+                raise ValueError(f"exclude: {pattern!r} is neither a parameter name nor a valid regular "
+                                 f"expression ({error})") from None
+        matched = {p.name for p in chosen if p.name == pattern or (regex and regex.fullmatch(p.name))}
+        if not matched:
+            raise ValueError(
+                f"exclude: {pattern!r} matches none of the parameters to average "
+                f"({some_names([p.name for p in chosen])}); a pattern must match a whole name "
+                "(re.fullmatch), e.g. r'.*\\.b_0' for every bias"
+            )
+        left_out |= matched
+    return [p for p in chosen if p.name not in left_out]
+
+
+def some_names(names: list[str]) -> str:
+    """At most the first few of ``names``, for an error message."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _compiled_programs_of(program: Any) -> bool:
@@ -163,7 +210,10 @@ class ExponentialMovingAverage:
 
     With ``thres_steps`` the decay warms up: :math:`d_t = \\min(\\text{decay}, (1 + s_t) / (10 + s_t))`,
     :math:`s_t` being the value of ``thres_steps`` at step ``t``, usually the global step (a negative
-    value counts as 0).
+    value counts as 0). With ``power`` it warms up as in ema-pytorch and diffusers:
+    :math:`d_t = 1 - (1 + t / \\gamma)^{-p}` for the ``t``-th update after ``start_step``, counted from
+    0. The first ``start_step`` updates use decay 0 (the average follows the parameter), and every
+    schedule's decay is clipped to ``[min_decay, decay]``. The bias correction is exact for all of them.
 
     Each average is kept in its parameter's dtype, except that float16 and bfloat16 parameters get
     float32 averages (a bfloat16 average stalls at decay 0.999). The weight :math:`1 - d_t` is computed
@@ -177,12 +227,26 @@ class ExponentialMovingAverage:
             program (e.g. from :func:`paddle_ema.global_step_counter`) that schedules the decay as
             above.
         name: Prefix of the state's variable names; made unique per instance. Defaults to ``"ema"``.
+        parameters: The parameters to average: a list of names or graph parameters of the default
+            main program, taken as given. Defaults to every parameter whose ``do_model_average`` is
+            not False.
+        exclude: Names or regular expressions (matched with ``re.fullmatch``) of parameters to leave
+            out, applied after ``parameters``. Every entry must match some parameter. Excluded
+            parameters are never backed up, written or restored.
+        start_step: The first ``start_step`` updates use decay 0; the schedule starts after them.
+        power: The exponent :math:`p` of the power warm-up (e.g. 2/3, or 3/4 for short runs); None
+            for none. Excludes ``thres_steps``.
+        inv_gamma: The time scale :math:`\\gamma` of the power warm-up.
+        min_decay: The lowest decay any schedule may use, in [0, decay].
 
     Raises:
-        TypeError: ``decay`` is not a number, ``name`` is not a str, or ``thres_steps`` is not an
-            int/float graph variable.
-        ValueError: ``decay`` is outside [0, 1); ``thres_steps`` does not hold one number or belongs
-            to another program; or the default main program has no parameter to average.
+        TypeError: ``decay``, ``start_step``, ``power``, ``inv_gamma`` or ``min_decay`` is not a
+            number, ``name`` is not a str, ``parameters`` or ``exclude`` is not a list, or
+            ``thres_steps`` is not an int/float graph variable.
+        ValueError: an option is out of range (the message names it); ``thres_steps`` does not hold
+            one number or belongs to another program; both ``thres_steps`` and ``power`` are given; a
+            name in ``parameters`` or an entry of ``exclude`` matches no parameter; or no parameter
+            is left to average.
         RuntimeError: called in dygraph mode (this class averages static programs).
 
     Example:
@@ -214,7 +278,17 @@ class ExponentialMovingAverage:
     """
 
     def __init__(
-        self, decay: float = 0.999, thres_steps: Any | None = None, name: str | None = None
+        self,
+        decay: float = 0.999,
+        thres_steps: Any | None = None,
+        name: str | None = None,
+        *,
+        parameters: Sequence[Any] | None = None,
+        exclude: Sequence[str] | None = None,
+        start_step: int = 0,
+        power: float | None = None,
+        inv_gamma: float = 1.0,
+        min_decay: float = 0.0,
     ) -> None:
         if paddle.in_dynamic_mode():
             raise RuntimeError(
@@ -222,15 +296,18 @@ class ExponentialMovingAverage:
                 "paddle.enable_static() and build the network before creating it"
             )
         self._program = paddle.static.default_main_program()
-        self._decay = _check_decay(decay)
+        self._schedule = schedule.Schedule.make(
+            decay, threshold=thres_steps is not None, start_step=start_step, power=power,
+            inv_gamma=inv_gamma, min_decay=min_decay,
+        )
         self._thres_steps = _check_thres_steps(thres_steps, self._program)
         prefix = _check_name(name)
-        self._params = _averaged_parameters(self._program)
+        self._params = _selected_parameters(self._program, parameters, exclude)
         if not self._params:
             raise ValueError(
-                "the default main program has no parameter to average (none, or all with "
-                "do_model_average=False); build the network and call optimizer.minimize() before "
-                "creating the ExponentialMovingAverage"
+                "the default main program has no parameter to average (none, all with "
+                "do_model_average=False, or all excluded); build the network and call "
+                "optimizer.minimize() before creating the ExponentialMovingAverage"
             )
         self._name = unique_name.generate(prefix)
         self._plan = _graph.EmaPlan.for_params(self._name, self._params)
@@ -251,7 +328,7 @@ class ExponentialMovingAverage:
     @property
     def decay(self) -> float:
         """The configured (maximum) decay rate."""
-        return self._decay
+        return self._schedule.decay
 
     @property
     def parameter_names(self) -> list[str]:
@@ -298,7 +375,8 @@ class ExponentialMovingAverage:
         scope = paddle.static.global_scope()
         with paddle.static.name_scope("ema"), _ir.update_role(self._program):
             state = _graph.emit_state(self._plan, scope)
-            weight = _graph.emit_step_weight(self._decay, self._thres_steps)
+            # (read before emit_update increments the EMA's step: the count of earlier updates)
+            weight = schedule.emit_step_weight(self._schedule, state.step, self._thres_steps)
             _graph.emit_update(self._plan, self._params, state, weight)
         self._backup_program = _graph.build_backup_program(self._plan)
         self._write_program = _graph.build_write_program(self._plan)

@@ -20,6 +20,22 @@ def scheduled_decay(decay: float, thres_value: float | None) -> float:
     return min(decay, (1.0 + s) / (10.0 + s))
 
 
+def decay_at(update: int, decay: float, *, thres_value: float | None = None, start_step: int = 0,
+             power: float | None = None, inv_gamma: float = 1.0, min_decay: float = 0.0) -> float:
+    """The decay of update number ``update`` (from 0), from the formulas of the "beyond" issue:
+
+    0 for the first ``start_step`` updates; then the doc's threshold schedule, or the power warm-up
+    d = 1 - (1 + t / inv_gamma) ** -power with t = update - start_step, clipped to [min_decay, decay].
+    """
+    if update < start_step:
+        return 0.0
+    if power is not None:
+        d = 1.0 - (1.0 + (update - start_step) / inv_gamma) ** (-power)
+    else:
+        d = scheduled_decay(decay, thres_value)
+    return min(max(d, min_decay), decay)
+
+
 class EmaOracle:
     """Step-by-step reference: ema_t = d_t ema_{t-1} + (1 - d_t) theta_t, from zero."""
 
@@ -29,8 +45,10 @@ class EmaOracle:
         self.decay_product = 1.0
         self.steps = 0
 
-    def step(self, params: dict[str, np.ndarray], thres_value: float | None = None) -> None:
-        d = scheduled_decay(self.decay, thres_value)
+    def step(self, params: dict[str, np.ndarray], thres_value: float | None = None,
+             decay: float | None = None) -> None:
+        """One update, with ``decay`` if given, else the doc's schedule of ``thres_value``."""
+        d = scheduled_decay(self.decay, thres_value) if decay is None else decay
         for name in self.averages:
             theta = np.asarray(params[name], dtype=np.float64)
             self.averages[name] = d * self.averages[name] + (1.0 - d) * theta

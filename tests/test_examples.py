@@ -121,3 +121,18 @@ def test_distributed_example_on_cpu(tmp_path):
     assert (tmp_path / "out_distributed" / "model.pdparams").exists()
     resumed = run(script, "--resume", "out_distributed/model", "--steps", "1", "--out", "resumed")
     assert "rank 0: validation loss" in resumed
+
+
+def test_schedules_example(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLES / "schedules.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    decays = {line.split()[0]: [float(v) for v in line.split(":")[1].split()] for line in lines[:2]}
+    # power: 0 for 5 updates, then min_decay 0.5 until 1 - (1 + t)^(-2/3) passes it; threshold: (1+s)/(10+s)
+    np.testing.assert_allclose(decays["power"], [0, 0, 0.5, 0.5, 1 - 6 ** (-2 / 3), 1 - 96 ** (-2 / 3),
+                                                 1 - 996 ** (-2 / 3)], atol=6e-5)
+    np.testing.assert_allclose(decays["threshold"], [(1 + s) / (10 + s) for s in (0, 4, 5, 6, 10, 100, 1000)],
+                               atol=6e-5)
+    assert "head only EMA applied" in done.stdout and "(averages ['head.w'])" in done.stdout
+    assert "head.w average read without applying: shape [32, 1]" in done.stdout

@@ -19,6 +19,7 @@ READMES = (ROOT / "README.md", ROOT / "README_cn.md")
 def _entries():
     import paddle_ema
     from paddle_ema import ExponentialMovingAverage as Ema
+    from paddle_ema import schedule
 
     return [
         ("paddle_ema.ExponentialMovingAverage", Ema, Ema.__init__),
@@ -29,6 +30,8 @@ def _entries():
         ("paddle_ema.global_step_counter", paddle_ema.global_step_counter, paddle_ema.global_step_counter),
         ("paddle_ema.load", paddle_ema.load, paddle_ema.load),
         ("paddle_ema.load_averages", paddle_ema.load_averages, paddle_ema.load_averages),
+        ("paddle_ema.schedule.Schedule.make", schedule.Schedule.make, schedule.Schedule.make),
+        ("paddle_ema.schedule.step_weight", schedule.step_weight, schedule.step_weight),
     ]
 
 

@@ -1,0 +1,229 @@
+"""Decay schedules: which decay :math:`d_t` each EMA update uses, as the weight :math:`w_t = 1 - d_t`.
+
+The maths every paddle_ema average shares, in one place: :class:`Schedule` checks the options and
+holds them, :func:`step_weight` is the definition in float64 Python numbers, and
+:func:`emit_step_weight` computes the same weight with paddle ops (in a static program it appends
+them). For update number :math:`u = 0, 1, 2, \\dots`:
+
+* the first ``start_step`` updates use :math:`d = 0`: the average just follows the parameter;
+* then, with :math:`t = u - \\text{start\\_step}`, the decay is ``decay`` (constant), or
+  :math:`\\min(\\text{decay}, (1 + s) / (10 + s))` for a threshold warm-up driven by a step value
+  :math:`s` (``thres_steps``; a negative or NaN :math:`s` counts as 0), or
+  :math:`1 - (1 + t / \\gamma)^{-p}` for the power warm-up (``power`` :math:`p`, ``inv_gamma``
+  :math:`\\gamma`);
+* every schedule's decay is clipped to ``[min_decay, decay]``.
+
+Only the weight :math:`w_t` enters the update :math:`a \\leftarrow a + w_t(\\theta - a)`, so it is
+computed directly (``1 - d`` in float32 would lose up to 3e-8 absolute, 3e-4 of the weight at decay
+0.9999), then rounded once to the float32 the averages use. Every schedule's bias correction is then
+exact: it is the moving average of 1 with the same weights (see :mod:`paddle_ema._graph`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import paddle
+
+__all__ = ["Schedule", "step_weight", "emit_step_weight"]
+
+_WEIGHT_DTYPE = "float32"  # what the averages are updated with (cast where an average needs it)
+
+
+def _real(value: Any, argument: str, example: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{argument} must be a number, got {value!r} of type {type(value).__name__}; pass e.g. {example}"
+        )
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def check_decay(decay: Any) -> float:
+    """``decay`` as a float in [0, 1), or a TypeError/ValueError that says so."""
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise TypeError(
+            f"decay must be a float in [0, 1), got {decay!r} of type {type(decay).__name__}; "
+            "pass e.g. decay=0.999"
+        )
+    value = _real(decay, "decay", "decay=0.999")
+    if not (0.0 <= value < 1.0):  # also False for NaN
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}; pass e.g. decay=0.999")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The options that decide each update's decay; :meth:`make` checks them.
+
+    Attributes:
+        decay: The (maximum) decay, in [0, 1).
+        threshold: Whether the decay warms up with a step value ``s`` (``thres_steps``).
+        start_step: Updates that use decay 0 before the schedule starts.
+        power: The power warm-up's exponent, or None.
+        inv_gamma: The power warm-up's time scale.
+        min_decay: The lower bound of the decay.
+    """
+
+    decay: float
+    threshold: bool = False
+    start_step: int = 0
+    power: float | None = None
+    inv_gamma: float = 1.0
+    min_decay: float = 0.0
+
+    @classmethod
+    def make(cls, decay: Any, *, threshold: bool = False, start_step: Any = 0, power: Any = None,
+             inv_gamma: Any = 1.0, min_decay: Any = 0.0) -> Schedule:
+        """A checked schedule, from the options of :class:`paddle_ema.ExponentialMovingAverage`.
+
+        Args:
+            decay: The (maximum) decay, in [0, 1).
+            threshold: Whether the decay warms up as ``min(decay, (1 + s) / (10 + s))`` with a step
+                value ``s`` (what ``thres_steps`` gives).
+            start_step: Updates that use decay 0 before the schedule starts; an int, at least 0.
+            power: The power warm-up's exponent (positive), or None. Excludes ``threshold``.
+            inv_gamma: The power warm-up's time scale (positive); only with ``power``.
+            min_decay: The lower bound of the decay, in [0, decay].
+
+        Returns:
+            The schedule.
+
+        Raises:
+            TypeError: an option is not a number (``start_step``: not an int).
+            ValueError: an option is out of range, or ``threshold`` and ``power`` are both given;
+                the message names the option and a value that works.
+        """
+        decay = check_decay(decay)
+        if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral):
+            raise TypeError(
+                f"start_step must be an int (updates that use decay 0 before the schedule starts), got "
+                f"{start_step!r} of type {type(start_step).__name__}; pass e.g. start_step=100"
+            )
+        if start_step < 0:
+            raise ValueError(f"start_step must be at least 0, got {start_step}")
+        if power is not None:
+            if threshold:
+                raise ValueError(
+                    "thres_steps and power are two warm-ups of the decay and exclude each other; pass "
+                    "thres_steps=None to use power, or power=None to use thres_steps"
+                )
+            power = _real(power, "power", "power=2/3 (or 3/4)")
+            if not (0.0 < power < math.inf):
+                raise ValueError(f"power must be positive and finite, got {power!r}; e.g. power=2/3")
+        inv_gamma_value = _real(inv_gamma, "inv_gamma", "inv_gamma=1.0")
+        if not (0.0 < inv_gamma_value < math.inf):
+            raise ValueError(f"inv_gamma must be positive and finite, got {inv_gamma!r}; e.g. inv_gamma=1.0")
+        if power is None and inv_gamma_value != 1.0:
+            raise ValueError(
+                f"inv_gamma={inv_gamma!r} only scales the power warm-up; pass power too (e.g. "
+                "power=2/3), or leave inv_gamma at 1.0"
+            )
+        min_decay_value = _real(min_decay, "min_decay", "min_decay=0.0")
+        if not (0.0 <= min_decay_value <= decay):
+            raise ValueError(
+                f"min_decay must be in [0, decay] = [0, {decay}], got {min_decay!r}; e.g. min_decay=0.0"
+            )
+        return cls(decay, bool(threshold), int(start_step), power, inv_gamma_value, min_decay_value)
+
+    @property
+    def is_constant(self) -> bool:
+        """Whether every update uses ``decay`` itself."""
+        return not self.threshold and self.power is None and self.start_step == 0
+
+    @property
+    def weight_bounds(self) -> tuple[float, float]:
+        """The weights of ``decay`` and of ``min_decay``: every scheduled weight lies between them.
+
+        Each is computed in float64 and rounded once to float32: ``1 - float32(decay)`` would be off
+        by up to half an ulp of 1 (3e-8), which is 3e-4 of the weight at decay 0.9999. Every such
+        weight is a normal float32, so any decay below 1 moves the average.
+        """
+        return float(np.float32(1.0 - self.decay)), float(np.float32(1.0 - self.min_decay))
+
+
+def step_weight(schedule: Schedule, update: int, steps: float | None = None) -> float:
+    """The weight :math:`1 - d` of update number ``update`` (from 0), as the averages use it.
+
+    The definition the graph's :func:`emit_step_weight` computes, in float64 Python numbers, rounded
+    to float32 at the end (as the graph rounds it). Use it to see what decays a schedule gives.
+
+    Args:
+        schedule: The schedule, from :meth:`Schedule.make`.
+        update: How many updates came before this one.
+        steps: The threshold warm-up's step value ``s`` at this update (ignored by other schedules).
+
+    Returns:
+        The weight :math:`1 - d`, a float that float32 represents exactly.
+
+    Example:
+        .. code-block:: python
+
+            from paddle_ema import schedule
+
+            power = schedule.Schedule.make(0.999, power=2 / 3, start_step=5)
+            print([round(1 - schedule.step_weight(power, u), 4) for u in (0, 5, 6, 100)])
+            # [0.0, 0.0, 0.37, 0.9523]: decay 0 for 5 updates, then 1 - (1 + t) ** (-2/3)
+    """
+    if update < schedule.start_step:
+        return 1.0
+    lowest, highest = schedule.weight_bounds
+    if schedule.power is not None:
+        t = update - schedule.start_step
+        weight = (1.0 + t / schedule.inv_gamma) ** -schedule.power
+    elif schedule.threshold:
+        s = float(steps) if steps is not None and steps > 0 else 0.0  # also 0 for NaN
+        weight = float(np.float32(np.float32(9.0) / np.float32(s + 10.0)))
+    else:
+        weight = lowest
+    return float(np.float32(min(max(weight, lowest), highest)))
+
+
+def _float64(value: float) -> Any:
+    return paddle.full([1], value, "float64")
+
+
+def emit_step_weight(schedule: Schedule, update: Any, thres_steps: Any | None = None) -> Any:
+    """This update's weight :math:`1 - d` as a float32 tensor of shape [1], computed by paddle ops.
+
+    Args:
+        schedule: The schedule.
+        update: int64 tensor of shape [1]: how many updates came before this one (read before it is
+            incremented). Not read by a constant schedule.
+        thres_steps: The threshold warm-up's step value (a tensor holding one number), if any.
+    """
+    lowest, highest = schedule.weight_bounds
+    constant = paddle.full([1], lowest, _WEIGHT_DTYPE)
+    if schedule.is_constant:
+        return constant
+    # where + full is quiet and exact in every IR: paddle.maximum rejects legacy Variables on Paddle
+    # 3.3, and paddle.clip warns under PIR (it asks a Value for its place).
+    if schedule.power is not None:
+        # In float64, then rounded once: the weight keeps float32's relative precision at any t. The
+        # constants are float64 tensors because a float exponent or factor becomes a float32 op
+        # attribute, and a float32 power (-2/3 off by 3e-8) is off by 5e-7 relative at t = 1e9.
+        # (paddle.log and paddle.exp reject legacy Variables on Paddle 3.3; elementwise pow works.)
+        t = paddle.cast(update, "float64") - _float64(schedule.start_step)
+        t = paddle.where(t > 0.0, t, paddle.zeros([1], "float64"))
+        base = t / _float64(schedule.inv_gamma) + _float64(1.0)
+        weight = paddle.cast(paddle.pow(base, _float64(-schedule.power)), _WEIGHT_DTYPE)
+    elif schedule.threshold:
+        steps = paddle.reshape(paddle.cast(thres_steps, _WEIGHT_DTYPE), [1])
+        steps = paddle.where(steps > 0.0, steps, paddle.zeros([1], _WEIGHT_DTYPE))  # NaN counts as 0
+        weight = paddle.full([1], 9.0, _WEIGHT_DTYPE) / (steps + 10.0)  # one correctly rounded division
+    else:
+        weight = constant
+    weight = paddle.where(weight > constant, weight, constant)
+    if highest < 1.0:
+        ceiling = paddle.full([1], highest, _WEIGHT_DTYPE)
+        weight = paddle.where(weight < ceiling, weight, ceiling)
+    if schedule.start_step > 0:
+        following = paddle.cast(update, "float64") < float(schedule.start_step)
+        weight = paddle.where(following, paddle.ones([1], _WEIGHT_DTYPE), weight)
+    return weight
