@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from paddle_ema import _graph, _ir, ema
+from paddle_ema import _graph, _ir, _select, ema
 
 __all__ = ["load", "load_averages"]
 
@@ -72,7 +72,7 @@ def load(program: Any, path_prefix: str) -> None:
             state.pop(name, None)
         converted, why_not = _from_paddle_class(e, state)
         if converted is None:
-            reasons[e] = f"the checkpoint {path_prefix!r} has no {ema.some_names(absent)}{why_not}"
+            reasons[e] = f"the checkpoint {path_prefix!r} has no {_select.some_names(absent)}{why_not}"
         else:
             state.update(converted)
             _logger.info("%s carries on the state of Paddle's ExponentialMovingAverage", e._name)

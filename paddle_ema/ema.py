@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import re
 import warnings
 import weakref
 from typing import Any, Sequence
@@ -14,7 +13,7 @@ import numpy as np
 import paddle
 from paddle.utils import unique_name
 
-from paddle_ema import _graph, _ir, schedule
+from paddle_ema import _graph, _ir, _select, schedule
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -77,68 +76,16 @@ def _program_parameters(program: Any) -> dict[str, Any]:
     return seen
 
 
-def _listed(argument: str, items: Any, what: str) -> list[Any]:
-    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
-        raise TypeError(
-            f"{argument} must be a list of {what}, got {items!r} of type {type(items).__name__}; "
-            f"pass e.g. {argument}=['fc_0.w_0']"
-        )
-    return list(items)
-
-
 def _selected_parameters(program: Any, parameters: Any, exclude: Any) -> list[Any]:
-    """The parameters of ``program`` to average, in program order.
-
-    By default every parameter whose ``do_model_average`` is not False; else those ``parameters``
-    names (names or graph parameters, taken as given). Then ``exclude`` (names or regular
-    expressions, matched with ``re.fullmatch``) leaves some out. Every name and pattern must match.
-    """
+    """The parameters of ``program`` to average, in program order: by default every parameter whose
+    ``do_model_average`` is not False; else the ``parameters`` named (names or graph parameters),
+    taken as given; then ``exclude`` leaves some out (see :func:`paddle_ema._select.choose`)."""
     everything = _program_parameters(program)
-    if parameters is None:
-        chosen = [p for p in everything.values() if getattr(p, "do_model_average", None) is not False]
-    else:
-        names = []
-        for item in _listed("parameters", parameters, "parameter names or graph parameters"):
-            name = item if isinstance(item, str) else getattr(item, "name", None)
-            if not isinstance(name, str):
-                raise TypeError(
-                    f"parameters must hold parameter names or graph parameters, got {item!r} of type "
-                    f"{type(item).__name__}"
-                )
-            if name not in everything:
-                raise ValueError(
-                    f"parameters: {name!r} is not a parameter of the default main program (it has "
-                    f"{some_names(list(everything))}); build the EMA under the program_guard of that network"
-                )
-            names.append(name)
-        chosen = [p for name, p in everything.items() if name in names]
-    if exclude is None:
-        return chosen
-    left_out = set()
-    for pattern in _listed("exclude", exclude, "parameter names or regular expressions"):
-        if not isinstance(pattern, str):
-            raise TypeError(f"exclude must hold str names or patterns, got {pattern!r}")
-        try:
-            regex = re.compile(pattern)
-        except re.error as error:
-            regex = None
-            if not any(p.name == pattern for p in chosen):
-                raise ValueError(f"exclude: {pattern!r} is neither a parameter name nor a valid regular "
-                                 f"expression ({error})") from None
-        matched = {p.name for p in chosen if p.name == pattern or (regex and regex.fullmatch(p.name))}
-        if not matched:
-            raise ValueError(
-                f"exclude: {pattern!r} matches none of the parameters to average "
-                f"({some_names([p.name for p in chosen])}); a pattern must match a whole name "
-                "(re.fullmatch), e.g. r'.*\\.b_0' for every bias"
-            )
-        left_out |= matched
-    return [p for p in chosen if p.name not in left_out]
-
-
-def some_names(names: list[str]) -> str:
-    """At most the first few of ``names``, for an error message."""
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    default = [n for n, p in everything.items() if getattr(p, "do_model_average", None) is not False]
+    names = _select.choose(list(everything), default, parameters, exclude,
+                           name_of=lambda item: getattr(item, "name", None),
+                           where="the default main program")
+    return [everything[name] for name in names]
 
 
 def _compiled_programs_of(program: Any) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-__all__ = ["Schedule", "step_weight", "emit_step_weight"]
+__all__ = ["Schedule", "step_weight", "emit_step_weight", "next_bias_correction"]
 
 _WEIGHT_DTYPE = "float32"  # what the averages are updated with (cast where an average needs it)
 
@@ -183,6 +183,16 @@ def step_weight(schedule: Schedule, update: int, steps: float | None = None) -> 
     else:
         weight = lowest
     return float(np.float32(min(max(weight, lowest), highest)))
+
+
+def next_bias_correction(correction: float, weight: float) -> float:
+    """The bias denominator after an update of weight ``weight``: :math:`c + w (1 - c)`.
+
+    The moving average of the constant 1 with the averages' own weights, from :math:`c_0 = 0`:
+    :math:`c_t = 1 - \\prod_{i \\le t} d_i` exactly, whatever the schedule. In float64 (what the
+    static graph keeps it in, as a lerp toward 1).
+    """
+    return correction + weight * (1.0 - correction)
 
 
 def _float64(value: float) -> Any:

@@ -28,19 +28,21 @@ def test_readme_set_up_commands(readme):
     assert "docs/digits_ema.png" in text and (ROOT / "docs" / "digits_ema.png").exists()
 
 
-def test_class_docstring_example_runs(tmp_path):
-    """The Example of ExponentialMovingAverage's docstring is a complete program: run it as one."""
+@pytest.mark.parametrize("cls", ["ExponentialMovingAverage", "ModelEMA"])
+def test_class_docstring_example_runs(tmp_path, cls):
+    """The Example of each class's docstring is a complete program: run it as one."""
     import inspect
     import subprocess
     import textwrap
 
     import paddle_ema
 
-    doc = inspect.getdoc(paddle_ema.ExponentialMovingAverage)
+    doc = inspect.getdoc(getattr(paddle_ema, cls))
     code = textwrap.dedent(doc.split(".. code-block:: python")[1].split("\nReferences:")[0])
     script = tmp_path / "docstring_example.py"
     script.write_text(code)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -184,7 +184,7 @@ def test_excluded_parameters_are_never_touched(programs, exe, rng):
 @pytest.mark.parametrize("options, error, says", [
     (dict(parameters="fc1.w"), TypeError, "parameters must be a list"),
     (dict(parameters=["fc9.w"]), ValueError, "parameters: 'fc9.w' is not a parameter"),
-    (dict(parameters=[3]), TypeError, "parameters must hold parameter names or graph parameters"),
+    (dict(parameters=[3]), TypeError, "parameters must hold parameter names or parameters of the default"),
     (dict(exclude="fc1.w"), TypeError, "exclude must be a list"),
     (dict(exclude=["fc9.*"]), ValueError, r"exclude: 'fc9\.\*' matches none"),
     (dict(exclude=["fc1"]), ValueError, r"exclude: 'fc1' matches none.*re\.fullmatch"),

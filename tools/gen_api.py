@@ -30,6 +30,13 @@ def _entries():
         ("paddle_ema.global_step_counter", paddle_ema.global_step_counter, paddle_ema.global_step_counter),
         ("paddle_ema.load", paddle_ema.load, paddle_ema.load),
         ("paddle_ema.load_averages", paddle_ema.load_averages, paddle_ema.load_averages),
+        ("paddle_ema.ModelEMA", paddle_ema.ModelEMA, paddle_ema.ModelEMA.__init__),
+        ("ModelEMA.update", paddle_ema.ModelEMA.update, paddle_ema.ModelEMA.update),
+        ("ModelEMA.apply", paddle_ema.ModelEMA.apply, paddle_ema.ModelEMA.apply),
+        ("ModelEMA.restore", paddle_ema.ModelEMA.restore, paddle_ema.ModelEMA.restore),
+        ("ModelEMA.averages", paddle_ema.ModelEMA.averages, paddle_ema.ModelEMA.averages),
+        ("ModelEMA.state_dict", paddle_ema.ModelEMA.state_dict, paddle_ema.ModelEMA.state_dict),
+        ("ModelEMA.set_state_dict", paddle_ema.ModelEMA.set_state_dict, paddle_ema.ModelEMA.set_state_dict),
         ("paddle_ema.schedule.Schedule.make", schedule.Schedule.make, schedule.Schedule.make),
         ("paddle_ema.schedule.step_weight", schedule.step_weight, schedule.step_weight),
     ]

@@ -1,0 +1,360 @@
+"""ModelEMA: the exponential moving average of a dygraph model, with the static class's maths."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Iterator, Sequence
+
+import paddle
+
+from paddle_ema import _graph, _select, schedule
+
+__all__ = ["ModelEMA"]
+
+_logger = logging.getLogger(__name__)
+
+_WARMUPS = (None, "threshold", "power")
+_DEFAULT_POWER = 2 / 3
+
+# Every applied ModelEMA, in the order they were applied (one append and one remove each). A ModelEMA
+# restoring under a later one that shares tensors with it would put the raw weights back, and the
+# later one's restore would then write the first one's averages over them: restores go in reverse.
+_APPLIED: list[ModelEMA] = []
+
+
+def _named_tensors(model: Any, buffers: bool) -> dict[str, Any]:
+    """The model's floating-point parameters (batch-norm statistics included: Paddle makes them
+    parameters) and, with ``buffers``, its floating-point buffers, by structured name. A
+    ``paddle.DataParallel`` wrapper is looked through, so names carry no ``_layers.`` prefix."""
+    layer = model._layers if isinstance(model, paddle.DataParallel) else model
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    named = list(layer.named_parameters())
+    if buffers:
+        named += [(n, b) for n, b in layer.named_buffers() if b is not None]
+    for name, tensor in named:
+        if id(tensor) in seen or not paddle.is_floating_point(tensor):
+            continue  # a tensor shared by two layers is averaged once, under its first name
+        seen.add(id(tensor))
+        found[name] = tensor
+    return found
+
+
+class _Restorer:
+    """What :meth:`ModelEMA.apply` returns: restores on leaving a ``with`` block."""
+
+    def __init__(self, ema: ModelEMA, need_restore: bool) -> None:
+        self._ema = ema
+        self._need_restore = need_restore
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._need_restore:
+            self._ema.restore()
+
+
+class ModelEMA:
+    """Exponential moving average of a dygraph model's weights, with exact bias correction.
+
+    The dygraph twin of :class:`paddle_ema.ExponentialMovingAverage`, with the same maths (one
+    :mod:`paddle_ema.schedule` module serves both). For every averaged tensor :math:`\\theta` it keeps
+
+    .. math::
+
+        a_t = d_t\\,a_{t-1} + (1 - d_t)\\,\\theta_t, \\qquad a_0 = 0,
+
+    and :meth:`apply` swaps in :math:`a_t / (1 - \\prod_{i \\le t} d_i)`, restoring the trained weights
+    bit-exactly on exit. Each update is one in-place ``lerp_`` per tensor under ``paddle.no_grad()``.
+    float16 and bfloat16 tensors get float32 averages; the bias denominator is a float64 number.
+
+    The decay :math:`d_t` of the ``t``-th update (from 0): 0 for the first ``start_step`` updates;
+    then ``decay`` (``warmup=None``), :math:`\\min(\\text{decay}, (1 + t) / (10 + t))`
+    (``warmup="threshold"``, PaddleDetection's default and the static class's ``thres_steps`` rule
+    with ``t`` the update count) or :math:`1 - (1 + t' / \\gamma)^{-p}` with :math:`t'` counted from
+    ``start_step`` (``warmup="power"``); clipped to ``[min_decay, decay]``.
+
+    Args:
+        model: The ``paddle.nn.Layer`` to average (a ``paddle.DataParallel`` is looked through).
+        decay: The (maximum) decay, in [0, 1).
+        warmup: None, ``"threshold"`` or ``"power"``.
+        inv_gamma: The power warm-up's time scale :math:`\\gamma` (only with ``warmup="power"``).
+        power: The power warm-up's exponent :math:`p` (only with ``warmup="power"``).
+        min_decay: The lowest decay, in [0, decay].
+        start_step: Updates that use decay 0 before the schedule starts.
+        update_every: Average on every ``update_every``-th call of :meth:`update` only; the other
+            calls return at once. Schedules count the averaging updates.
+        parameters: Structured names (as in ``model.named_parameters()``) or parameters to average;
+            default: every floating-point parameter (and buffer, see ``buffers``).
+        exclude: Names or regular expressions (``re.fullmatch``) to leave out; each must match.
+        buffers: Whether floating-point buffers (``register_buffer``) are averaged too. Batch-norm
+            statistics are parameters in Paddle and are averaged either way.
+
+    Raises:
+        TypeError: ``model`` is not a ``paddle.nn.Layer``, or an option has the wrong type.
+        ValueError: an option is out of range, ``inv_gamma``/``power`` are given without
+            ``warmup="power"``, a name matches nothing, or nothing is left to average.
+        RuntimeError: called in static-graph mode (use ExponentialMovingAverage there).
+
+    Example:
+        .. code-block:: python
+
+            import paddle
+            import paddle_ema
+
+            model = paddle.nn.Sequential(paddle.nn.Linear(4, 8), paddle.nn.ReLU(), paddle.nn.Linear(8, 1))
+            opt = paddle.optimizer.Adam(learning_rate=1e-3, parameters=model.parameters())
+            ema = paddle_ema.ModelEMA(model, decay=0.999, warmup="threshold")
+            for _ in range(10):
+                loss = model(paddle.randn([16, 4])).square().mean()
+                loss.backward()
+                opt.step()
+                opt.clear_grad()
+                ema.update()
+            with ema.apply():
+                val = model(paddle.randn([16, 4]))  # the averaged weights, restored on exit
+            paddle.save(ema.state_dict(), "ema.pdparams")
+    """
+
+    def __init__(
+        self,
+        model: paddle.nn.Layer,
+        decay: float = 0.999,
+        *,
+        warmup: str | None = None,
+        inv_gamma: float = 1.0,
+        power: float = _DEFAULT_POWER,
+        min_decay: float = 0.0,
+        start_step: int = 0,
+        update_every: int = 1,
+        parameters: Sequence[Any] | None = None,
+        exclude: Sequence[str] | None = None,
+        buffers: bool = True,
+    ) -> None:
+        if not paddle.in_dynamic_mode():
+            raise RuntimeError(
+                "ModelEMA averages a dygraph model; in static-graph mode use "
+                "paddle_ema.ExponentialMovingAverage (or call paddle.disable_static() first)"
+            )
+        if not isinstance(model, paddle.nn.Layer):
+            raise TypeError(
+                f"model must be a paddle.nn.Layer, got {model!r} of type {type(model).__name__}"
+            )
+        if warmup not in _WARMUPS:
+            raise ValueError(f"warmup must be None, 'threshold' or 'power', got {warmup!r}")
+        if warmup != "power" and (inv_gamma != 1.0 or power != _DEFAULT_POWER):
+            raise ValueError(
+                f"inv_gamma and power shape warmup='power' only (warmup is {warmup!r}); pass "
+                "warmup='power', or leave them at their defaults"
+            )
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int of at least 1, got {update_every!r}")
+        if not isinstance(buffers, bool):
+            raise TypeError(f"buffers must be a bool, got {buffers!r}")
+        self._schedule = schedule.Schedule.make(
+            decay, threshold=warmup == "threshold", start_step=start_step,
+            power=power if warmup == "power" else None, inv_gamma=inv_gamma, min_decay=min_decay,
+        )
+        candidates = _named_tensors(model, buffers)
+        by_id = {id(t): n for n, t in candidates.items()}
+        names = _select.choose(list(candidates), list(candidates), parameters, exclude,
+                               name_of=lambda item: by_id.get(id(item)), where="the model")
+        if not names:
+            raise ValueError(
+                "the model has no floating-point parameter to average (none, or all excluded)"
+            )
+        self._tensors = {name: candidates[name] for name in names}
+        with paddle.no_grad():
+            self._averages = {
+                name: paddle.zeros(t.shape, _graph.accumulator_dtype(_dtype_name(t)))
+                for name, t in self._tensors.items()
+            }
+        self._update_every = update_every
+        self._calls = 0  # update() calls, for update_every
+        self._updates = 0  # averaging updates: the schedule's count
+        self._bias_correction = 0.0  # 1 - prod(d_i), float64
+        # The state: ready, or applied (self._backups is not None and self is on _APPLIED).
+        self._backups: dict[str, Any] | None = None
+        _logger.debug("ModelEMA averages %d tensors", len(self._tensors))
+
+    @property
+    def decay(self) -> float:
+        """The configured (maximum) decay rate."""
+        return self._schedule.decay
+
+    @property
+    def names(self) -> list[str]:
+        """The structured names of the averaged tensors, in the model's order."""
+        return list(self._tensors)
+
+    @property
+    def num_updates(self) -> int:
+        """How many averaging updates have run (calls skipped by ``update_every`` not counted)."""
+        return self._updates
+
+    def update(self) -> None:
+        """Move every average toward the model's current weights; call it after ``optimizer.step()``.
+
+        Raises:
+            RuntimeError: the averages are applied (averaging them into themselves would lose the
+                trained weights' history); restore first.
+        """
+        if self._backups is not None:
+            raise RuntimeError(
+                "update() while the averages are applied would average the averages; call "
+                "ema.restore() (or leave the `with ema.apply():` block) before training on"
+            )
+        self._calls += 1
+        if self._calls % self._update_every:
+            return
+        weight = schedule.step_weight(self._schedule, self._updates, steps=self._updates)
+        weights: dict[str, Any] = {}
+        with paddle.no_grad():
+            for name, average in self._averages.items():
+                dtype = _dtype_name(average)
+                if dtype not in weights:  # a 0-d weight broadcasts to any shape, 0-d included
+                    weights[dtype] = paddle.full([], weight, dtype)
+                tensor = self._tensors[name]
+                target = tensor if _dtype_name(tensor) == dtype else tensor.astype(dtype)
+                average.lerp_(target, weights[dtype])
+        self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
+        self._updates += 1
+
+    def averages(self) -> dict[str, Any]:
+        """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.
+
+        Returns:
+            ``{name: Tensor}`` in each tensor's dtype; before the first update, copies of the
+            current weights (there is no average yet).
+        """
+        with paddle.no_grad():
+            return dict(self._corrected())
+
+    def apply(self, need_restore: bool = True) -> _Restorer:
+        """Swap the bias-corrected averages into the model, backing the weights up first.
+
+        Takes effect when called. Leaving a ``with`` block restores the trained weights bit-exactly
+        (also on an exception) unless ``need_restore`` is False; then call :meth:`restore`. A
+        failure or interrupt while backing up changes nothing; after that, the weights are restored
+        before the error propagates. Before the first update nothing is swapped (a warning says so).
+
+        Args:
+            need_restore: Whether leaving the ``with`` block restores the weights.
+
+        Returns:
+            A context manager whose exit restores the weights if ``need_restore``.
+
+        Raises:
+            TypeError: ``need_restore`` is not a bool.
+            RuntimeError: the averages are already applied.
+        """
+        if not isinstance(need_restore, bool):
+            raise TypeError(f"need_restore must be a bool, got {need_restore!r}")
+        if self._backups is not None:
+            raise RuntimeError("the averages are already applied; call ema.restore() before applying again")
+        if self._updates == 0:
+            warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
+                          RuntimeWarning, stacklevel=2)
+        with paddle.no_grad():
+            backups = {name: tensor.clone() for name, tensor in self._tensors.items()}
+        # Every weight is recoverable from here: the state says applied before one is written.
+        self._backups = backups
+        _APPLIED.append(self)
+        try:
+            with paddle.no_grad():
+                for name, value in self._corrected():
+                    self._tensors[name].set_value(value)
+        except BaseException:
+            self.restore()
+            raise
+        return _Restorer(self, need_restore)
+
+    def restore(self) -> None:
+        """Put back the weights that :meth:`apply` backed up. Does nothing (logs a warning) if
+        nothing is applied; if interrupted, call it again.
+
+        Raises:
+            RuntimeError: another ModelEMA over some of the same tensors was applied after this one
+                and is not restored yet (nothing is changed).
+        """
+        if self._backups is None:
+            _logger.warning("restore() called with no applied averages; weights left unchanged")
+            return
+        mine = {id(t) for t in self._tensors.values()}
+        later = [e for e in _APPLIED[_APPLIED.index(self) + 1:]
+                 if mine & {id(t) for t in e._tensors.values()}]
+        if later:
+            raise RuntimeError(
+                "another ModelEMA over the same weights was applied after this one and is not "
+                "restored yet; restore them in the reverse order of apply (nothing was changed)"
+            )
+        with paddle.no_grad():
+            for name, backup in self._backups.items():
+                self._tensors[name].set_value(backup)
+        _APPLIED.remove(self)
+        self._backups = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA's state for ``paddle.save``: averages (not bias-corrected), counts, bias denominator.
+
+        :meth:`set_state_dict` with it resumes bit-exactly.
+        """
+        return {
+            "averages": dict(self._averages),
+            "num_updates": self._updates,
+            "update_calls": self._calls,
+            "bias_correction": self._bias_correction,
+        }
+
+    def set_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (e.g. after ``paddle.load``); checks everything first.
+
+        Raises:
+            ValueError: the state lacks a field or an average, has averages of other tensors, or a
+                shape differs (nothing is changed).
+            RuntimeError: the averages are applied; restore first.
+        """
+        if self._backups is not None:
+            raise RuntimeError("set_state_dict() while the averages are applied; call ema.restore() first")
+        fields = ("averages", "num_updates", "update_calls", "bias_correction")
+        missing = [k for k in fields if k not in state]
+        if missing:
+            raise ValueError(f"the state lacks {missing}; pass what ModelEMA.state_dict() returned")
+        averages = state["averages"]
+        if set(averages) != set(self._averages):
+            missing = sorted(set(self._averages) - set(averages))
+            extra = sorted(set(averages) - set(self._averages))
+            raise ValueError(
+                f"the state averages other tensors (missing: {_select.some_names(missing) or 'none'}; "
+                f"extra: {_select.some_names(extra) or 'none'}); was it saved from another model?"
+            )
+        for name, value in averages.items():
+            if list(value.shape) != list(self._averages[name].shape):
+                raise ValueError(f"the average of {name!r} has shape {list(value.shape)}, the model's "
+                                 f"{list(self._averages[name].shape)}")
+        with paddle.no_grad():
+            for name, value in averages.items():
+                target = self._averages[name]
+                target.set_value(paddle.to_tensor(value).astype(_dtype_name(target)))
+        self._updates = int(state["num_updates"])
+        self._calls = int(state["update_calls"])
+        self._bias_correction = float(state["bias_correction"])
+
+    def _corrected(self) -> Iterator[tuple[str, Any]]:
+        """Each name with its bias-corrected average in its tensor's dtype (the weights before the
+        first update)."""
+        for name, tensor in self._tensors.items():
+            if self._bias_correction == 0.0:
+                yield name, tensor.clone()
+                continue
+            average = self._averages[name]
+            # Divided by the denominator rounded to the average's dtype, as the static class does
+            # (a Python float divisor would become a float32 reciprocal: one more rounding).
+            value = paddle.divide(average, paddle.full([], self._bias_correction, _dtype_name(average)))
+            yield name, value if _dtype_name(value) == _dtype_name(tensor) else value.astype(tensor.dtype)
+
+
+def _dtype_name(tensor: Any) -> str:
+    return str(tensor.dtype).replace("paddle.", "")

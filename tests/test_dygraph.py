@@ -1,0 +1,259 @@
+"""ModelEMA, the dygraph twin: step by step against the float64 oracle, apply/restore, state_dict,
+errors, and the same numbers as the static class for the same weight sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+from nets import IN_FEATURES
+from oracle import EmaOracle, decay_at
+
+import paddle_ema
+
+RTOL, ATOL = 1e-5, 1e-7
+
+
+@pytest.fixture
+def dygraph():
+    paddle.disable_static()
+    paddle.seed(7)
+    try:
+        yield
+    finally:
+        paddle.enable_static()
+
+
+class Net(paddle.nn.Layer):
+    """fc(4) -> BatchNorm1D -> fc(2), and a float buffer; fc2 shares nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = paddle.nn.Linear(IN_FEATURES, 4)
+        self.bn = paddle.nn.BatchNorm1D(4)
+        self.fc2 = paddle.nn.Linear(4, 2)
+        self.register_buffer("scale", paddle.ones([2]))
+
+    def forward(self, x):
+        return self.fc2(self.bn(self.fc1(x))) * self.scale
+
+
+def train_step(model, opt, rng):
+    x = paddle.to_tensor(rng.standard_normal((8, IN_FEATURES)).astype("float32"))
+    loss = model(x).square().mean()
+    loss.backward()
+    opt.step()
+    opt.clear_grad()
+    with paddle.no_grad():  # move the buffer too, so that its average means something
+        model.scale.set_value(model.scale * 0.9 + 0.05)
+
+
+def weights(ema) -> dict[str, np.ndarray]:
+    return {name: ema._tensors[name].numpy().copy() for name in ema.names}
+
+
+def check_applied(ema, oracle, case):
+    trained = weights(ema)
+    with ema.apply():
+        for name in ema.names:
+            np.testing.assert_allclose(ema._tensors[name].numpy(), oracle.debiased(name), rtol=RTOL,
+                                       atol=ATOL, err_msg=f"{case}: {name} after {oracle.steps} updates")
+    for name, value in weights(ema).items():
+        np.testing.assert_array_equal(value, trained[name], err_msg=f"{case}: restore of {name}")
+
+
+@pytest.mark.parametrize("options", [
+    dict(decay=0.999),
+    dict(decay=0.99, warmup="threshold"),
+    dict(decay=0.9999, warmup="power", power=0.75, inv_gamma=2.0, start_step=2, min_decay=0.3),
+    dict(decay=0.9, start_step=3),
+], ids=["constant", "threshold", "power", "start_step"])
+def test_every_schedule_matches_the_oracle_each_step(dygraph, rng, options):
+    model = Net()
+    opt = paddle.optimizer.Adam(0.05, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, **options)
+    names = ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "bn._mean", "bn._variance", "fc2.weight",
+             "fc2.bias", "scale"]
+    assert sorted(ema.names) == sorted(names)
+    oracle = EmaOracle(options["decay"], ema.names)
+    schedule = {k: v for k, v in options.items() if k in ("start_step", "power", "inv_gamma", "min_decay")}
+    for update in range(7):
+        train_step(model, opt, rng)
+        ema.update()
+        thres = update if options.get("warmup") == "threshold" else None
+        decay = decay_at(update, options["decay"], thres_value=thres, **schedule)
+        oracle.step(weights(ema), decay=decay)
+        check_applied(ema, oracle, str(options))
+
+
+def test_update_every_averages_every_kth_call(dygraph, rng):
+    model = Net()
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, 0.8, update_every=3)
+    oracle = EmaOracle(0.8, ema.names)
+    for call in range(1, 10):
+        train_step(model, opt, rng)
+        ema.update()
+        if call % 3 == 0:
+            oracle.step(weights(ema))
+    assert ema.num_updates == oracle.steps == 3
+    check_applied(ema, oracle, "update_every=3")
+
+
+def test_low_precision_weights_get_float32_averages(dygraph, rng):
+    model = paddle.nn.Linear(IN_FEATURES, 3)
+    model.to(dtype="bfloat16")
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    assert {str(a.dtype) for a in ema._averages.values()} == {"paddle.float32"}
+    oracle = EmaOracle(0.9, ema.names)
+    for _ in range(4):
+        with paddle.no_grad():
+            for p in model.parameters():
+                p.set_value((p.astype("float32") + 0.01).astype("bfloat16"))
+        ema.update()
+        oracle.step({n: ema._tensors[n].astype("float32").numpy() for n in ema.names})
+    for name, value in ema.averages().items():
+        assert value.dtype == paddle.bfloat16
+        np.testing.assert_allclose(value.astype("float32").numpy(), oracle.debiased(name), rtol=2 ** -7,
+                                   err_msg=name)
+
+
+def test_parameters_and_exclude_choose_what_is_averaged(dygraph):
+    model = Net()
+    ema = paddle_ema.ModelEMA(model, parameters=[model.fc1.weight, "fc2.weight", "fc2.bias"],
+                              exclude=[r".*\.bias"])
+    assert ema.names == ["fc1.weight", "fc2.weight"]
+    assert "scale" not in paddle_ema.ModelEMA(model, buffers=False).names
+
+
+def test_data_parallel_names_have_no_wrapper_prefix(dygraph):
+    model = Net()
+    wrapped = paddle.DataParallel(model)
+    assert paddle_ema.ModelEMA(wrapped).names == paddle_ema.ModelEMA(model).names
+
+
+def test_state_dict_resumes_bit_exactly_through_paddle_save(dygraph, rng, tmp_path):
+    model = Net()
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, 0.99, warmup="threshold")
+    for _ in range(3):
+        train_step(model, opt, rng)
+        ema.update()
+    paddle.save(ema.state_dict(), str(tmp_path / "ema.pdparams"))
+    resumed = paddle_ema.ModelEMA(model, 0.99, warmup="threshold")
+    resumed.set_state_dict(paddle.load(str(tmp_path / "ema.pdparams")))
+    for _ in range(3):
+        train_step(model, opt, rng)
+        ema.update()
+        resumed.update()
+    assert resumed.num_updates == ema.num_updates == 6
+    assert resumed._bias_correction == ema._bias_correction
+    mine, theirs = ema.averages(), resumed.averages()
+    for name in ema.names:
+        np.testing.assert_array_equal(theirs[name].numpy(), mine[name].numpy(), err_msg=name)
+
+
+def test_the_same_weights_give_the_static_classes_numbers(dygraph, rng):
+    """Feed the same weight sequence to ModelEMA and to the static class: same averages."""
+    sequence = [rng.standard_normal((IN_FEATURES, 3)).astype("float32") for _ in range(6)]
+    model = paddle.nn.Linear(IN_FEATURES, 3)
+    ema = paddle_ema.ModelEMA(model, 0.99, warmup="power", start_step=1, parameters=["weight"])
+    for value in sequence:
+        model.weight.set_value(value)
+        ema.update()
+    dygraph_average = ema.averages()["weight"].numpy()
+
+    paddle.enable_static()
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup), paddle.utils.unique_name.guard():
+        w = paddle.static.create_parameter([IN_FEATURES, 3], "float32", name="w")
+        feed = paddle.static.data("value", [IN_FEATURES, 3], "float32")
+        paddle.assign(feed, output=w)  # the "optimizer": writes the next weight of the sequence
+        static_ema = paddle_ema.ExponentialMovingAverage(0.99, power=2 / 3, start_step=1)
+        static_ema.update()
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    with paddle.static.scope_guard(paddle.static.Scope()):
+        exe.run(startup)
+        for value in sequence:
+            exe.run(main, feed={"value": value})
+        static_average = static_ema.averages(exe)["w"]
+    paddle.disable_static()
+    np.testing.assert_allclose(dygraph_average, static_average, rtol=1e-6, atol=1e-7)
+
+
+def test_update_while_applied_raises_and_changes_nothing(dygraph, rng):
+    model = Net()
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    ema.update()
+    with ema.apply():
+        applied = weights(ema)
+        with pytest.raises(RuntimeError, match="would average the averages"):
+            ema.update()
+        assert ema.num_updates == 1
+        for name, value in weights(ema).items():
+            np.testing.assert_array_equal(value, applied[name])
+
+
+def test_an_exception_inside_apply_restores(dygraph, rng):
+    model = Net()
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    train_step(model, opt, rng)
+    ema.update()
+    train_step(model, opt, rng)
+    trained = weights(ema)
+    with pytest.raises(KeyError):
+        with ema.apply():
+            raise KeyError("evaluation failed")
+    for name, value in weights(ema).items():
+        np.testing.assert_array_equal(value, trained[name], err_msg=name)
+
+
+def test_out_of_order_restore_raises_and_changes_nothing(dygraph, rng):
+    model = Net()
+    first, second = paddle_ema.ModelEMA(model, 0.9), paddle_ema.ModelEMA(model, 0.5)
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    for _ in range(2):
+        train_step(model, opt, rng)
+        first.update()
+        second.update()
+    trained = weights(first)
+    first.apply(need_restore=False)
+    second.apply(need_restore=False)
+    held = weights(first)
+    with pytest.raises(RuntimeError, match="reverse order of apply"):
+        first.restore()
+    for name, value in weights(first).items():
+        np.testing.assert_array_equal(value, held[name])
+    second.restore()
+    first.restore()
+    for name, value in weights(first).items():
+        np.testing.assert_array_equal(value, trained[name])
+
+
+@pytest.mark.parametrize("options, error, says", [
+    (dict(decay=1.0), ValueError, r"decay must be in \[0, 1\)"),
+    (dict(warmup="cosine"), ValueError, "warmup must be None, 'threshold' or 'power'"),
+    (dict(power=0.75), ValueError, "inv_gamma and power shape warmup='power' only"),
+    (dict(warmup="power", power=-1.0), ValueError, "power must be positive"),
+    (dict(update_every=0), ValueError, "update_every must be an int of at least 1"),
+    (dict(exclude=[".*"]), ValueError, "no floating-point parameter to average"),
+    (dict(parameters=["nope"]), ValueError, "'nope' is not a parameter of the model"),
+    (dict(buffers=1), TypeError, "buffers must be a bool"),
+])
+def test_bad_options_raise(dygraph, options, error, says):
+    with pytest.raises(error, match=says):
+        paddle_ema.ModelEMA(Net(), **options)
+
+
+def test_set_state_dict_of_another_model_raises_and_changes_nothing(dygraph):
+    ema = paddle_ema.ModelEMA(Net(), 0.9)
+    other = paddle_ema.ModelEMA(paddle.nn.Linear(3, 3), 0.9)
+    with pytest.raises(ValueError, match="averages other tensors"):
+        ema.set_state_dict(other.state_dict())
+    assert ema.num_updates == 0
+
+
+def test_model_ema_in_static_mode_raises():
+    with pytest.raises(RuntimeError, match="ModelEMA averages a dygraph model"):
+        paddle_ema.ModelEMA(None)
