@@ -28,6 +28,7 @@ from conftest import ir_mode
 HERE = Path(__file__).resolve().parent / "distributed"
 WORKER = HERE / "dp_worker.py"
 FLEET_WORKER = HERE / "fleet_worker.py"  # legacy IR only, with a test-only CPU shim
+DYGRAPH_WORKER = HERE / "dygraph_worker.py"  # paddle.DataParallel with paddle_ema.ModelEMA
 SHARD_WORKER = HERE / "shard_worker.py"  # fleet's static sharding, legacy IR only
 FLEET_SCENARIO = HERE / "fleet_ema_scenario.py"  # Paddle's test_ema_fleet.py scenario, legacy IR only
 FLEET_UNDER_PIR = ("fleet's collective minimize does not run under PIR on CPU (on 3.3: TypeError: "
@@ -230,3 +231,23 @@ def test_fleet_sharding_each_rank_averages_the_parameters_it_owns(tmp_path):
     assert len(shared) == 5, shared
     for key in shared:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+
+
+@pytest.mark.parametrize("to_static", [False, True], ids=["eager", "to_static"])
+def test_model_ema_under_dygraph_data_parallel(tmp_path, to_static):
+    """paddle.DataParallel in 2 processes: every rank's ModelEMA is the same, and one process's over
+    both ranks' batches (the forward also compiled with paddle.jit.to_static)."""
+    python, env, out = sys.executable, _env(), tmp_path / "out"
+    extra = ["--to-static"] if to_static else []
+    wall = _run([python, "-m", "paddle.distributed.launch", "--nproc_per_node=2", "--log_dir",
+                 str(tmp_path / "log"), str(DYGRAPH_WORKER), str(out), *extra], env, tmp_path / "launch.log")
+    _run([python, str(DYGRAPH_WORKER), str(out), "--single", *extra], env, tmp_path / "single.log")
+    print(f"\n{ir_mode()} dygraph DataParallel{' to_static' if to_static else ''}: 2-process run {wall:.1f}s")
+    ranks = [dict(np.load(out / f"dygraph_{r}.npz")) for r in range(2)]
+    single = dict(np.load(out / "dygraph_single.npz"))
+    assert sorted(ranks[0]) == sorted(ranks[1]) == sorted(single) and len(single) == 12
+    for key in single:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+        np.testing.assert_allclose(ranks[0][key], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for name in [k[len("weight/"):] for k in single if k.startswith("weight/")]:
+        assert not np.allclose(single[f"applied/{name}"], single[f"weight/{name}"], atol=1e-4), name

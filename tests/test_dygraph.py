@@ -257,3 +257,17 @@ def test_set_state_dict_of_another_model_raises_and_changes_nothing(dygraph):
 def test_model_ema_in_static_mode_raises():
     with pytest.raises(RuntimeError, match="ModelEMA averages a dygraph model"):
         paddle_ema.ModelEMA(None)
+
+
+def test_a_to_static_model_is_averaged_like_an_eager_one(dygraph, rng):
+    """The forward compiled with paddle.jit.to_static (AST mode: SOT needs PIR on Paddle 3.x) trains
+    the same parameters, and ModelEMA averages them as the oracle does."""
+    model = paddle.jit.to_static(Net(), full_graph=True)
+    opt = paddle.optimizer.Adam(0.05, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, 0.9, warmup="threshold")
+    oracle = EmaOracle(0.9, ema.names)
+    for update in range(4):
+        train_step(model, opt, rng)
+        ema.update()
+        oracle.step(weights(ema), thres_value=update)
+    check_applied(ema, oracle, "to_static")
