@@ -123,8 +123,13 @@ def sgd_lerp_(average: Any, target: Any, weight: Any, weight_neg: Any) -> None:
     about ``3e-8 / weight`` relative (3e-3 at decay 0.99999). Both kernels are flat and vectorised and
     run at memory speed, where ``lerp`` (see :func:`lerp_`) broadcasts its weight through Eigen and is
     3-10x slower on tensors of more than a few thousand elements (worst on 4-d conv weights). Both are
-    elementwise, so binding ``grad`` and the output to ``param`` is safe.
+    elementwise, so binding ``grad`` and the output to ``param`` is safe. On eager (dygraph) tensors
+    the kernels run at once; there they beat ``lerp_`` at every size measured (64 to 262k elements).
     """
+    if paddle.in_dynamic_mode():
+        paddle._C_ops.sgd_(average, weight, average, None, False)
+        paddle._C_ops.sgd_(average, weight_neg, target, None, False)
+        return
     if in_pir_mode():
         shrunk = paddle._C_ops.sgd_(average, weight, average, None, False)[0]
         paddle._C_ops.sgd_(shrunk, weight_neg, target, None, False)

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import paddle
 
-from paddle_ema import _graph, _select, schedule
+from paddle_ema import _graph, _ir, _select, schedule
 
 __all__ = ["ModelEMA"]
 
@@ -67,7 +67,8 @@ class ModelEMA:
         a_t = d_t\\,a_{t-1} + (1 - d_t)\\,\\theta_t, \\qquad a_0 = 0,
 
     and :meth:`apply` swaps in :math:`a_t / (1 - \\prod_{i \\le t} d_i)`, restoring the trained weights
-    bit-exactly on exit. Each update is one in-place ``lerp_`` per tensor under ``paddle.no_grad()``.
+    bit-exactly on exit. Each update runs two flat in-place kernels per tensor under
+    ``paddle.no_grad()`` (``a -= w a``, ``a += w \\theta``, faster than ``lerp_`` at every size).
     float16 and bfloat16 tensors get float32 averages; the bias denominator is a float64 number.
 
     The decay :math:`d_t` of the ``t``-th update (from 0): 0 for the first ``start_step`` updates;
@@ -171,6 +172,13 @@ class ModelEMA:
                 name: paddle.zeros(t.shape, _graph.accumulator_dtype(_dtype_name(t)))
                 for name, t in self._tensors.items()
             }
+        # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled in
+        # place each update: an update allocates nothing but the casts of low-precision weights.
+        with paddle.no_grad():
+            self._weights = {
+                dtype: (paddle.zeros([], dtype), paddle.zeros([], dtype))
+                for dtype in sorted({_dtype_name(a) for a in self._averages.values()})
+            }
         self._update_every = update_every
         self._calls = 0  # update() calls, for update_every
         self._updates = 0  # averaging updates: the schedule's count
@@ -210,15 +218,16 @@ class ModelEMA:
         if self._calls % self._update_every:
             return
         weight = schedule.step_weight(self._schedule, self._updates, steps=self._updates)
-        weights: dict[str, Any] = {}
         with paddle.no_grad():
+            for positive, negative in self._weights.values():
+                positive.fill_(weight)
+                negative.fill_(-weight)
             for name, average in self._averages.items():
-                dtype = _dtype_name(average)
-                if dtype not in weights:  # a 0-d weight broadcasts to any shape, 0-d included
-                    weights[dtype] = paddle.full([], weight, dtype)
                 tensor = self._tensors[name]
-                target = tensor if _dtype_name(tensor) == dtype else tensor.astype(dtype)
-                average.lerp_(target, weights[dtype])
+                positive, negative = self._weights[_dtype_name(average)]
+                # (a float16/bfloat16 weight is read as float32: one cast, the only temporary)
+                target = tensor if tensor.dtype == average.dtype else tensor.astype(average.dtype)
+                _ir.sgd_lerp_(average, target, positive, negative)
         self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
         self._updates += 1
 
