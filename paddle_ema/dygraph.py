@@ -205,14 +205,18 @@ class ModelEMA:
     def update(self) -> None:
         """Move every average toward the model's current weights; call it after ``optimizer.step()``.
 
+        If interrupted (``KeyboardInterrupt``) half-way, some averages have taken this update and
+        the others not, and the update count has not moved; the model's weights are never touched.
+
         Raises:
-            RuntimeError: the averages are applied (averaging them into themselves would lose the
-                trained weights' history); restore first.
+            RuntimeError: averages (this EMA's or another's over the same weights) are applied to the
+                model: averaging them would lose the trained weights' history. Restore first.
         """
-        if self._backups is not None:
+        if any(self._shares_tensors_with(other) for other in _APPLIED):
             raise RuntimeError(
-                "update() while the averages are applied would average the averages; call "
-                "ema.restore() (or leave the `with ema.apply():` block) before training on"
+                "update() while averages are applied to the model (by this ModelEMA or another) "
+                "would average the averages; call ema.restore() (or leave the `with ema.apply():` "
+                "block) before training on"
             )
         self._calls += 1
         if self._calls % self._update_every:
@@ -291,9 +295,7 @@ class ModelEMA:
         if self._backups is None:
             _logger.warning("restore() called with no applied averages; weights left unchanged")
             return
-        mine = {id(t) for t in self._tensors.values()}
-        later = [e for e in _APPLIED[_APPLIED.index(self) + 1:]
-                 if mine & {id(t) for t in e._tensors.values()}]
+        later = [e for e in _APPLIED[_APPLIED.index(self) + 1:] if self._shares_tensors_with(e)]
         if later:
             raise RuntimeError(
                 "another ModelEMA over the same weights was applied after this one and is not "
@@ -350,6 +352,10 @@ class ModelEMA:
         self._updates = int(state["num_updates"])
         self._calls = int(state["update_calls"])
         self._bias_correction = float(state["bias_correction"])
+
+    def _shares_tensors_with(self, other: ModelEMA) -> bool:
+        mine = {id(t) for t in self._tensors.values()}
+        return other is self or bool(mine & {id(t) for t in other._tensors.values()})
 
     def _corrected(self) -> Iterator[tuple[str, Any]]:
         """Each name with its bias-corrected average in its tensor's dtype (the weights before the

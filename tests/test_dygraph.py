@@ -189,7 +189,10 @@ def test_update_while_applied_raises_and_changes_nothing(dygraph, rng):
         applied = weights(ema)
         with pytest.raises(RuntimeError, match="would average the averages"):
             ema.update()
-        assert ema.num_updates == 1
+        other = paddle_ema.ModelEMA(model, 0.5)  # another EMA of the same model: refused as well
+        with pytest.raises(RuntimeError, match="by this ModelEMA or another"):
+            other.update()
+        assert ema.num_updates == 1 and other.num_updates == 0
         for name, value in weights(ema).items():
             np.testing.assert_array_equal(value, applied[name])
 
