@@ -54,7 +54,8 @@ class Slot:
     param: str
     shape: tuple[int, ...]
     dtype: str
-    backup: str
+    backup: str  # scope-only: shares the trained parameter's memory while applied
+    result: str  # scope-only: the debiased average, made by apply before it is swapped in
     average: str  # the average tensor holding this parameter's average, maybe shared (see Group)
     rows: tuple[int, int] | None  # rows [start, stop) of ``average`` along axis 0; None: all of it
 
@@ -135,7 +136,8 @@ class EmaPlan:
             for index, row in zip(members, rows):
                 slots[index] = Slot(
                     param=params[index].name, shape=shapes[index], dtype=dtypes[index],
-                    backup=f"{prefix}.{params[index].name}.backup", average=average, rows=row,
+                    backup=f"{prefix}.{params[index].name}.backup",
+                    result=f"{prefix}.{params[index].name}.applied", average=average, rows=row,
                 )
         # The float64 bias denominator is named ".bias_correction": paddle_ema 0.1 kept a float32 one
         # as ".debias", and under PIR a float32 tensor loaded under the float64 one's name fails the
@@ -259,31 +261,6 @@ def emit_update(plan: EmaPlan, params: Sequence[Any], state: StateHandles, weigh
     _ir.lerp_(state.debias, paddle.ones([1], _DEBIAS_DTYPE), weights.get(_DEBIAS_DTYPE))
 
 
-def _bind_slots(slots: Sequence[Slot], attribute: str) -> list[tuple[Any, Any]]:
-    """Handles to every slot's parameter and its ``attribute`` tensor (the backup), in a new program."""
-    return [
-        (
-            _ir.bind_persistable(slot.param, slot.shape, slot.dtype),
-            _ir.bind_persistable(getattr(slot, attribute), slot.shape, slot.dtype),
-        )
-        for slot in slots
-    ]
-
-
-def build_backup_program(plan: EmaPlan) -> paddle.static.Program:
-    """A program that copies every parameter into its backup, and writes nothing else.
-
-    Kept apart from :func:`build_write_program` so that apply is a transaction: if backing up fails
-    or is interrupted, no parameter has been touched yet; once it has succeeded, every parameter is
-    recoverable whatever happens while the averages are written.
-    """
-    program = paddle.static.Program()
-    with paddle.static.program_guard(program, paddle.static.Program()):
-        for param, backup in _bind_slots(plan.slots, "backup"):
-            paddle.assign(param, output=backup)
-    return program
-
-
 def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
     """Each slot with its debiased average, in its average's dtype, emitted in the current program."""
     debias = _ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE)
@@ -299,19 +276,20 @@ def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
 
 
 def build_write_program(plan: EmaPlan) -> paddle.static.Program:
-    """A program that writes every parameter's debiased average into it, in the parameter's dtype.
+    """A program that writes every parameter's debiased average, in the parameter's dtype, into the
+    parameter's result tensor (see :func:`swap_results_in`). It writes no parameter.
 
-    Run it only after the backup program, and once the bias denominator is non-zero (after the first
-    update step): before that there is no average to apply.
+    Run it only once the bias denominator is non-zero (after the first update step): before that
+    there is no average to apply.
     """
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
         for slot, piece, denominator in _debiased_pieces(plan):
-            param = _ir.bind_persistable(slot.param, slot.shape, slot.dtype)
+            result = _ir.bind_persistable(slot.result, slot.shape, slot.dtype)
             if slot.dtype == accumulator_dtype(slot.dtype):
-                _ir.divide_into(piece, denominator, param)
+                _ir.divide_into(piece, denominator, result)
             else:  # a float32 average of a low-precision parameter: round once, on the way in
-                paddle.assign(paddle.cast(piece / denominator, slot.dtype), output=param)
+                paddle.assign(paddle.cast(piece / denominator, slot.dtype), output=result)
     return program
 
 
@@ -334,15 +312,6 @@ def build_read_program(plan: EmaPlan) -> tuple[paddle.static.Program, dict[str, 
     return program, fetches
 
 
-def build_restore_program(plan: EmaPlan) -> paddle.static.Program:
-    """A program that copies every backup made by the backup program back into its parameter."""
-    program = paddle.static.Program()
-    with paddle.static.program_guard(program, paddle.static.Program()):
-        for param, backup in _bind_slots(plan.slots, "backup"):
-            paddle.assign(backup, output=param)
-    return program
-
-
 def debias_value(plan: EmaPlan, scope: Any) -> float:
     """The current bias denominator :math:`1 - \\prod d_i` in ``scope``; 0 before the first update step.
 
@@ -358,17 +327,47 @@ def debias_value(plan: EmaPlan, scope: Any) -> float:
     return value
 
 
-def declare_backups(plan: EmaPlan, scope: Any) -> None:
-    """Declare the backup tensors in ``scope``; the backup program allocates and fills them.
+def declare_scratch(plan: EmaPlan, scope: Any) -> None:
+    """Declare every parameter's backup and result tensors in ``scope``, holding no memory yet.
 
-    Backups live only in the scope (not in the training program), so checkpoints do not carry them,
-    and only between apply and restore (see :func:`release_backups`).
+    They live only in the scope (not in any program's persistables), so checkpoints never carry
+    them, and hold memory only while an apply is under way or applied (see :func:`release_scratch`).
     """
     for slot in plan.slots:
         _ir.declare_scope_tensor(slot.backup, scope)
+        _ir.declare_scope_tensor(slot.result, scope)
 
 
-def release_backups(plan: EmaPlan, scope: Any) -> None:
-    """Free the backups once restored, so a model does not carry a second copy of its weights."""
+def share_backups(plan: EmaPlan, scope: Any) -> None:
+    """Make every backup refer to its parameter's memory: a backup that copies nothing.
+
+    Writes no parameter, so an interrupt here changes nothing; once done, every trained value is
+    held by a backup whatever a parameter refers to next.
+    """
+    for slot in plan.slots:
+        _ir.share_memory(slot.backup, slot.param, scope)
+
+
+def swap_results_in(plan: EmaPlan, scope: Any) -> None:
+    """Make every parameter refer to its result's memory (the debiased average), then let go of the
+    result. No copy: apply costs the one pass of the write program. Run after :func:`share_backups`.
+    """
+    for slot in plan.slots:
+        _ir.share_memory(slot.param, slot.result, scope)
+        _ir.release_scope_tensor(slot.result, scope)
+
+
+def swap_backups_in(plan: EmaPlan, scope: Any) -> None:
+    """Make every parameter refer to its backup's memory again: the trained values, bit for bit, with
+    no copy. Idempotent, so an interrupted restore can run again; a parameter whose backup holds no
+    memory was never swapped and is left alone."""
+    for slot in plan.slots:
+        if _ir.holds_memory(slot.backup, scope):
+            _ir.share_memory(slot.param, slot.backup, scope)
+
+
+def release_scratch(plan: EmaPlan, scope: Any) -> None:
+    """Let go of the backups and results, so a model does not carry a second copy of its weights."""
     for slot in plan.slots:
         _ir.release_scope_tensor(slot.backup, scope)
+        _ir.release_scope_tensor(slot.result, scope)

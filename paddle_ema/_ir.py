@@ -281,6 +281,22 @@ def declare_scope_tensor(name: str, scope: Any) -> None:
     scope.var(name).get_tensor()
 
 
+def share_memory(name: str, source: str, scope: Any) -> None:
+    """Make tensor ``name`` of ``scope`` refer to the memory of tensor ``source`` (no copy).
+
+    Private but present from Paddle 2.6 to 3.3: ``DenseTensor._share_data_with``, which points a
+    tensor at another's allocation. Executors look tensors up by variable each run, so programs see
+    the new memory from their next run on, in both IRs.
+    """
+    scope.find_var(name).get_tensor()._share_data_with(scope.find_var(source).get_tensor())
+
+
+def holds_memory(name: str, scope: Any) -> bool:
+    """Whether tensor ``name`` of ``scope`` exists and holds memory."""
+    var = scope.find_var(name)
+    return var is not None and var.get_tensor()._is_initialized()
+
+
 def release_scope_tensor(name: str, scope: Any) -> None:
     """Free the memory of tensor ``name`` in ``scope``, keeping the variable declared."""
     var = scope.find_var(name)

@@ -263,11 +263,9 @@ class ExponentialMovingAverage:
         # or about to be, with every parameter backed up in that entry's scope). apply() moves ready to
         # applied, restore() back; a failure in either leaves a state from which restore() recovers.
         self._state: _graph.StateHandles | None = None
-        # The programs apply() and restore() run, built by update(): building a program is not safe
+        # The programs apply() and averages() run, built by update(): building a program is not safe
         # to interrupt (under PIR an interrupted build can crash the next one), running one is.
-        self._backup_program: paddle.static.Program | None = None
         self._write_program: paddle.static.Program | None = None
-        self._restore_program: paddle.static.Program | None = None
         self._read_program: paddle.static.Program | None = None
         self._read_fetches: dict[str, Any] = {}
         _logger.debug("%s averages %d parameters", self._name, len(self._params))
@@ -325,9 +323,7 @@ class ExponentialMovingAverage:
             # (read before emit_update increments the EMA's step: the count of earlier updates)
             weight = schedule.emit_step_weight(self._schedule, state.step, self._thres_steps)
             _graph.emit_update(self._plan, self._params, state, weight)
-        self._backup_program = _graph.build_backup_program(self._plan)
         self._write_program = _graph.build_write_program(self._plan)
-        self._restore_program = _graph.build_restore_program(self._plan)
         self._read_program, self._read_fetches = _graph.build_read_program(self._plan)
         self._state = state
         _UPDATED.add(self)
@@ -339,9 +335,11 @@ class ExponentialMovingAverage:
         by an exception) restores the trained parameters bit-exactly, unless ``need_restore`` is
         False; then call :meth:`restore` yourself, with or without ``with``.
 
-        apply is a transaction: if it fails or is interrupted (``KeyboardInterrupt``) before the
-        parameters are backed up, nothing has changed; after that, it restores them before raising,
-        and if even that is interrupted, :meth:`restore` finishes the job. Before the first update
+        apply is a transaction: it computes the averages into new tensors and keeps the trained
+        tensors as backups, then swaps the averages in (no copy; restore swaps back, also without
+        copying). If it fails or is interrupted (``KeyboardInterrupt``) before the swap, nothing has
+        changed; during the swap, it restores before raising, and if even that is interrupted,
+        :meth:`restore` finishes the job. Before the first update
         step has run the parameters are left as they are (there is no average yet) and a warning says
         so. It works on the current scope (``paddle.static.global_scope()``, like the Executor's
         default; wrap it in ``paddle.static.scope_guard(scope)`` if you train in another scope), and
@@ -395,18 +393,20 @@ class ExponentialMovingAverage:
             )
             self._push(_Applied(scope, backed_up=False))
             return _Restorer(self, executor, need_restore)
-        _graph.declare_backups(self._plan, scope)
+        _graph.declare_scratch(self._plan, scope)
         try:
-            executor.run(self._backup_program, scope=scope)
+            # The averages go into result tensors and the backups share the parameters' memory: no
+            # parameter is written yet, so a failure or interrupt here changes nothing.
+            executor.run(self._write_program, scope=scope)
+            _graph.share_backups(self._plan, scope)
         except BaseException:
-            # Only backups were written: the parameters are untouched.
-            _graph.release_backups(self._plan, scope)
+            _graph.release_scratch(self._plan, scope)
             raise
-        # From here every parameter is recoverable from its backup, so the state says applied before
-        # the first parameter is written: restore() works whatever happens next.
+        # From here every trained value is held by a backup, so the state says applied before the
+        # first parameter is swapped: restore() works whatever happens next.
         self._push(_Applied(scope, backed_up=True))
         try:
-            executor.run(self._write_program, scope=scope)
+            _graph.swap_results_in(self._plan, scope)
         except BaseException:
             self.restore(executor)
             raise
@@ -451,11 +451,13 @@ class ExponentialMovingAverage:
     def restore(self, executor: paddle.static.Executor) -> None:
         """Put back the parameters that :meth:`apply` backed up, in the scope apply worked on.
 
-        Does nothing (and logs a warning) if nothing is applied. If it fails or is interrupted, the
-        averages stay applied and the backups kept: call it again.
+        No copy: each parameter is pointed back at the memory apply kept aside, so the trained values
+        return bit for bit. Does nothing (and logs a warning) if nothing is applied. If it is
+        interrupted, the backups are kept and the EMA stays applied: call it again.
 
         Args:
-            executor: The Executor that runs the training program.
+            executor: The Executor that runs the training program (Paddle's signature; restore runs
+                no program).
 
         Raises:
             TypeError: ``executor`` is not a ``paddle.static.Executor``.
@@ -480,10 +482,10 @@ class ExponentialMovingAverage:
                 "changed)"
             )
         if applied.backed_up:
-            executor.run(self._restore_program, scope=applied.scope)
+            _graph.swap_backups_in(self._plan, applied.scope)
         _APPLIED_STACK.remove(entry)
         if applied.backed_up:
-            _graph.release_backups(self._plan, applied.scope)
+            _graph.release_scratch(self._plan, applied.scope)
 
     @property
     def _applied(self) -> _Applied | None:
