@@ -1,7 +1,8 @@
 """Summarise the benchmark results: RESULTS.md (also printed) and ema_benchmark.png.
 
-Reads every ``*.json`` that ``bench_ema.py`` wrote into the results directory. Needs only numpy and
-matplotlib, not paddle.
+Reads every ``*.json`` that ``bench_ema.py`` wrote into the results directory, and every
+``dygraph-*.json`` that ``bench_dygraph.py`` wrote (a "Dygraph" table; the chart is static-graph only).
+Needs only numpy and matplotlib, not paddle.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -19,6 +20,8 @@ from matplotlib import ticker
 matplotlib.use("Agg")  # files only, no display; pyplot picks its backend at the first figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# bench_dygraph.py's files: one per Paddle version, with other keys than bench_ema.py's.
+DYGRAPH_PREFIX = "dygraph-"
 MIN_REPEATS = 9
 MISSING = "–"
 
@@ -130,17 +133,27 @@ def derived_rows() -> list[tuple[str, Cell]]:
     ]
 
 
+def version_sort_key(result: dict[str, Any]) -> tuple[int, ...]:
+    """Newest Paddle first."""
+    version = tuple(int(part) for part in result["paddle_version"].split(".")[:3] if part.isdigit())
+    return tuple(-v for v in version)
+
+
 def mode_sort_key(result: dict[str, Any]) -> tuple[Any, ...]:
     """Newest Paddle first, PIR before the legacy IR."""
-    version = tuple(int(part) for part in result["paddle_version"].split(".")[:3] if part.isdigit())
-    return tuple(-v for v in version), result["ir"] != "pir"
+    return version_sort_key(result), result["ir"] != "pir"
 
 
 def load_results(directory: Path) -> list[dict[str, Any]]:
-    results = [json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))]
-    if not results:
-        raise SystemExit(f"no *.json results in {directory}; run bench_ema.py first")
-    return sorted(results, key=mode_sort_key)
+    """bench_ema.py's results (every ``*.json`` but bench_dygraph.py's), newest Paddle first."""
+    paths = [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(DYGRAPH_PREFIX)]
+    return sorted((json.loads(path.read_text()) for path in paths), key=mode_sort_key)
+
+
+def load_dygraph_results(directory: Path) -> list[dict[str, Any]]:
+    """bench_dygraph.py's results, newest Paddle first."""
+    paths = sorted(directory.glob(f"{DYGRAPH_PREFIX}*.json"))
+    return sorted((json.loads(path.read_text()) for path in paths), key=version_sort_key)
 
 
 def model_names(results: list[dict[str, Any]]) -> list[str]:
@@ -185,7 +198,63 @@ def runs_section(results: list[dict[str, Any]]) -> list[str]:
     return ["## Runs", ""] + lines
 
 
-def render_markdown(results: list[dict[str, Any]]) -> str:
+def dygraph_ms(model: dict[str, Any], key: str) -> str:
+    return fmt(ms(model, key), ".3f")
+
+
+def dygraph_added(model: dict[str, Any], key: str) -> str:
+    """The EMA's added time per training step: ms, and % of the step without EMA."""
+    with_ema, without = ms(model, key), ms(model, "train_no_ema")
+    if with_ema is None or without is None:
+        return MISSING
+    return f"{with_ema - without:+.3f} ({overhead_pct(model, key):+.1f} %)"
+
+
+# Columns of the dygraph table after the model and the Paddle version: header and cell.
+DYGRAPH_COLUMNS: list[tuple[str, Cell]] = [
+    ("train step, no EMA", lambda m: dygraph_ms(m, "train_no_ema")),
+    ("train + ModelEMA", lambda m: dygraph_ms(m, "train_model_ema")),
+    ("train + ppdet", lambda m: dygraph_ms(m, "train_ppdet")),
+    ("**added: ModelEMA**", lambda m: dygraph_added(m, "train_model_ema")),
+    ("added: ppdet", lambda m: dygraph_added(m, "train_ppdet")),
+    ("update: ModelEMA", lambda m: dygraph_ms(m, "update_model_ema")),
+    ("update: ppdet", lambda m: dygraph_ms(m, "update_ppdet")),
+    ("**ppdet / ModelEMA** (update)", ratio_cell("update_ppdet", "update_model_ema")),
+    ("apply + restore: ModelEMA", lambda m: dygraph_ms(m, "apply_restore")),
+]
+
+
+def dygraph_section(results: list[dict[str, Any]]) -> list[str]:
+    """bench_dygraph.py's results: one table, a row per model and Paddle version, then the runs."""
+    rows = []
+    for name in model_names(results):
+        for r in results:
+            if name in r["models"]:
+                model = r["models"][name]
+                rows.append([name, r["paddle_version"]] + [cell(model) for _, cell in DYGRAPH_COLUMNS])
+    lines = [
+        "## Dygraph",
+        "",
+        "`bench_dygraph.py`: ms per step (median over repeats) in dygraph mode. *ppdet* is PaddleDetection's",
+        "EMA formulation; *added* is a training step's time with the EMA minus without (and in % of it).",
+        "",
+    ]
+    lines += markdown_table(["model", "Paddle", *(header for header, _ in DYGRAPH_COLUMNS)], rows)
+    lines.append("")
+    for r in results:
+        smoke = " (smoke run)" if r["quick"] or r["repeats"] < MIN_REPEATS else ""
+        checks = [m["checks"] for m in r["models"].values()]
+        worst = max(v for c in checks for k, v in c.items() if k.endswith("max_rel_diff"))
+        agree = "agree" if all(c["passed"] for c in checks) else "DISAGREE"
+        lines.append(
+            f"- Paddle {r['paddle_version']}: {r['repeats']} repeats{smoke}, {r['date']}, {r['cpu']}, "
+            f"{r['cpu_count']} CPUs. ModelEMA's and the ppdet-style averages {agree} after "
+            f"{checks[0]['steps']} training steps: max relative difference {worst:.1e}."
+        )
+    return lines
+
+
+def render_markdown(results: list[dict[str, Any]], dygraph: Sequence[dict[str, Any]] = ()) -> str:
     lines = [
         "# paddle_ema benchmark results",
         "",
@@ -194,8 +263,11 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
     ]
     for name in model_names(results):
         lines += model_section(name, results) + [""]
-    lines += runs_section(results)
-    return "\n".join(lines) + "\n"
+    if dygraph:
+        lines += dygraph_section(list(dygraph)) + [""]
+    if results:
+        lines += runs_section(results)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -233,12 +305,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="directory of bench_ema.py's JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="directory of the benchmarks' JSON")
     args = parser.parse_args()
     results = load_results(args.results)
-    markdown = render_markdown(results)
+    dygraph = load_dygraph_results(args.results)
+    if not results and not dygraph:
+        raise SystemExit(f"no *.json results in {args.results}; run bench_ema.py or bench_dygraph.py first")
+    markdown = render_markdown(results, dygraph)
     (args.results / "RESULTS.md").write_text(markdown)
-    plot(results, args.results / "ema_benchmark.png")
+    if results:  # the chart shows bench_ema.py's EMA-only programs
+        plot(results, args.results / "ema_benchmark.png")
     print(markdown)
 
 

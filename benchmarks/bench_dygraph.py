@@ -1,0 +1,383 @@
+"""Benchmark paddle_ema.ModelEMA in dygraph mode against PaddleDetection's EMA formulation; write JSON.
+
+For the static benchmark's three models, built from ``paddle.nn`` layers, it times a dygraph training step
+(forward, backward, SGD, ``clear_grad``) without EMA, with ``paddle_ema.ModelEMA(model, 0.999).update()``
+and with the update of PaddleDetection's ``ModelEMA`` (``ppdet/optimizer/ema.py``, re-implemented here as
+:class:`PpdetStyleEMA`); each EMA's update alone; and one ``with ema.apply(): pass`` of ModelEMA. Every
+time is a median over repeats, in milliseconds per step, on ``CPUPlace`` in fp32. Before timing, it
+checks that both EMAs compute the same averages, so the comparison is of two implementations of one
+thing. Dygraph does not depend on the static IR flag: run it once per Paddle version (see README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import paddle
+from bench_ema import Timer, cpu_model  # the static benchmark's timer: same warm-up, calibration, rotation
+
+import paddle_ema
+
+DECAY = 0.999
+# The loss is the mean of the squared output at learning rate 1e-4, not bench_ema.py's mean of the output
+# at 1e-3: that loss has no lower bound and the deep linear stacks reach inf and NaN within tens of
+# steps (fc64 within ten), after which a step times arithmetic on NaN. Here every weight stays finite
+# over a thousand steps and still moves (about 1e-3 relative), so the EMA averages real training. The
+# cost of a step does not depend on either choice but for one square and its gradient.
+LEARNING_RATE = 1e-4
+FC_BATCH = 8
+CONV_INPUT = (8, 3, 32, 32)
+SEED = 0
+# Training steps of the equivalence check: enough for the weights to move and rounding to accumulate.
+CHECK_STEPS = 20
+# The check's bound on max |ModelEMA - ppdet| / max |ppdet| over a model's averages. The two round in
+# different places (two sgd_ kernels with a float32 weight, against scale, scale and add), which after 20
+# float32 updates leaves up to about 1e-6 (measured: 1e-7 to 9e-7); an error in the maths (another decay,
+# a step off) leaves 1e-3 or more.
+CHECK_RTOL = 2e-6
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+TRAIN_KEYS = ("train_no_ema", "train_model_ema", "train_ppdet")
+UPDATE_KEYS = ("update_model_ema", "update_ppdet")
+APPLY_KEY = "apply_restore"
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def _fc_stack(width: int, depth: int) -> paddle.nn.Layer:
+    """``depth`` linear fc layers of ``width`` x ``width`` with bias, no activation (as bench_ema.py)."""
+    return paddle.nn.Sequential(*(paddle.nn.Linear(width, width) for _ in range(depth)))
+
+
+class _ConvBN(paddle.nn.Layer):
+    """Conv (no bias: the batch norm has one) + BatchNorm2D, then relu unless ``relu`` is False."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, relu: bool = True) -> None:
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(cin, cout, kernel, stride=stride, padding=kernel // 2, bias_attr=False)
+        self.bn = paddle.nn.BatchNorm2D(cout)
+        self.relu = relu
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.bn(self.conv(x))
+        return paddle.nn.functional.relu(y) if self.relu else y
+
+
+class _ResidualBlock(paddle.nn.Layer):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.first = _ConvBN(cin, cout, 3, stride)
+        self.second = _ConvBN(cout, cout, 3, 1, relu=False)
+        # A projection only where the shape changes, as in bench_ema.py.
+        self.shortcut = None if stride == 1 and cin == cout else _ConvBN(cin, cout, 1, stride, relu=False)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return paddle.nn.functional.relu(self.second(self.first(x)) + shortcut)
+
+
+class _ConvNet(paddle.nn.Layer):
+    """A small ResNet: a conv stem and six residual blocks (32, 64, 128 channels), then fc(10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _ConvBN(CONV_INPUT[1], 32, 3, 1)
+        blocks, cin = [], 32
+        for cout, stride in ((32, 1), (32, 1), (64, 2), (64, 1), (128, 2), (128, 1)):
+            blocks.append(_ResidualBlock(cin, cout, stride))
+            cin = cout
+        self.blocks = paddle.nn.Sequential(*blocks)
+        self.head = paddle.nn.Linear(cin, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(paddle.mean(self.blocks(self.stem(x)), axis=[2, 3]))
+
+
+# name: (the layer's constructor, the input's shape)
+DYGRAPH_MODELS: dict[str, tuple[Callable[[], paddle.nn.Layer], tuple[int, ...]]] = {
+    "fc512": (lambda: _fc_stack(512, 64), (FC_BATCH, 512)),
+    "fc64": (lambda: _fc_stack(64, 256), (FC_BATCH, 64)),
+    "convnet": (_ConvNet, CONV_INPUT),
+}
+
+
+def build_model(name: str) -> tuple[paddle.nn.Layer, paddle.Tensor]:
+    """The model (in train mode: batch norm uses and updates batch statistics) and its fixed input.
+
+    Seeded, so every variant of a model starts from the same weights.
+    """
+    make, shape = DYGRAPH_MODELS[name]
+    paddle.seed(SEED)
+    model = make()
+    model.train()
+    x = paddle.to_tensor(np.random.default_rng(SEED).standard_normal(shape).astype("float32"))
+    return model, x
+
+
+# ------------------------------------------------------------------------------------- the EMAs
+
+
+class PpdetStyleEMA:
+    """PaddleDetection's ``ModelEMA`` update, as written in ``ppdet/optimizer/ema.py``, for timing.
+
+    Follows their formulation, reduced to what a training step runs (no black list, reset or apply):
+
+    * one float32 average per ``model.state_dict()`` entry, from ``paddle.zeros_like``; the model's
+      tensors are held by weak reference;
+    * each update computes ``v = decay * v + (1 - decay) * tensor.astype('float32')`` per entry, a new
+      tensor every time, marks it ``stop_gradient`` and stores it in place of the old one;
+    * decay ``'threshold'`` (their default): ``min(decay, (1 + step) / (10 + step))``; ``'normal'``:
+      ``decay``.
+
+    Their trainer calls ``update()`` outside ``paddle.no_grad()``, so this does too: the arithmetic on
+    trainable parameters is recorded by autograd, which is part of what that formulation costs.
+    """
+
+    def __init__(self, model: paddle.nn.Layer, decay: float, decay_type: str = "threshold") -> None:
+        if decay_type not in ("threshold", "normal"):
+            raise ValueError(f"decay_type must be 'threshold' or 'normal', got {decay_type!r}")
+        self.decay = decay
+        self.decay_type = decay_type
+        self.step = 0
+        state = model.state_dict()
+        self._tensors = {name: weakref.ref(tensor) for name, tensor in state.items()}
+        self.averages = {name: paddle.zeros_like(tensor, dtype="float32") for name, tensor in state.items()}
+
+    def update(self) -> None:
+        if self.decay_type == "threshold":
+            decay = min(self.decay, (1 + self.step) / (10 + self.step))
+        else:
+            decay = self.decay
+        tensors = {name: ref() for name, ref in self._tensors.items()}
+        for name, average in self.averages.items():
+            new = decay * average + (1 - decay) * tensors[name].astype("float32")
+            new.stop_gradient = True
+            self.averages[name] = new
+        self.step += 1
+
+
+# ------------------------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A model, its SGD optimizer and fixed input; ``after`` (an EMA's update) runs after each step.
+
+    The loss is the mean of the squared output (see LEARNING_RATE for why not the mean).
+    """
+
+    model: paddle.nn.Layer
+    x: paddle.Tensor
+    after: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.optimizer = paddle.optimizer.SGD(learning_rate=LEARNING_RATE, parameters=self.model.parameters())
+
+    def loss(self) -> paddle.Tensor:
+        return paddle.mean(paddle.square(self.model(self.x)))
+
+    def step(self) -> None:
+        loss = self.loss()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.clear_grad()
+        if self.after is not None:
+            self.after()
+
+    def health(self) -> dict[str, Any]:
+        """The loss at the current weights and whether every weight is finite: a step on inf or NaN
+        (or denormal) values could time differently from a real one."""
+        with paddle.no_grad():
+            loss = float(self.loss())
+            finite = all(bool(paddle.isfinite(p).all()) for p in self.model.parameters())
+        return {"final_loss": loss, "weights_finite": finite}
+
+
+def train_variant(name: str, flavor: str | None) -> tuple[Trainer, Any]:
+    """A training variant of model ``name``: no EMA, ``model_ema`` or ``ppdet``; and its EMA."""
+    model, x = build_model(name)
+    ema: Any = None
+    if flavor == "model_ema":
+        ema = paddle_ema.ModelEMA(model, DECAY)
+    elif flavor == "ppdet":
+        ema = PpdetStyleEMA(model, DECAY)
+    return Trainer(model, x, None if ema is None else ema.update), ema
+
+
+def apply_restore(ema: paddle_ema.ModelEMA) -> Callable[[], None]:
+    def step() -> None:
+        with ema.apply():
+            pass
+
+    return step
+
+
+# ----------------------------------------------------------------------------- equivalence check
+
+
+def max_rel_diff(ours: dict[str, paddle.Tensor], theirs: dict[str, paddle.Tensor]) -> float:
+    """max |ours - theirs| / max |theirs| over every tensor: normwise, so near-zero entries do not blow up."""
+    if set(ours) != set(theirs):
+        raise AssertionError(f"the EMAs average different tensors: {sorted(set(ours) ^ set(theirs))}")
+    diff = max(float((ours[n].astype("float64") - theirs[n].astype("float64")).abs().max()) for n in ours)
+    scale = max(float(theirs[n].abs().max()) for n in ours)
+    return diff / scale if scale else diff
+
+
+def check_equivalence(name: str, steps: int = CHECK_STEPS) -> dict[str, Any]:
+    """Train ``name`` for ``steps`` steps and update a ModelEMA and a PpdetStyleEMA after each, both from
+    zeros with the same decay sequence (constant, then the threshold warm-up); compare their averages.
+
+    ModelEMA's raw averages (``state_dict()``, before its bias correction) must match ppdet's. With a
+    constant decay both bias corrections divide by ``1 - decay ** steps``, so the corrected averages
+    must match too; with the threshold warm-up ppdet divides by ``1 - last_decay ** steps`` instead of
+    the exact ``1 - prod(decays)``, so only the raw averages are compared there.
+    """
+    result: dict[str, Any] = {"steps": steps, "rtol": CHECK_RTOL}
+    for warmup, decay_type in ((None, "normal"), ("threshold", "threshold")):
+        model, x = build_model(name)
+        ours = paddle_ema.ModelEMA(model, DECAY, warmup=warmup)
+        theirs = PpdetStyleEMA(model, DECAY, decay_type)
+        train = Trainer(model, x)
+        for _ in range(steps):
+            train.step()
+            ours.update()
+            theirs.update()
+        raw = ours.state_dict()["averages"]  # before ModelEMA's bias correction, like ppdet's
+        result[f"{decay_type}_raw_max_rel_diff"] = max_rel_diff(raw, theirs.averages)
+        if decay_type == "normal":
+            # ppdet's apply(): v / (1 - decay ** step), then cast to the tensor's dtype (float32 here).
+            corrected = {n: v / (1 - DECAY**steps) for n, v in theirs.averages.items()}
+            result["normal_corrected_max_rel_diff"] = max_rel_diff(ours.averages(), corrected)
+    result["passed"] = all(v <= CHECK_RTOL for k, v in result.items() if k.endswith("max_rel_diff"))
+    return result
+
+
+# -------------------------------------------------------------------------------------- running
+
+
+def bench_model(name: str, timer: Timer) -> dict[str, Any]:
+    """Check that the EMAs agree, then time the training group, the update group and apply + restore."""
+    checks = check_equivalence(name)
+    if not checks["passed"]:
+        raise SystemExit(f"{name}: ModelEMA and the ppdet-style EMA disagree, nothing timed: {checks}")
+    flavors = (None, "model_ema", "ppdet")
+    variants = {key: train_variant(name, flavor) for key, flavor in zip(TRAIN_KEYS, flavors)}
+    state = next(iter(variants.values()))[0].model.state_dict()
+    sizes = {"tensors": len(state), "params": sum(math.prod(t.shape) for t in state.values())}
+    del state
+    timings = timer({key: variant.step for key, (variant, _) in variants.items()})
+    health = {key: variant.health() for key, (variant, _) in variants.items()}
+    del variants  # free three models, their gradients and two EMAs before the next group
+    # The EMA alone: each on its own (untrained) model, so neither shares caches or tensors with the other.
+    # The models are kept in variables: PpdetStyleEMA, like ppdet's class, holds weak references only.
+    model_ema_model, ppdet_model = build_model(name)[0], build_model(name)[0]
+    model_ema = paddle_ema.ModelEMA(model_ema_model, DECAY)
+    ppdet = PpdetStyleEMA(ppdet_model, DECAY)
+    timings.update(timer({"update_model_ema": model_ema.update, "update_ppdet": ppdet.update}))
+    # After the update group's warm-up and repeats, so apply swaps in real averages.
+    timings.update(timer({APPLY_KEY: apply_restore(model_ema)}))
+    return {**sizes, "checks": checks, "health": health, "timings": timings, "derived": derived(timings)}
+
+
+def derived(timings: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The EMAs' added time per training step (ms, and % of the step without EMA) and the update ratio."""
+    ms = {key: timing["ms"] for key, timing in timings.items()}
+    base = ms["train_no_ema"]
+    return {
+        "added_ms_model_ema": ms["train_model_ema"] - base,
+        "added_ms_ppdet": ms["train_ppdet"] - base,
+        "added_pct_model_ema": (ms["train_model_ema"] / base - 1) * 100,
+        "added_pct_ppdet": (ms["train_ppdet"] / base - 1) * 100,
+        "update_ppdet_over_model_ema": ms["update_ppdet"] / ms["update_model_ema"],
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """One row per model: times in ms per step, the EMAs' added time and the update ratio."""
+    header = [
+        "model", "train, no EMA", "train + ModelEMA", "train + ppdet", "added: ModelEMA", "added: ppdet",
+        "update: ModelEMA", "update: ppdet", "ppdet / ModelEMA", "apply + restore",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for name, model in results["models"].items():
+        ms = {key: timing["ms"] for key, timing in model["timings"].items()}
+        d = derived(model["timings"])
+        cells = [
+            name, *(f"{ms[k]:.3f}" for k in TRAIN_KEYS),
+            f"{d['added_ms_model_ema']:+.3f} ({d['added_pct_model_ema']:+.1f} %)",
+            f"{d['added_ms_ppdet']:+.3f} ({d['added_pct_ppdet']:+.1f} %)",
+            *(f"{ms[k]:.3f}" for k in UPDATE_KEYS),
+            f"{d['update_ppdet_over_model_ema']:.2f}", f"{ms[APPLY_KEY]:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="JSON output (default: results/dygraph-<major.minor>.json)")
+    parser.add_argument("--repeats", type=int, default=9, help="repeats per timing; 9 or more to commit")
+    parser.add_argument("--quick", action="store_true", help="few short runs per repeat (smoke test)")
+    parser.add_argument("--models", nargs="+", choices=sorted(DYGRAPH_MODELS), default=list(DYGRAPH_MODELS))
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "kind": "dygraph",
+        "mode": f"paddle{paddle.__version__}-dygraph",
+        "paddle_version": paddle.__version__,
+        "paddle_ema_version": paddle_ema.__version__,
+        "numpy_version": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "decay": DECAY,
+        "ppdet_decay_type": "threshold",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    paddle.disable_static()  # the default; said so the mode never depends on an import's side effects
+    paddle.set_device("cpu")
+    if args.quick:
+        timer = Timer(repeats=args.repeats, warmup=2, target_s=0.03, min_runs=2)
+    else:
+        timer = Timer(repeats=args.repeats, warmup=5, target_s=0.25, min_runs=5)
+    results = environment(args)
+    results["models"] = {}
+    for name in args.models:
+        results["models"][name] = bench_model(name, timer)
+        summary = {k: round(v["ms"], 3) for k, v in results["models"][name]["timings"].items()}
+        print(f"{results['mode']} {name}: {summary}", flush=True)
+    major_minor = ".".join(paddle.__version__.split(".")[:2])
+    out = args.out or RESULTS_DIR / f"dygraph-{major_minor}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nPaddle {paddle.__version__}, dygraph, ms per step (median of {args.repeats}):\n")
+    print(markdown(results))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
