@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
-import platform
 import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+import bench_ema
 import numpy as np
 import paddle
-from bench_ema import Timer, cpu_model  # the static benchmark's timer: same warm-up, calibration, rotation
+from bench_ema import Timer  # the static benchmark's timer: same warm-up, calibration, rotation
 
 import paddle_ema
 
-DECAY = 0.999
+DECAY = bench_ema.DECAY  # the static benchmark's decay, recorded as such by bench_ema.machine_and_run
 # The loss is the mean of the squared output at learning rate 1e-4, not bench_ema.py's mean of the output
 # at 1e-3: that loss has no lower bound and the deep linear stacks reach inf and NaN within tens of
 # steps (fc64 within ten), after which a step times arithmetic on NaN. Here every weight stays finite
@@ -326,34 +324,12 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="JSON output (default: results/dygraph-<major.minor>.json)")
-    parser.add_argument("--repeats", type=int, default=9, help="repeats per timing; 9 or more to commit")
-    parser.add_argument("--quick", action="store_true", help="few short runs per repeat (smoke test)")
-    parser.add_argument("--models", nargs="+", choices=sorted(DYGRAPH_MODELS), default=list(DYGRAPH_MODELS))
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    return args
+    return bench_ema.parse_args(__doc__.splitlines()[0], DYGRAPH_MODELS, "results/dygraph-<major.minor>.json")
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "kind": "dygraph",
-        "mode": f"paddle{paddle.__version__}-dygraph",
-        "paddle_version": paddle.__version__,
-        "paddle_ema_version": paddle_ema.__version__,
-        "numpy_version": np.__version__,
-        "python": platform.python_version(),
-        "machine": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "repeats": args.repeats,
-        "quick": args.quick,
-        "decay": DECAY,
-        "ppdet_decay_type": "threshold",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {"kind": "dygraph", "mode": f"paddle{paddle.__version__}-dygraph",
+            **bench_ema.machine_and_run(args), "ppdet_decay_type": "threshold"}
 
 
 def main() -> None:

@@ -491,12 +491,14 @@ def bench_model(model: str, flavors: Sequence[str], timer: Timer) -> dict[str, A
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/<mode>.json)")
+def parse_args(description: str = __doc__.splitlines()[0], models=MODELS,
+               default_out: str = "benchmarks/results/<mode>.json") -> argparse.Namespace:
+    """The options of both benchmarks (bench_dygraph.py passes its own description, models, output)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, help=f"JSON output (default: {default_out})")
     parser.add_argument("--repeats", type=int, default=9, help="repeats per timing; 9 or more to commit")
     parser.add_argument("--quick", action="store_true", help="few short runs per repeat (smoke test)")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=sorted(models), default=list(models))
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -512,11 +514,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(args: argparse.Namespace, skipped: dict[str, Any]) -> dict[str, Any]:
+def machine_and_run(args: argparse.Namespace) -> dict[str, Any]:
+    """What every benchmark's JSON records of the software, the machine and the run's options."""
     return {
-        "mode": mode_name(),
         "paddle_version": paddle.__version__,
-        "ir": "pir" if in_pir() else "legacy",
         "paddle_ema_version": paddle_ema.__version__,
         "numpy_version": np.__version__,
         "python": platform.python_version(),
@@ -527,8 +528,12 @@ def environment(args: argparse.Namespace, skipped: dict[str, Any]) -> dict[str, 
         "quick": args.quick,
         "decay": DECAY,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "skipped": skipped,
     }
+
+
+def environment(args: argparse.Namespace, skipped: dict[str, Any]) -> dict[str, Any]:
+    return {"mode": mode_name(), "ir": "pir" if in_pir() else "legacy", **machine_and_run(args),
+            "skipped": skipped}
 
 
 def main() -> None:

@@ -19,15 +19,14 @@ import tempfile
 import numpy as np
 import paddle
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from nets import IN_FEATURES
 from oracle import EmaOracle
+from test_stateful import EmaUser
 
 import paddle_ema
 
-DEEP = os.environ.get("PADDLE_EMA_DEEP") == "1"
 EMAS = st.sampled_from(["a", "b"])
 
 
@@ -183,10 +182,5 @@ class ModelEmaUser(RuleBasedStateMachine):
             self.assert_averages_of(self.applied[-1][0], "applied")
 
 
-ModelEmaUser.TestCase.settings = settings(
-    max_examples=500 if DEEP else 40,
-    stateful_step_count=50 if DEEP else 25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+ModelEmaUser.TestCase.settings = EmaUser.TestCase.settings  # as many examples (PADDLE_EMA_DEEP too)
 TestModelEmaUser = ModelEmaUser.TestCase
