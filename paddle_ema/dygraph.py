@@ -150,7 +150,9 @@ class ModelEMA:
                 f"inv_gamma and power shape warmup='power' only (warmup is {warmup!r}); pass "
                 "warmup='power', or leave them at their defaults"
             )
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        if isinstance(update_every, bool) or not isinstance(update_every, int):
+            raise TypeError(f"update_every must be an int (average on every k-th call), got {update_every!r}")
+        if update_every < 1:
             raise ValueError(f"update_every must be an int of at least 1, got {update_every!r}")
         if not isinstance(buffers, bool):
             raise TypeError(f"buffers must be a bool, got {buffers!r}")
@@ -167,17 +169,17 @@ class ModelEMA:
                 "the model has no floating-point parameter to average (none, or all excluded)"
             )
         self._tensors = {name: candidates[name] for name in names}
-        with paddle.no_grad():
+        with paddle.no_grad():  # each average beside its tensor, on the same device
             self._averages = {
-                name: paddle.zeros(t.shape, _graph.accumulator_dtype(_dtype_name(t)))
+                name: paddle.zeros_like(t, dtype=_graph.accumulator_dtype(_dtype_name(t)))
                 for name, t in self._tensors.items()
             }
-        # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled in
-        # place each update: an update allocates nothing but the casts of low-precision weights.
-        with paddle.no_grad():
+            # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled
+            # in place each update: an update allocates nothing but the casts of low-precision weights.
+            first = {_dtype_name(a): a for a in self._averages.values()}
             self._weights = {
-                dtype: (paddle.zeros([], dtype), paddle.zeros([], dtype))
-                for dtype in sorted({_dtype_name(a) for a in self._averages.values()})
+                dtype: tuple(paddle.to_tensor(0.0, dtype=dtype, place=a.place) for _ in range(2))
+                for dtype, a in first.items()
             }
         self._update_every = update_every
         self._calls = 0  # update() calls, for update_every

@@ -240,6 +240,7 @@ def test_out_of_order_restore_raises_and_changes_nothing(dygraph, rng):
     (dict(power=0.75), ValueError, "inv_gamma and power shape warmup='power' only"),
     (dict(warmup="power", power=-1.0), ValueError, "power must be positive"),
     (dict(update_every=0), ValueError, "update_every must be an int of at least 1"),
+    (dict(update_every=2.0), TypeError, "update_every must be an int"),
     (dict(exclude=[".*"]), ValueError, "no floating-point parameter to average"),
     (dict(parameters=["nope"]), ValueError, "'nope' is not a parameter of the model"),
     (dict(buffers=1), TypeError, "buffers must be a bool"),
