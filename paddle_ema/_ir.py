@@ -291,6 +291,23 @@ def share_memory(name: str, source: str, scope: Any) -> None:
     scope.find_var(name).get_tensor()._share_data_with(scope.find_var(source).get_tensor())
 
 
+def eager_set_aside(tensor: Any) -> Any:
+    """A new eager tensor that takes over ``tensor``'s data (no copy), for :func:`eager_swap_in`.
+
+    Private but present from Paddle 2.6 to 3.3: ``Tensor._share_underline_tensor_to`` points another
+    tensor object at the same underlying DenseTensor (shape, dtype and memory).
+    """
+    aside = paddle.Tensor()
+    tensor._share_underline_tensor_to(aside)
+    return aside
+
+
+def eager_swap_in(tensor: Any, source: Any) -> None:
+    """Point eager ``tensor`` (a parameter: the object, its name and its autograd state stay) at
+    ``source``'s data, with no copy."""
+    source._share_underline_tensor_to(tensor)
+
+
 def holds_memory(name: str, scope: Any) -> bool:
     """Whether tensor ``name`` of ``scope`` exists and holds memory."""
     var = scope.find_var(name)

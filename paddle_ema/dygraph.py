@@ -248,12 +248,15 @@ class ModelEMA:
             return dict(self._corrected())
 
     def apply(self, need_restore: bool = True) -> _Restorer:
-        """Swap the bias-corrected averages into the model, backing the weights up first.
+        """Swap the bias-corrected averages into the model, setting the trained weights aside first.
 
-        Takes effect when called. Leaving a ``with`` block restores the trained weights bit-exactly
-        (also on an exception) unless ``need_restore`` is False; then call :meth:`restore`. A
-        failure or interrupt while backing up changes nothing; after that, the weights are restored
-        before the error propagates. Before the first update nothing is swapped (a warning says so).
+        Takes effect when called. The averages are computed into new tensors and the model's
+        parameters are pointed at them (the parameter objects stay the same, so optimizers and
+        compiled forwards keep working); restore points them back. No weight is copied either way.
+        Leaving a ``with`` block restores the trained weights bit-exactly (also on an exception)
+        unless ``need_restore`` is False; then call :meth:`restore`. A failure or interrupt before
+        the swap changes nothing; during it, the weights are restored before the error propagates.
+        Before the first update the weights are left as they are (a warning says so).
 
         Args:
             need_restore: Whether leaving the ``with`` block restores the weights.
@@ -273,14 +276,16 @@ class ModelEMA:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
         with paddle.no_grad():
-            backups = {name: tensor.clone() for name, tensor in self._tensors.items()}
-        # Every weight is recoverable from here: the state says applied before one is written.
+            # New tensors holding the averages (the one pass apply makes), and backups that take over
+            # the trained tensors themselves (no copy). No weight changes here.
+            results = dict(self._corrected())
+            backups = {name: _ir.eager_set_aside(tensor) for name, tensor in self._tensors.items()}
+        # Every weight is recoverable from here: the state says applied before one is swapped.
         self._backups = backups
         _APPLIED.append(self)
         try:
-            with paddle.no_grad():
-                for name, value in self._corrected():
-                    self._tensors[name].set_value(value)
+            for name, result in results.items():
+                _ir.eager_swap_in(self._tensors[name], result)
         except BaseException:
             self.restore()
             raise
@@ -303,9 +308,8 @@ class ModelEMA:
                 "another ModelEMA over the same weights was applied after this one and is not "
                 "restored yet; restore them in the reverse order of apply (nothing was changed)"
             )
-        with paddle.no_grad():
-            for name, backup in self._backups.items():
-                self._tensors[name].set_value(backup)
+        for name, backup in self._backups.items():  # idempotent: an interrupted restore can rerun
+            _ir.eager_swap_in(self._tensors[name], backup)
         _APPLIED.remove(self)
         self._backups = None
 

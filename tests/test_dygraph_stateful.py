@@ -26,21 +26,25 @@ from oracle import EmaOracle
 from test_stateful import EmaUser
 
 import paddle_ema
+from paddle_ema import _ir
 
 EMAS = st.sampled_from(["a", "b"])
 
 
-class InterruptedSetValue:
-    """Tensor.set_value raising KeyboardInterrupt at call ``at`` (once): Ctrl-C during a swap."""
+class InterruptedSwap:
+    """``_ir.eager_swap_in`` raising KeyboardInterrupt at its call ``at`` (once), before or after
+    swapping: Ctrl-C while apply or restore points the weights at other tensors."""
 
-    def __init__(self, at):
-        self.at, self.calls, self.original = at, 0, paddle.Tensor.set_value
+    def __init__(self, at, when):
+        self.at, self.when, self.calls, self.original = at, when, 0, _ir.eager_swap_in
 
-    def __call__(self, tensor, value):
+    def __call__(self, tensor, source):
         call, self.calls = self.calls, self.calls + 1
-        if call == self.at:
+        if call == self.at and self.when == "before":
             raise KeyboardInterrupt
-        return self.original(tensor, value)
+        self.original(tensor, source)
+        if call == self.at and self.when == "after":
+            raise KeyboardInterrupt
 
 
 class ModelEmaUser(RuleBasedStateMachine):
@@ -143,22 +147,41 @@ class ModelEmaUser(RuleBasedStateMachine):
         self.emas[key].restore()
         self.assert_bit_exact(before, "after restore")
 
-    @rule(key=EMAS, at=st.integers(0, 8))
-    def interrupted_apply(self, key, at):
+    @rule(key=EMAS, at=st.integers(0, 8), when=st.sampled_from(["before", "after"]))
+    def interrupted_apply(self, key, at, when):
         if self.is_applied(key):
             return
         before = self.weights()
-        interrupting = InterruptedSetValue(at)
-        paddle.Tensor.set_value = lambda tensor, value: interrupting(tensor, value)
+        interrupting = InterruptedSwap(at, when)
+        _ir.eager_swap_in = interrupting
         try:
             with contextlib.suppress(KeyboardInterrupt):
                 self.emas[key].apply(need_restore=False)
         finally:
-            paddle.Tensor.set_value = interrupting.original
+            _ir.eager_swap_in = interrupting.original
         if self.emas[key]._backups is not None:  # the interrupt missed: it is applied
             self.applied.append((key, before))
             return
-        self.assert_bit_exact(before, f"after an apply interrupted at write {at}")
+        self.assert_bit_exact(before, f"after an apply interrupted {when} swap {at}")
+
+    @precondition(lambda self: self.applied)
+    @rule(at=st.integers(0, 8))
+    def interrupted_restore(self, at):
+        key, before = self.applied[-1]
+        interrupting = InterruptedSwap(at, "before")
+        _ir.eager_swap_in = interrupting
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                self.emas[key].restore()
+        finally:
+            _ir.eager_swap_in = interrupting.original
+        if self.emas[key]._backups is None:  # the interrupt missed: it is restored
+            self.applied.pop()
+            self.assert_bit_exact(before, "after restore")
+            return
+        self.emas[key].restore()  # an interrupted restore is finished by calling it again
+        self.applied.pop()
+        self.assert_bit_exact(before, f"after a restore interrupted at swap {at}, then finished")
 
     @precondition(lambda self: not self.applied)
     @rule()
