@@ -275,3 +275,17 @@ def test_a_to_static_model_is_averaged_like_an_eager_one(dygraph, rng):
         ema.update()
         oracle.step(weights(ema), thres_value=update)
     check_applied(ema, oracle, "to_static")
+    # The compiled forward sees the swapped-in averages: the same output as with them copied in.
+    model.eval()
+    x = paddle.to_tensor(rng.standard_normal((4, IN_FEATURES)).astype("float32"))
+    with ema.apply():
+        swapped = model(x).numpy()
+    trained, averages = weights(ema), ema.averages()
+    with paddle.no_grad():
+        for name, value in averages.items():
+            ema._tensors[name].set_value(value)
+        copied = model(x).numpy()
+        for name, value in trained.items():
+            ema._tensors[name].set_value(value)
+    np.testing.assert_array_equal(swapped, copied)
+    assert not np.allclose(swapped, model(x).numpy(), atol=1e-6)  # and the raw weights differ
