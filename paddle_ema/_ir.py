@@ -22,7 +22,6 @@ __all__ = [
     "as_numpy_dtype",
     "bind_persistable",
     "create_state",
-    "declare_scope_tensor",
     "divide_into",
     "dtype_name",
     "fill_scope_tensor",
@@ -35,7 +34,10 @@ __all__ = [
     "program_of",
     "read_array",
     "read_scalar",
-    "release_scope_tensor",
+    "release",
+    "scope_tensor",
+    "share_memory",
+    "holds_memory",
     "sgd_lerp_",
     "stack_max_numel",
     "update_role",
@@ -272,23 +274,34 @@ def read_scalar(name: str, scope: Any) -> float | None:
     return None if tensor is None else float(np.array(tensor).reshape(-1)[0])
 
 
-def declare_scope_tensor(name: str, scope: Any) -> None:
-    """Make sure ``scope`` has a (possibly empty) tensor ``name`` that a program may write.
+def scope_tensor(name: str, scope: Any) -> Any:
+    """A handle to tensor ``name`` of ``scope``, declared (holding no memory) if it is not there.
 
-    A program allocates it on its executor's place when it first writes it. PIR needs the variable
-    and its tensor holder to exist beforehand (a write to a name the scope lacks is silently lost).
+    A program allocates a declared tensor on its executor's place when it first writes it. PIR needs
+    the variable and its tensor holder to exist beforehand (a write to a name the scope lacks is
+    silently lost). The handle stays valid as long as the scope lives.
     """
-    scope.var(name).get_tensor()
+    return scope.var(name).get_tensor()
 
 
-def share_memory(name: str, source: str, scope: Any) -> None:
-    """Make tensor ``name`` of ``scope`` refer to the memory of tensor ``source`` (no copy).
+def share_memory(tensor: Any, source: Any) -> None:
+    """Make scope tensor ``tensor`` refer to the memory of scope tensor ``source`` (no copy).
 
     Private but present from Paddle 2.6 to 3.3: ``DenseTensor._share_data_with``, which points a
     tensor at another's allocation. Executors look tensors up by variable each run, so programs see
     the new memory from their next run on, in both IRs.
     """
-    scope.find_var(name).get_tensor()._share_data_with(scope.find_var(source).get_tensor())
+    tensor._share_data_with(source)
+
+
+def holds_memory(tensor: Any) -> bool:
+    """Whether scope tensor ``tensor`` holds memory."""
+    return tensor._is_initialized()
+
+
+def release(tensor: Any) -> None:
+    """Let scope tensor ``tensor`` go of its memory (freed if nothing else refers to it)."""
+    tensor._clear()
 
 
 def eager_set_aside(tensor: Any) -> Any:
@@ -306,19 +319,6 @@ def eager_swap_in(tensor: Any, source: Any) -> None:
     """Point eager ``tensor`` (a parameter: the object, its name and its autograd state stay) at
     ``source``'s data, with no copy."""
     source._share_underline_tensor_to(tensor)
-
-
-def holds_memory(name: str, scope: Any) -> bool:
-    """Whether tensor ``name`` of ``scope`` exists and holds memory."""
-    var = scope.find_var(name)
-    return var is not None and var.get_tensor()._is_initialized()
-
-
-def release_scope_tensor(name: str, scope: Any) -> None:
-    """Free the memory of tensor ``name`` in ``scope``, keeping the variable declared."""
-    var = scope.find_var(name)
-    if var is not None:
-        var.get_tensor()._clear()
 
 
 def fill_scope_tensor(

@@ -103,8 +103,8 @@ def _compiled_programs_of(program: Any) -> bool:
 class _Applied:
     """What :meth:`ExponentialMovingAverage.restore` needs: where the backups are, and if there are any."""
 
-    scope: Any  # the scope apply() worked on, whatever scope is current at restore()
-    backed_up: bool  # False when apply() ran before the first update step and changed nothing
+    scope: Any  # the scope apply() worked on, whatever scope is current at restore(); kept alive here
+    handles: _graph.Scratch  # its parameter/backup/result tensors; empty when apply() changed nothing
 
 
 # Every applied EMA with what its restore needs, in the order they were applied: the one record of
@@ -391,22 +391,22 @@ class ExponentialMovingAverage:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self._push(_Applied(scope, backed_up=False))
+            self._push(_Applied(scope, handles=()))
             return _Restorer(self, executor, need_restore)
-        _graph.declare_scratch(self._plan, scope)
+        handles = _graph.scratch(self._plan, scope)
         try:
             # The averages go into result tensors and the backups share the parameters' memory: no
             # parameter is written yet, so a failure or interrupt here changes nothing.
             executor.run(self._write_program, scope=scope)
-            _graph.share_backups(self._plan, scope)
+            _graph.share_backups(handles)
         except BaseException:
-            _graph.release_scratch(self._plan, scope)
+            _graph.release_scratch(handles)
             raise
         # From here every trained value is held by a backup, so the state says applied before the
         # first parameter is swapped: restore() works whatever happens next.
-        self._push(_Applied(scope, backed_up=True))
+        self._push(_Applied(scope, handles))
         try:
-            _graph.swap_results_in(self._plan, scope)
+            _graph.swap_results_in(handles)
         except BaseException:
             self.restore(executor)
             raise
@@ -481,11 +481,9 @@ class ExponentialMovingAverage:
                 "and is not restored yet; restore the EMAs in the reverse order of apply (nothing was "
                 "changed)"
             )
-        if applied.backed_up:
-            _graph.swap_backups_in(self._plan, applied.scope)
+        _graph.swap_backups_in(applied.handles)
         _APPLIED_STACK.remove(entry)
-        if applied.backed_up:
-            _graph.release_scratch(self._plan, applied.scope)
+        _graph.release_scratch(applied.handles)
 
     @property
     def _applied(self) -> _Applied | None:

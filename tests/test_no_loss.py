@@ -110,12 +110,12 @@ def test_keyboard_interrupt_around_the_apply_program_loses_nothing(trained, exe,
 
 
 class InterruptingScope:
-    """``_ir.share_memory`` and ``_ir.release_scope_tensor`` raising KeyboardInterrupt at their call
+    """``_ir.share_memory`` and ``_ir.release`` raising KeyboardInterrupt at their call
     ``at`` (counted together), before or after doing their work: Ctrl-C during a swap."""
 
     def __init__(self, at, when):
         self.at, self.when, self.calls = at, when, 0
-        self.share, self.release = _ir.share_memory, _ir.release_scope_tensor
+        self.share, self.release = _ir.share_memory, _ir.release
 
     def _wrap(self, function):
         def wrapped(*args):
@@ -129,7 +129,7 @@ class InterruptingScope:
 
     def install(self, monkeypatch):
         monkeypatch.setattr(_ir, "share_memory", self._wrap(self.share))
-        monkeypatch.setattr(_ir, "release_scope_tensor", self._wrap(self.release))
+        monkeypatch.setattr(_ir, "release", self._wrap(self.release))
 
 
 def test_keyboard_interrupt_at_every_swap_of_apply_and_restore_loses_nothing(trained, exe, monkeypatch):
@@ -188,16 +188,16 @@ def test_an_interrupted_restore_can_be_finished(trained, exe, monkeypatch, at):
 
 def test_an_interrupt_while_backups_are_freed_leaves_the_ema_usable(trained, exe, monkeypatch):
     ema, raw, oracle = trained
-    release = _ir.release_scope_tensor
+    release = _ir.release
     calls = []
 
-    def interrupted_release(name, scope):
-        calls.append(name)
+    def interrupted_release(tensor):
+        calls.append(tensor)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        release(name, scope)
+        release(tensor)
 
-    monkeypatch.setattr(_ir, "release_scope_tensor", interrupted_release)
+    monkeypatch.setattr(_ir, "release", interrupted_release)
     with pytest.raises(KeyboardInterrupt):
         with ema.apply(exe):
             pass
