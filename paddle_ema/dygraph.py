@@ -9,6 +9,7 @@ from typing import Any, Iterator, Sequence
 import paddle
 
 from paddle_ema import _graph, _ir, _select, schedule
+from paddle_ema._restorer import Restorer
 
 __all__ = ["ModelEMA"]
 
@@ -39,21 +40,6 @@ def _named_tensors(model: Any, buffers: bool) -> dict[str, Any]:
         seen.add(id(tensor))
         found[name] = tensor
     return found
-
-
-class _Restorer:
-    """What :meth:`ModelEMA.apply` returns: restores on leaving a ``with`` block."""
-
-    def __init__(self, ema: ModelEMA, need_restore: bool) -> None:
-        self._ema = ema
-        self._need_restore = need_restore
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._need_restore:
-            self._ema.restore()
 
 
 class ModelEMA:
@@ -181,6 +167,11 @@ class ModelEMA:
                 dtype: tuple(paddle.to_tensor(0.0, dtype=dtype, place=a.place) for _ in range(2))
                 for dtype, a in first.items()
             }
+        # What each update step works on, paired once here rather than looked up per tensor per step.
+        self._update_plan = [
+            (average, self._tensors[name], self._weights[_dtype_name(average)])
+            for name, average in self._averages.items()
+        ]
         self._update_every = update_every
         self._calls = 0  # update() calls, for update_every
         self._updates = 0  # averaging updates: the schedule's count
@@ -228,9 +219,7 @@ class ModelEMA:
             for positive, negative in self._weights.values():
                 positive.fill_(weight)
                 negative.fill_(-weight)
-            for name, average in self._averages.items():
-                tensor = self._tensors[name]
-                positive, negative = self._weights[_dtype_name(average)]
+            for average, tensor, (positive, negative) in self._update_plan:
                 # (a float16/bfloat16 weight is read as float32: one cast, the only temporary)
                 target = tensor if tensor.dtype == average.dtype else tensor.astype(average.dtype)
                 _ir.sgd_lerp_(average, target, positive, negative)
@@ -247,7 +236,7 @@ class ModelEMA:
         with paddle.no_grad():
             return dict(self._corrected())
 
-    def apply(self, need_restore: bool = True) -> _Restorer:
+    def apply(self, need_restore: bool = True) -> Restorer:
         """Swap the bias-corrected averages into the model, setting the trained weights aside first.
 
         Takes effect when called. The averages are computed into new tensors and the model's
@@ -289,7 +278,7 @@ class ModelEMA:
         except BaseException:
             self.restore()
             raise
-        return _Restorer(self, need_restore)
+        return Restorer(self.restore, need_restore)
 
     def restore(self) -> None:
         """Put back the weights that :meth:`apply` backed up. Does nothing (logs a warning) if
@@ -366,15 +355,17 @@ class ModelEMA:
     def _corrected(self) -> Iterator[tuple[str, Any]]:
         """Each name with its bias-corrected average in its tensor's dtype (the weights before the
         first update)."""
-        for name, tensor in self._tensors.items():
-            if self._bias_correction == 0.0:
+        if self._bias_correction == 0.0:
+            for name, tensor in self._tensors.items():
                 yield name, tensor.clone()
-                continue
+            return
+        # Divided by the denominator rounded to the average's dtype, as the static class does (a
+        # Python float divisor would become a float32 reciprocal: one more rounding).
+        denominators = {dtype: paddle.full([], self._bias_correction, dtype) for dtype in self._weights}
+        for name, tensor in self._tensors.items():
             average = self._averages[name]
-            # Divided by the denominator rounded to the average's dtype, as the static class does
-            # (a Python float divisor would become a float32 reciprocal: one more rounding).
-            value = paddle.divide(average, paddle.full([], self._bias_correction, _dtype_name(average)))
-            yield name, value if _dtype_name(value) == _dtype_name(tensor) else value.astype(tensor.dtype)
+            value = paddle.divide(average, denominators[_dtype_name(average)])
+            yield name, value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
 
 
 def _dtype_name(tensor: Any) -> str:

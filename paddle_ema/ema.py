@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import warnings
@@ -14,6 +15,7 @@ import paddle
 from paddle.utils import unique_name
 
 from paddle_ema import _graph, _ir, _select, schedule
+from paddle_ema._restorer import Restorer
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -122,22 +124,6 @@ _UPDATED: weakref.WeakSet[ExponentialMovingAverage] = weakref.WeakSet()
 def updated_emas(program: Any) -> list[ExponentialMovingAverage]:
     """The live EMAs whose update() appended their ops to ``program``."""
     return [e for e in list(_UPDATED) if e._program is program]
-
-
-class _Restorer:
-    """What :meth:`ExponentialMovingAverage.apply` returns: restores on leaving a ``with`` block."""
-
-    def __init__(self, ema: ExponentialMovingAverage, executor: Any, need_restore: bool) -> None:
-        self._ema = ema
-        self._executor = executor
-        self._need_restore = need_restore
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._need_restore:
-            self._ema.restore(self._executor)
 
 
 class ExponentialMovingAverage:
@@ -328,7 +314,7 @@ class ExponentialMovingAverage:
         self._state = state
         _UPDATED.add(self)
 
-    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> _Restorer:
+    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> Restorer:
         """Write the bias-corrected averages into the parameters, backing the parameters up first.
 
         It takes effect when called. Use it as a context manager: leaving the ``with`` block (also
@@ -392,7 +378,7 @@ class ExponentialMovingAverage:
                 stacklevel=2,
             )
             self._push(_Applied(scope, handles=()))
-            return _Restorer(self, executor, need_restore)
+            return Restorer(functools.partial(self.restore, executor), need_restore)
         handles = _graph.scratch(self._plan, scope)
         try:
             # The averages go into result tensors and the backups share the parameters' memory: no
@@ -410,7 +396,7 @@ class ExponentialMovingAverage:
         except BaseException:
             self.restore(executor)
             raise
-        return _Restorer(self, executor, need_restore)
+        return Restorer(functools.partial(self.restore, executor), need_restore)
 
     def averages(self, executor: paddle.static.Executor) -> dict[str, np.ndarray]:
         """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.
