@@ -208,37 +208,43 @@ def test_an_interrupt_while_backups_are_freed_leaves_the_ema_usable(trained, exe
 
 
 def test_real_signals_during_apply_restore_loops_lose_nothing(trained, exe):
-    """SIGALRM at random moments of apply/restore cycles, its handler raising KeyboardInterrupt."""
+    """SIGALRM at random moments of apply/restore cycles, its handler raising KeyboardInterrupt.
+
+    Where an interrupt lands depends on the machine's load (CI once caught only 2 of 60 while applied), so
+    trials go on until both kinds of landing were reached often enough: while the averages are applied
+    (the evaluation after ``need_restore=False``) and anywhere else (inside apply, restore, the context
+    manager). The cap only bounds a broken run; a healthy one needs ~60 trials.
+    """
     ema, raw, oracle = trained
     timing = np.random.default_rng(7)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    caught_applied = []
+    landed = {True: 0, False: 0}  # applied when the interrupt landed -> count
     previous = signal.signal(signal.SIGALRM, interrupt)
     try:
-        for trial in range(60):
+        for trial in range(600):
+            if min(landed.values()) >= 10:
+                break
             try:
                 signal.setitimer(signal.ITIMER_REAL, float(timing.uniform(1e-4, 1e-2)))
                 for _ in range(1000):
                     with ema.apply(exe):
                         read_all(ema.parameter_names)  # an evaluation, briefly
                     ema.apply(exe, need_restore=False)
-                    time.sleep(2e-4)  # an evaluation while applied: where interrupts must be survived
+                    time.sleep(5e-4)  # an evaluation while applied: where interrupts must be survived
                     ema.restore(exe)
             except KeyboardInterrupt:
                 pass
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            caught_applied.append(ema._applied is not None)
+            landed[ema._applied is not None] += 1
             assert_recoverable(ema, exe, raw, f"SIGALRM trial {trial}")
     finally:
         signal.signal(signal.SIGALRM, previous)
-    # Many interrupts land while the averages are applied (with need_restore=False): the test must
-    # reach those.
-    print(f"\n{sum(caught_applied)} of {len(caught_applied)} interrupts caught the averages applied")
-    assert sum(caught_applied) >= 3, f"only {sum(caught_applied)} interrupts caught apply half-way"
+    print(f"\ninterrupts landed: {landed[True]} while applied, {landed[False]} elsewhere")
+    assert min(landed.values()) >= 10, f"the interrupts did not reach both states often enough: {landed}"
     assert_applied_matches(ema, exe, oracle, "apply after the signal trials")
 
 
