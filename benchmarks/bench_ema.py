@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -199,16 +200,22 @@ class Timer:
     def __call__(self, steps: dict[str, Callable[[], Any]]) -> dict[str, dict[str, Any]]:
         runs = {name: self._calibrate(step) for name, step in steps.items()}
         samples: dict[str, list[float]] = {name: [] for name in steps}
+        faults: dict[str, list[float]] = {name: [] for name in steps}
         names = list(steps)
         for repeat in range(self.repeats):
             for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                before = _minor_faults()
                 samples[name].append(_ms_per_run(steps[name], runs[name]))
+                faults[name].append((_minor_faults() - before) / runs[name])
         return {
             name: {
                 "ms": statistics.median(samples[name]),
                 "min_ms": min(samples[name]),
                 "samples_ms": samples[name],
                 "runs_per_repeat": runs[name],
+                # Minor page faults per run: memory the step touched for the first time (freshly
+                # mapped). Large temporaries freed and re-allocated every step show up here.
+                "minor_faults": statistics.median(faults[name]),
             }
             for name in steps
         }
@@ -219,6 +226,10 @@ class Timer:
             step()
         one = _ms_per_run(step, 1) / 1e3
         return max(self.min_runs, min(self.max_runs, round(self.target_s / max(one, 1e-9))))
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _ms_per_run(step: Callable[[], Any], runs: int) -> float:

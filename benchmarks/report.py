@@ -110,6 +110,16 @@ def state_cell(flavor: str) -> Cell:
     return cell
 
 
+def faults_cell(*keys: str) -> Cell:
+    """Minor page faults per step of each timing, median over repeats, separated by slashes."""
+
+    def cell(model: dict[str, Any]) -> str:
+        values = [model["timings"].get(key, {}).get("minor_faults") for key in keys]
+        return MISSING if all(v is None for v in values) else " / ".join(fmt(v, ".0f") for v in values)
+
+    return cell
+
+
 def rss_cell(variant: str) -> Cell:
     return lambda m: fmt(m["peak_rss_delta_mib"].get(variant), ".0f")
 
@@ -126,6 +136,9 @@ def derived_rows() -> list[tuple[str, Cell]]:
         ("ops added per step: paddle_ema", ops_cell("paddle_ema")),
         ("ops added per step: 4-op chain", ops_cell("4op")),
         ("ops added per step: Paddle's class", ops_cell("paddle_class")),
+        ("page faults per step (EMA only): paddle_ema", faults_cell("ema_only_paddle_ema")),
+        ("page faults per step (train, no EMA / + paddle_ema)",
+         faults_cell("train_no_ema", "train_paddle_ema")),
         ("state B/param (updated / in apply / restored): paddle_ema", state_cell("paddle_ema")),
         ("state B/param (updated / in apply / restored): class", state_cell("paddle_class")),
         ("test clone holds no EMA op", lambda m: fmt(m["checks"].get("test_clone_ema_free"), "")),

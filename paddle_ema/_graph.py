@@ -67,14 +67,17 @@ class Group:
     Small parameters of one accumulator dtype and one trailing shape share a stacked average, updated
     from their concatenation by one op instead of one op each: per-op overhead (3-15 us an op, more
     under PIR, which also spends an op per state tensor it refers to) dominates small tensors, while
-    the concatenation costs one extra pass over them. How small is small depends on the IR
-    (:func:`paddle_ema._ir.stack_max_numel`).
+    the concatenation costs one extra pass over them, into a buffer kept between steps. How small is
+    small: :func:`paddle_ema._ir.stack_max_numel`.
     """
 
     average: str
     shape: tuple[int, ...]
     dtype: str  # the accumulator dtype (see accumulator_dtype)
     members: tuple[int, ...]  # indices into EmaPlan.slots, in stacking order
+    # Scope-only, for stacks: the members' concatenation, rewritten every step, kept allocated between
+    # steps (see _ir.concat_into_buffer) and in no checkpoint. None for a parameter's own average.
+    stacked: str | None = None
 
 
 def _stack_key(shape: Sequence[int], dtype: str) -> tuple | None:
@@ -125,14 +128,17 @@ class EmaPlan:
             members.sort(key=lambda i: params[i].name)
             first = members[0]
             if len(members) == 1:
-                average = f"{prefix}.{params[first].name}.average"
+                average, stacked = f"{prefix}.{params[first].name}.average", None
                 shape, rows = shapes[first], [None]
             else:
-                average = f"{prefix}.{_stack_name([params[i].name for i in members])}.average"
+                stack = _stack_name([params[i].name for i in members])
+                average, stacked = f"{prefix}.{stack}.average", f"{prefix}.{stack}.stacked"
                 ends = list(itertools.accumulate(shapes[i][0] for i in members))
                 shape = (ends[-1], *shapes[first][1:])
                 rows = list(zip([0, *ends[:-1]], ends))
-            groups.append(Group(average, shape, accumulator_dtype(dtypes[first]), tuple(members)))
+            groups.append(
+                Group(average, shape, accumulator_dtype(dtypes[first]), tuple(members), stacked)
+            )
             for index, row in zip(members, rows):
                 slots[index] = Slot(
                     param=params[index].name, shape=shapes[index], dtype=dtypes[index],
@@ -192,6 +198,8 @@ def reset_state(plan: EmaPlan, scope: Any) -> None:
     _ir.fill_scope_tensor(plan.debias, [1], _DEBIAS_DTYPE, 0.0, place, scope)
     for group in plan.groups:
         _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place, scope)
+        if group.stacked is not None:  # declared only: the next update step writes it
+            _ir.scope_tensor(group.stacked, scope)
 
 
 class _ScalarVariants:
@@ -249,7 +257,7 @@ def emit_update(plan: EmaPlan, params: Sequence[Any], state: StateHandles, weigh
     paddle.increment(state.step)
     for group, average in zip(plan.groups, state.averages):
         members = [_as_accumulator(params[i], group.dtype) for i in group.members]
-        target = members[0] if len(members) == 1 else paddle.concat(members, axis=0)
+        target = members[0] if group.stacked is None else _ir.concat_into_buffer(members, group.stacked)
         rank0 = len(group.shape) == 0
         if _lerp_is_faster(group.shape):
             _ir.lerp_(average, target, weights.get(group.dtype, rank0))

@@ -21,6 +21,7 @@ from paddle.base.data_feeder import convert_dtype
 __all__ = [
     "as_numpy_dtype",
     "bind_persistable",
+    "concat_into_buffer",
     "create_state",
     "divide_into",
     "dtype_name",
@@ -148,13 +149,41 @@ def sgd_lerp_(average: Any, target: Any, weight: Any, weight_neg: Any) -> None:
 def stack_max_numel() -> int:
     """Largest parameter (in elements) whose average is worth stacking with others (see _graph.Group).
 
-    Stacking trades one op per tensor for one concatenation pass over it. Paddle's CPU concat moves
-    only about 1.5 GB/s, so it pays only where an op costs more than copying the tensor: below ~32k
-    elements in the legacy IR, but under PIR, whose per-op cost is mostly scheduling and is cut in half
-    already by stacking the tiny tensors (biases, norms), only up to ~1k elements. Measured on the
-    512-tensor fc64 model in benchmarks/ (EMA-only program, 4-op chain as the in-run baseline).
+    Stacking trades one op per tensor for one concatenation pass over it (into a buffer that stays
+    allocated: see :func:`concat_into_buffer`). Measured with candidates side by side in one process
+    (EMA-only programs, 2 CPU cores, Paddle 3.3): under PIR, 32k elements cut the ops the EMA adds to
+    the 512-tensor fc64 *training* program from 524 to 22 and its EMA-only step from 4.1 to 3.0 ms
+    (1k: 0.2's limit); 256k doubles the fc512 step (1 MB tensors concatenated for nothing). In the
+    legacy IR 32k was already the best of 4k-256k.
     """
-    return 1024 if in_pir_mode() else 32768
+    return 32768
+
+
+def concat_into_buffer(members: Sequence[Any], name: str) -> Any:
+    """``paddle.concat(members, axis=0)`` into scope tensor ``name``, which keeps its memory between runs.
+
+    A temporary of several MB would be freed after every step and faulted back in at the next (Paddle's
+    CPU allocator returns large blocks to the OS: ~1000 minor faults a step for a 4 MB stack at
+    ~1 GB/s). A persistable output keeps its allocation, which the concat kernel reuses. Checkpoints
+    never carry it (it is overwritten before every read), so nothing changes for them: under PIR,
+    ``paddle.static.save`` keeps parameters and persistable ``data`` values, and this is neither; in the
+    legacy IR it is flagged like a feed target (``need_check_feed``), which ``paddle.static.save``,
+    ``paddle.static.load`` and ``Program.state_dict`` skip, as :func:`persistable_names` does.
+    """
+    if in_pir_mode():
+        stacked = paddle.concat(list(members), axis=0)
+        stacked.persistable = True
+        paddle._pir_ops.set_persistable_value(stacked, name)
+        return stacked
+    # Made by the startup program like any persistable (paddle.static.set_program_state asserts that
+    # every persistable of the program exists in the scope before it loads a checkpoint).
+    shape = [sum(int(m.shape[0]) for m in members), *members[0].shape[1:]]
+    stacked = create_state(name, shape, dtype_name(members[0]), 0.0)
+    stacked.desc.set_need_check_feed(True)
+    members[0].block.append_op(
+        type="concat", inputs={"X": list(members)}, outputs={"Out": [stacked]}, attrs={"axis": 0}
+    )
+    return stacked
 
 
 def lerp_(average: Any, target: Any, weight: Any) -> None:
@@ -342,7 +371,9 @@ def persistable_names(program: Any) -> set[str]:
 
         params, others = get_pir_parameters(program)
         return {v.name for v in params + others if v.persistable}
-    return {v.name for v in program.list_vars() if v.persistable}
+    # need_check_feed: feed targets, and the stacking buffers (see concat_into_buffer), which
+    # paddle.static.save skips too.
+    return {v.name for v in program.list_vars() if v.persistable and not v.desc.need_check_feed()}
 
 
 def program_of(value: Any) -> Any:

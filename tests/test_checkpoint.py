@@ -274,3 +274,33 @@ def test_paddle_class_state_with_another_decay_starts_fresh_and_says_why(exe, rn
         assert "bias correction, is not in the checkpoint" in caplog.text
         for name in state_names(ema):
             assert not np.any(read(name)), name
+
+
+def test_stacking_buffers_stay_allocated_and_out_of_checkpoints(exe, rng, tmp_path):
+    """A stack's concatenation goes into a scope tensor that keeps its memory from step to step (no
+    large temporary freed and faulted back in every step), and no checkpoint carries it: checkpoints
+    from before it existed and from now hold the same names."""
+    prefix = str(tmp_path / "buffers")
+    stack, main, startup = fresh_world()
+    with stack:
+        net = build_net(main, optimizer="adam")
+        ema = paddle_ema.ExponentialMovingAverage(0.9)
+        ema.update()
+        exe.run(startup)
+        plan = ema._plan
+        stacks = [g for g in plan.groups if g.stacked is not None]
+        assert stacks, "the net must exercise stacked averages"
+        scope = paddle.static.global_scope()
+        pointers = []
+        for _ in range(3):
+            exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+            pointers.append([scope.find_var(g.stacked).get_tensor()._ptr() for g in stacks])
+        assert pointers[0] == pointers[1] == pointers[2], "a stacking buffer was re-allocated"
+        for group in stacks:  # what a buffer holds: this step's parameters, stacked
+            members = [read(plan.slots[i].param) for i in group.members]
+            np.testing.assert_array_equal(read(group.stacked), np.concatenate(members), err_msg=group.stacked)
+        paddle.static.save(main, prefix)
+        parameters = {p.name for p in main.global_block().all_parameters()}
+    saved = set(paddle.static.load_program_state(prefix))
+    assert not saved & {g.stacked for g in stacks}, "a stacking buffer went into the checkpoint"
+    assert set(state_names(ema)) | parameters <= saved
