@@ -55,9 +55,13 @@ class Slot:
     shape: tuple[int, ...]
     dtype: str
     backup: str  # scope-only: shares the trained parameter's memory while applied
-    result: str  # scope-only: the debiased average, made by apply before it is swapped in
+    # Scope-only: where apply's write program puts the debiased average before it is swapped in. A
+    # stack of one parameter dtype gets one result for all its members, at the same rows as in
+    # ``average``: one op writes it, and each parameter is pointed at its rows.
+    result: str
     average: str  # the average tensor holding this parameter's average, maybe shared (see Group)
     rows: tuple[int, int] | None  # rows [start, stop) of ``average`` along axis 0; None: all of it
+    shares_result: bool = False  # whether ``result`` is stacked, this parameter being its ``rows``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +143,16 @@ class EmaPlan:
             groups.append(
                 Group(average, shape, accumulator_dtype(dtypes[first]), tuple(members), stacked)
             )
+            # A stack of float16 and bfloat16 parameters (one float32 average) rounds each member to
+            # its own dtype: one result per member.
+            one_result = stacked is not None and len({dtypes[i] for i in members}) == 1
             for index, row in zip(members, rows):
+                name = params[index].name
                 slots[index] = Slot(
-                    param=params[index].name, shape=shapes[index], dtype=dtypes[index],
-                    backup=f"{prefix}.{params[index].name}.backup",
-                    result=f"{prefix}.{params[index].name}.applied", average=average, rows=row,
+                    param=name, shape=shapes[index], dtype=dtypes[index],
+                    backup=f"{prefix}.{name}.backup",
+                    result=f"{prefix}.{stack}.applied" if one_result else f"{prefix}.{name}.applied",
+                    average=average, rows=row, shares_result=one_result,
                 )
         # The float64 bias denominator is named ".bias_correction": paddle_ema 0.1 kept a float32 one
         # as ".debias", and under PIR a float32 tensor loaded under the float64 one's name fails the
@@ -198,8 +207,8 @@ def reset_state(plan: EmaPlan, scope: Any) -> None:
     _ir.fill_scope_tensor(plan.debias, [1], _DEBIAS_DTYPE, 0.0, place, scope)
     for group in plan.groups:
         _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place, scope)
-        if group.stacked is not None:  # declared only: the next update step writes it
-            _ir.scope_tensor(group.stacked, scope)
+        if group.stacked is not None:
+            _ir.declare_output(group.stacked, scope)
 
 
 class _ScalarVariants:
@@ -285,19 +294,26 @@ def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
 
 def build_write_program(plan: EmaPlan) -> paddle.static.Program:
     """A program that writes every parameter's debiased average, in the parameter's dtype, into the
-    parameter's result tensor (see :func:`swap_results_in`). It writes no parameter.
+    parameter's result tensor (see :func:`swap_results_in`): one op per average tensor, so a stack of
+    small parameters costs one op, not one per member. It writes no parameter.
 
     Run it only once the bias denominator is non-zero (after the first update step): before that
     there is no average to apply.
     """
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
-        for slot, piece, denominator in _debiased_pieces(plan):
-            result = _ir.bind_persistable(slot.result, slot.shape, slot.dtype)
-            if slot.dtype == accumulator_dtype(slot.dtype):
-                _ir.divide_into(piece, denominator, result)
-            else:  # a float32 average of a low-precision parameter: round once, on the way in
-                paddle.assign(paddle.cast(piece / denominator, slot.dtype), output=result)
+        debiases = _ScalarVariants(_ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE))
+        for group in plan.groups:
+            average = _ir.bind_persistable(group.average, group.shape, group.dtype)
+            slots = [plan.slots[i] for i in group.members]
+            if slots[0].shares_result:
+                denominator = debiases.get(group.dtype)
+                _ir.divide_into(average, denominator, slots[0].result, slots[0].dtype)
+                continue
+            pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
+            for slot, piece in zip(slots, pieces):
+                denominator = debiases.get(group.dtype, rank0=len(slot.shape) == 0)
+                _ir.divide_into(piece, denominator, slot.result, slot.dtype)
     return program
 
 
@@ -335,21 +351,43 @@ def debias_value(plan: EmaPlan, scope: Any) -> float:
     return value
 
 
-Scratch = Sequence[tuple[Any, Any, Any]]  # per slot: handles to the parameter, backup and result tensors
+@dataclasses.dataclass(frozen=True)
+class Scratch:
+    """Handles to the parameters and backups one apply works with, looked up once (512 parameters:
+    ~0.5 ms), and where to find its results.
+
+    Results are looked up by name each time, after the write program ran: under PIR its
+    ``shadow_output`` puts a new variable into the scope under the result's name, so a handle taken
+    before the run would refer to a variable the scope no longer holds.
+    """
+
+    slots: tuple[Slot, ...]
+    params: tuple[Any, ...]  # per slot
+    backups: tuple[Any, ...]  # per slot
+    scope: Any = None
+
+    def results(self) -> dict[str, Any]:
+        """The result tensors in the scope, by name (a stacked result serves several slots)."""
+        names = dict.fromkeys(slot.result for slot in self.slots)
+        return {name: tensor for name in names if (tensor := _ir.find_scope_tensor(name, self.scope))}
+
+
+NO_SCRATCH = Scratch((), (), ())  # what an apply that changed nothing holds
 
 
 def scratch(plan: EmaPlan, scope: Any) -> Scratch:
-    """Handles to every parameter and its backup and result tensors in ``scope``, the latter two
-    declared there, holding no memory yet (looked up once per apply: 512 parameters cost ~0.5 ms).
+    """Handles to every parameter and its backup in ``scope``, the backups declared there, holding no
+    memory yet.
 
     Backups and results live only in the scope (not in any program's persistables), so checkpoints
     never carry them, and hold memory only while an apply is under way or applied (see
     :func:`release_scratch`).
     """
-    return tuple(
-        (_ir.scope_tensor(slot.param, scope), _ir.scope_tensor(slot.backup, scope),
-         _ir.scope_tensor(slot.result, scope))
-        for slot in plan.slots
+    return Scratch(
+        slots=plan.slots,
+        params=tuple(_ir.scope_tensor(slot.param, scope) for slot in plan.slots),
+        backups=tuple(_ir.scope_tensor(slot.backup, scope) for slot in plan.slots),
+        scope=scope,
     )
 
 
@@ -359,16 +397,19 @@ def share_backups(handles: Scratch) -> None:
     Writes no parameter, so an interrupt here changes nothing; once done, every trained value is
     held by a backup whatever a parameter refers to next.
     """
-    for param, backup, _ in handles:
+    for param, backup in zip(handles.params, handles.backups):
         _ir.share_memory(backup, param)
 
 
 def swap_results_in(handles: Scratch) -> None:
-    """Make every parameter refer to its result's memory (the debiased average), then let go of the
-    result. No copy: apply costs the one pass of the write program. Run after :func:`share_backups`.
-    """
-    for param, _, result in handles:
-        _ir.share_memory(param, result)
+    """Make every parameter refer to its debiased average (its result, or its rows of a stacked
+    result), then let go of the results. No copy: apply costs the one pass of the write program. Run
+    after :func:`share_backups`."""
+    results = handles.results()
+    for slot, param in zip(handles.slots, handles.params):
+        result = results[slot.result]
+        _ir.share_memory(param, _ir.rows_of(result, *slot.rows) if slot.shares_result else result)
+    for result in results.values():
         _ir.release(result)
 
 
@@ -376,13 +417,14 @@ def swap_backups_in(handles: Scratch) -> None:
     """Make every parameter refer to its backup's memory again: the trained values, bit for bit, with
     no copy. Idempotent, so an interrupted restore can run again; a parameter whose backup holds no
     memory was never swapped and is left alone."""
-    for param, backup, _ in handles:
+    for param, backup in zip(handles.params, handles.backups):
         if _ir.holds_memory(backup):
             _ir.share_memory(param, backup)
 
 
 def release_scratch(handles: Scratch) -> None:
     """Let go of the backups and results, so a model does not carry a second copy of its weights."""
-    for _, backup, result in handles:
+    for backup in handles.backups:
         _ir.release(backup)
+    for result in handles.results().values():
         _ir.release(result)

@@ -24,8 +24,10 @@ __all__ = [
     "concat_into_buffer",
     "create_state",
     "divide_into",
+    "declare_output",
     "dtype_name",
     "fill_scope_tensor",
+    "find_scope_tensor",
     "in_pir_mode",
     "initialized_place",
     "is_graph_variable",
@@ -36,6 +38,7 @@ __all__ = [
     "read_array",
     "read_scalar",
     "release",
+    "rows_of",
     "scope_tensor",
     "share_memory",
     "holds_memory",
@@ -204,23 +207,32 @@ def lerp_(average: Any, target: Any, weight: Any) -> None:
         )
 
 
-def divide_into(numerator: Any, denominator: Any, out: Any) -> None:
-    """Write ``numerator / denominator`` into the existing tensor ``out``, with no temporary.
+def divide_into(numerator: Any, denominator: Any, name: str, dtype: str) -> None:
+    """Write ``numerator / denominator``, cast to ``dtype``, into scope tensor ``name``: one pass.
 
-    The legacy IR lets an op write any variable: one ``elementwise_div`` with ``Out`` bound to
-    ``out``. PIR ops write only new values or, in place, their own inputs: copy the numerator into
-    ``out``, then divide it in place (two kernels, still no temporary).
+    The legacy IR lets an op write any variable: one ``elementwise_div`` with ``Out`` bound to a
+    persistable variable of that name. PIR ops write only new values or, in place, their own inputs,
+    so the quotient is a new value that ``set_persistable_value`` (a ``shadow_output``) hands to the
+    scope under ``name``, with no copy.
     """
     if in_pir_mode():
-        copied = paddle._C_ops.assign_out_(numerator, out)
-        paddle._C_ops.divide_(copied, denominator)
-    else:
-        out.block.append_op(
-            type="elementwise_div",
-            inputs={"X": [numerator], "Y": [denominator]},
-            outputs={"Out": [out]},
-            attrs={"axis": -1},
-        )
+        quotient = paddle.divide(numerator, denominator)
+        if dtype_name(quotient) != dtype:
+            quotient = paddle.cast(quotient, dtype)
+        quotient.persistable = True
+        paddle._pir_ops.set_persistable_value(quotient, name)
+        return
+    block = numerator.block
+    out = block.create_var(name=name, shape=numerator.shape, dtype=dtype, persistable=True)
+    if dtype_name(numerator) != dtype:  # a float32 average of a low-precision parameter: round once
+        paddle.assign(paddle.cast(numerator / denominator, dtype), output=out)
+        return
+    block.append_op(
+        type="elementwise_div",
+        inputs={"X": [numerator], "Y": [denominator]},
+        outputs={"Out": [out]},
+        attrs={"axis": -1},
+    )
 
 
 @contextlib.contextmanager
@@ -313,6 +325,23 @@ def scope_tensor(name: str, scope: Any) -> Any:
     return scope.var(name).get_tensor()
 
 
+def find_scope_tensor(name: str, scope: Any) -> Any | None:
+    """A handle to tensor ``name`` of ``scope``, or None if the scope has no such variable."""
+    var = scope.find_var(name)
+    return None if var is None else var.get_tensor()
+
+
+def declare_output(name: str, scope: Any) -> None:
+    """Declare, holding no memory, the scope variable a program's op will write as ``name``.
+
+    The legacy IR needs it: ``paddle.static.set_program_state`` asserts that every persistable of a
+    program is in the scope, and one made after the startup program ran is not. Under PIR the op's
+    ``shadow_output`` puts its own variable there (and such variables are not checkpointed).
+    """
+    if not in_pir_mode():
+        scope.var(name)
+
+
 def share_memory(tensor: Any, source: Any) -> None:
     """Make scope tensor ``tensor`` refer to the memory of scope tensor ``source`` (no copy).
 
@@ -321,6 +350,15 @@ def share_memory(tensor: Any, source: Any) -> None:
     the new memory from their next run on, in both IRs.
     """
     tensor._share_data_with(source)
+
+
+def rows_of(tensor: Any, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` along axis 0 of scope tensor ``tensor``: a view of its memory, no copy.
+
+    ``DenseTensor._slice`` (present from Paddle 2.6 to 3.3) shares the allocation at an offset, and
+    keeps it alive after ``tensor`` lets go (see :func:`release`).
+    """
+    return tensor._slice(start, stop)
 
 
 def holds_memory(tensor: Any) -> bool:

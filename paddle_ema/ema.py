@@ -106,7 +106,7 @@ class _Applied:
     """What :meth:`ExponentialMovingAverage.restore` needs: where the backups are, and if there are any."""
 
     scope: Any  # the scope apply() worked on, whatever scope is current at restore(); kept alive here
-    handles: _graph.Scratch  # its parameter/backup/result tensors; empty when apply() changed nothing
+    handles: _graph.Scratch  # its parameter/backup/result tensors; NO_SCRATCH when apply() changed nothing
 
 
 # Every applied EMA with what its restore needs, in the order they were applied: the one record of
@@ -377,7 +377,7 @@ class ExponentialMovingAverage:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self._push(_Applied(scope, handles=()))
+            self._push(_Applied(scope, handles=_graph.NO_SCRATCH))
             return Restorer(functools.partial(self.restore, executor), need_restore)
         handles = _graph.scratch(self._plan, scope)
         try:

@@ -163,3 +163,50 @@ def test_a_0d_parameter_keeps_its_shape(programs, exe, rng):
             assert read("scale").shape == (), "a 0-d parameter must stay 0-d while applied"
         assert read("scale").shape == ()
         assert_applied_matches(ema, exe, oracle, "0-d parameter")
+
+
+def test_stacks_of_one_dtype_are_applied_by_one_op_and_mixed_stacks_per_member(programs, exe):
+    """A stack of bfloat16 parameters gets one stacked result (one divide, one cast) that each member
+    is pointed at; a stack mixing bfloat16 and float32 members (one float32 average) rounds each member
+    to its own dtype. Both apply the debiased average, rounded once, and restore bit-exactly."""
+    main, startup = programs
+    x = paddle.static.data("x", [BATCH, 3], "float32")
+    init = paddle.nn.initializer.Uniform(0.5, 1.5)
+    shapes = {"u1": ([2, 3], "bfloat16"), "u2": ([4, 3], "bfloat16"),
+              "m1": ([5], "bfloat16"), "m2": ([5], "float32")}
+    params = {
+        name: paddle.static.create_parameter(shape, dtype, attr=paddle.ParamAttr(name=name, initializer=init))
+        for name, (shape, dtype) in shapes.items()
+    }
+    loss = sum(paddle.mean(paddle.cast(p, "float32") ** 2) for p in params.values()) * paddle.mean(x)
+    paddle.optimizer.SGD(0.05).minimize(loss)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    slots = {slot.param: slot for slot in ema._plan.slots}
+    assert slots["u1"].shares_result and slots["u1"].result == slots["u2"].result
+    assert slots["m1"].average == slots["m2"].average, "the test needs a mixed stack"
+    assert not slots["m1"].shares_result and slots["m1"].result != slots["m2"].result
+    divides = [t for t in _op_types(ema._write_program) if "div" in t]
+    assert len(divides) == 3, f"one divide for the bfloat16 stack, one per mixed member: {divides}"
+    exe.run(startup)
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        exe.run(main, feed={"x": rng.standard_normal((BATCH, 3)).astype("float32")}, fetch_list=[loss])
+    raw = read_all(list(shapes))
+    denominator = np.float32(read(ema._plan.debias)[0])
+    truncate = cast_truncates("bfloat16")
+    with ema.apply(exe):
+        for name, slot in slots.items():
+            expected = read_average(slot) / denominator
+            if slot.dtype == "bfloat16":
+                expected = round_to_bf16(expected, truncate)
+                assert read(name).dtype == np.uint16, f"{name} must stay bfloat16 while applied"
+            np.testing.assert_array_equal(read_low(name), expected, err_msg=f"applied {name}")
+    for name in shapes:
+        np.testing.assert_array_equal(read(name), raw[name], err_msg=f"restore of {name}")
+
+
+def _op_types(program) -> list[str]:
+    if paddle.framework.in_pir_mode():
+        return [op.name() for op in program.global_block().ops]
+    return [op.type for op in program.global_block().ops]
