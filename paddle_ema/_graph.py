@@ -143,8 +143,8 @@ class EmaPlan:
             groups.append(
                 Group(average, shape, accumulator_dtype(dtypes[first]), tuple(members), stacked)
             )
-            # A stack of float16 and bfloat16 parameters (one float32 average) rounds each member to
-            # its own dtype: one result per member.
+            # A stack mixing dtypes (float32, float16 and bfloat16 members share one float32 average)
+            # rounds each member to its own dtype: one result per member.
             one_result = stacked is not None and len({dtypes[i] for i in members}) == 1
             for index, row in zip(members, rows):
                 name = params[index].name
@@ -278,10 +278,23 @@ def emit_update(plan: EmaPlan, params: Sequence[Any], state: StateHandles, weigh
     _ir.lerp_(state.debias, paddle.ones([1], _DEBIAS_DTYPE), weights.get(_DEBIAS_DTYPE))
 
 
-def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
-    """Each slot with its debiased average, in its average's dtype, emitted in the current program."""
+def _reciprocals(plan: EmaPlan) -> _ScalarVariants:
+    """:math:`1 / c_t`, computed in float64 and rounded once to each dtype that asks for it.
+
+    The debiased average is the average times this reciprocal, not its quotient by :math:`c_t`: within
+    one ulp of that quotient (one more rounding), but Paddle's CPU division by a one-element tensor
+    runs through a broadcast kernel at about half memory speed, while ``scale`` with a tensor factor
+    runs at full speed (64 tensors of 512x512: 16.5 ms against 9.7, in both IRs and on 2.6). Apply and
+    :meth:`~paddle_ema.ExponentialMovingAverage.averages` use the same factor, so they agree bit for bit.
+    """
     debias = _ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE)
-    debiases = _ScalarVariants(debias)
+    return _ScalarVariants(paddle.full([1], 1.0, _DEBIAS_DTYPE) / debias)
+
+
+def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
+    """Each slot with its average (or its rows of a stack) and the reciprocal of the bias correction
+    in the average's dtype, emitted in the current program."""
+    reciprocals = _reciprocals(plan)
     for group in plan.groups:
         average = _ir.bind_persistable(group.average, group.shape, group.dtype)
         slots = [plan.slots[i] for i in group.members]
@@ -289,7 +302,7 @@ def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
         # about torch.split at its first call in a process.
         pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
         for slot, piece in zip(slots, pieces):
-            yield slot, piece, debiases.get(group.dtype, rank0=len(slot.shape) == 0)
+            yield slot, piece, reciprocals.get(group.dtype)
 
 
 def build_write_program(plan: EmaPlan) -> paddle.static.Program:
@@ -302,18 +315,17 @@ def build_write_program(plan: EmaPlan) -> paddle.static.Program:
     """
     program = paddle.static.Program()
     with paddle.static.program_guard(program, paddle.static.Program()):
-        debiases = _ScalarVariants(_ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE))
+        reciprocals = _reciprocals(plan)
         for group in plan.groups:
             average = _ir.bind_persistable(group.average, group.shape, group.dtype)
             slots = [plan.slots[i] for i in group.members]
+            factor = reciprocals.get(group.dtype)
             if slots[0].shares_result:
-                denominator = debiases.get(group.dtype)
-                _ir.divide_into(average, denominator, slots[0].result, slots[0].dtype)
+                _ir.scale_into(average, factor, slots[0].result, slots[0].dtype)
                 continue
             pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
             for slot, piece in zip(slots, pieces):
-                denominator = debiases.get(group.dtype, rank0=len(slot.shape) == 0)
-                _ir.divide_into(piece, denominator, slot.result, slot.dtype)
+                _ir.scale_into(piece, factor, slot.result, slot.dtype)
     return program
 
 
@@ -326,8 +338,8 @@ def build_read_program(plan: EmaPlan) -> tuple[paddle.static.Program, dict[str, 
     program = paddle.static.Program()
     fetches = {}
     with paddle.static.program_guard(program, paddle.static.Program()):
-        for slot, piece, denominator in _debiased_pieces(plan):
-            value = piece / denominator
+        for slot, piece, reciprocal in _debiased_pieces(plan):
+            value = paddle.scale(piece, reciprocal)
             if slot.dtype != accumulator_dtype(slot.dtype):
                 value = paddle.cast(value, slot.dtype)
                 if slot.dtype == "bfloat16":

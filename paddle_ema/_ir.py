@@ -23,7 +23,6 @@ __all__ = [
     "bind_persistable",
     "concat_into_buffer",
     "create_state",
-    "divide_into",
     "declare_output",
     "dtype_name",
     "fill_scope_tensor",
@@ -39,6 +38,7 @@ __all__ = [
     "read_scalar",
     "release",
     "rows_of",
+    "scale_into",
     "scope_tensor",
     "share_memory",
     "holds_memory",
@@ -207,31 +207,32 @@ def lerp_(average: Any, target: Any, weight: Any) -> None:
         )
 
 
-def divide_into(numerator: Any, denominator: Any, name: str, dtype: str) -> None:
-    """Write ``numerator / denominator``, cast to ``dtype``, into scope tensor ``name``: one pass.
+def scale_into(x: Any, factor: Any, name: str, dtype: str) -> None:
+    """Write ``x * factor`` (``factor``: a one-element tensor), cast to ``dtype``, into scope tensor
+    ``name``: one pass.
 
-    The legacy IR lets an op write any variable: one ``elementwise_div`` with ``Out`` bound to a
-    persistable variable of that name. PIR ops write only new values or, in place, their own inputs,
-    so the quotient is a new value that ``set_persistable_value`` (a ``shadow_output``) hands to the
-    scope under ``name``, with no copy.
+    The legacy IR lets an op write any variable: one ``scale`` op with ``Out`` bound to a persistable
+    variable of that name. PIR ops write only new values or, in place, their own inputs, so the product
+    is a new value that ``set_persistable_value`` (a ``shadow_output``) hands to the scope under
+    ``name``, with no copy.
     """
     if in_pir_mode():
-        quotient = paddle.divide(numerator, denominator)
-        if dtype_name(quotient) != dtype:
-            quotient = paddle.cast(quotient, dtype)
-        quotient.persistable = True
-        paddle._pir_ops.set_persistable_value(quotient, name)
+        product = paddle.scale(x, factor)
+        if dtype_name(product) != dtype:
+            product = paddle.cast(product, dtype)
+        product.persistable = True
+        paddle._pir_ops.set_persistable_value(product, name)
         return
-    block = numerator.block
-    out = block.create_var(name=name, shape=numerator.shape, dtype=dtype, persistable=True)
-    if dtype_name(numerator) != dtype:  # a float32 average of a low-precision parameter: round once
-        paddle.assign(paddle.cast(numerator / denominator, dtype), output=out)
+    block = x.block
+    out = block.create_var(name=name, shape=x.shape, dtype=dtype, persistable=True)
+    if dtype_name(x) != dtype:  # a float32 average of a low-precision parameter: round once
+        paddle.assign(paddle.cast(paddle.scale(x, factor), dtype), output=out)
         return
     block.append_op(
-        type="elementwise_div",
-        inputs={"X": [numerator], "Y": [denominator]},
+        type="scale",
+        inputs={"X": [x], "ScaleTensor": [factor]},
         outputs={"Out": [out]},
-        attrs={"axis": -1},
+        attrs={"scale": 1.0, "bias": 0.0, "bias_after_scale": True},
     )
 
 

@@ -180,10 +180,10 @@ def _stack_members(
 def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
     """The bias-corrected EMA weights in a ``paddle.static.save`` checkpoint, without a program.
 
-    Reads the checkpoint's files, cuts stacked averages into their parameters and divides by the
-    bias correction as :meth:`ExponentialMovingAverage.apply` does, so the values are the ones apply
-    writes (bit for bit, for float32 and float64 parameters; a bfloat16 or float16 parameter's float32
-    average comes back unrounded). Before the first update step there is no average, and the
+    Reads the checkpoint's files, cuts stacked averages into their parameters and corrects their bias
+    as :meth:`ExponentialMovingAverage.apply` does, so the values are the ones apply writes (bit for
+    bit, for float32 and float64 parameters; a bfloat16 or float16 parameter's float32 average comes
+    back unrounded). Before the first update step there is no average, and the
     parameters' own values are returned, as apply leaves them.
 
     Args:
@@ -221,8 +221,9 @@ def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
     correction = float(others[f"{prefix}.bias_correction"].reshape(-1)[0])
     if correction == 0.0:
         return {param: _ir.as_numpy_dtype(params[param]) for param in pieces}
-    # apply divides in the average's dtype by the correction cast to it: the same roundings here.
+    # apply multiplies, in the average's dtype, by the float64 reciprocal of the correction rounded
+    # to that dtype: the same roundings here.
     return {
-        param: (piece / piece.dtype.type(correction)).astype(piece.dtype).reshape(params[param].shape)
+        param: (piece * piece.dtype.type(1.0 / correction)).astype(piece.dtype).reshape(params[param].shape)
         for param, piece in pieces.items()
     }

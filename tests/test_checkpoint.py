@@ -258,7 +258,7 @@ def test_paddle_class_state_maps_onto_the_stacked_layout(exe, rng, tmp_path):
         np.testing.assert_array_equal(read(ema._plan.debias), [correction])
         with ema.apply(exe):
             for name in ema.parameter_names:
-                expected = (averages[name] / np.float32(correction)).astype(np.float32)
+                expected = (averages[name] * np.float32(1.0 / correction)).astype(np.float32)
                 np.testing.assert_array_equal(read(name), expected, err_msg=name)
 
 
