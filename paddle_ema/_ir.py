@@ -166,8 +166,9 @@ def concat_into_buffer(members: Sequence[Any], name: str) -> Any:
     """``paddle.concat(members, axis=0)`` into scope tensor ``name``, which keeps its memory between runs.
 
     A temporary of several MB would be freed after every step and faulted back in at the next (Paddle's
-    CPU allocator returns large blocks to the OS: ~1000 minor faults a step for a 4 MB stack at
-    ~1 GB/s). A persistable output keeps its allocation, which the concat kernel reuses. Checkpoints
+    CPU allocator returns large blocks to the OS: 1025 minor faults and 1.5-1.9 ms a step for a 4 MB
+    stack, see benchmarks/upstream/). A persistable output keeps its allocation, which the concat
+    kernel reuses. Checkpoints
     never carry it (it is overwritten before every read), so nothing changes for them: under PIR,
     ``paddle.static.save`` keeps parameters and persistable ``data`` values, and this is neither; in the
     legacy IR it is flagged like a feed target (``need_check_feed``), which ``paddle.static.save``,
