@@ -27,7 +27,9 @@ def load(program: Any, path_prefix: str) -> None:
     and a warning names what was missing. If the checkpoint holds the state of Paddle's own
     ``paddle.static.ExponentialMovingAverage`` with the same constant decay, the EMA carries it on
     (averages, step and the bias correction ``1 - d^t``); with a varying decay (``thres_steps``) the
-    product of the decays is not in the checkpoint and the EMA starts fresh, saying why. Any other
+    product of the decays is not in the checkpoint and the EMA starts fresh, saying why. A checkpoint
+    of the same EMA with its averages stacked otherwise (under PIR, paddle_ema 0.3 and earlier stacked
+    only parameters of up to 1024 elements) is carried on, value for value. Any other
     variable of the program missing from the checkpoint is an error, raised before anything is
     loaded, where ``paddle.static.load`` would stop half-way.
 
@@ -66,10 +68,19 @@ def load(program: Any, path_prefix: str) -> None:
             f"{missing[:5]}; it was written by another model (nothing was loaded)"
         )
     reasons = {}
+    files = _read_checkpoint(path_prefix) if fresh else ({}, {})
     for e in fresh:
         absent = [n for n in _graph.state_names(e._plan) if n not in state]
         for name in _graph.state_names(e._plan):  # a part of an EMA's state would not match the rest
             state.pop(name, None)
+        relaid = _from_other_layout(e, *files)
+        if relaid is not None:
+            prefix = e._plan.step[: -len(".step")]
+            for key in [k for k in state if k.startswith(prefix + ".") and k.endswith(".average")]:
+                del state[key]  # the same averages, stacked otherwise
+            state.update(relaid)
+            _logger.info("%s carries on its state, saved with its averages stacked otherwise", e._name)
+            continue
         converted, why_not = _from_paddle_class(e, state)
         if converted is None:
             reasons[e] = f"the checkpoint {path_prefix!r} has no {_select.some_names(absent)}{why_not}"
@@ -124,6 +135,57 @@ def _from_paddle_class(
     return converted, ""
 
 
+def _unstacked_averages(
+    params: dict[str, np.ndarray], others: dict[str, np.ndarray], prefix: str
+) -> dict[str, np.ndarray]:
+    """Each parameter's stored (biased) average of the EMA ``prefix`` in a checkpoint, stacks cut apart.
+
+    Raises:
+        ValueError: the members of a stack cannot be told (see :func:`_stack_members`).
+    """
+    averages = {
+        key[len(prefix) + 1: -len(".average")]: value for key, value in others.items()
+        if key.startswith(prefix + ".") and key.endswith(".average")
+    }
+    own = {key for key in averages if key in params}
+    pieces = {param: averages[param] for param in own}
+    for stack in averages.keys() - own:
+        start = 0
+        for member in _stack_members(params, averages[stack], stack, own):
+            rows = params[member].shape[0]
+            pieces[member] = averages[stack][start:start + rows]
+            start += rows
+    return pieces
+
+
+def _from_other_layout(
+    e: ema.ExponentialMovingAverage, params: dict[str, np.ndarray], others: dict[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """This EMA's state from a checkpoint of the same EMA whose averages were stacked otherwise, or None.
+
+    Which parameters share a stacked average depends on a size limit that has changed (under PIR it
+    was 1024 elements up to paddle_ema 0.3, now 32768): a checkpoint saved before holds the same step,
+    bias correction and averages under other stack names. They are cut apart and stacked anew, value
+    for value.
+    """
+    plan = e._plan
+    if plan.step not in others or plan.debias not in others:
+        return None
+    try:
+        pieces = _unstacked_averages(params, others, plan.step[: -len(".step")])
+    except ValueError:
+        return None
+    if not all(s.param in pieces and tuple(pieces[s.param].shape) == s.shape for s in plan.slots):
+        return None
+    converted = {plan.step: others[plan.step], plan.debias: others[plan.debias]}
+    for group in plan.groups:
+        parts = [pieces[plan.slots[i].param] for i in group.members]
+        if any(str(part.dtype) != group.dtype for part in parts):
+            return None
+        converted[group.average] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    return converted
+
+
 def _read_checkpoint(path_prefix: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The arrays of a ``paddle.static.save`` checkpoint: its parameters, and its other persistables."""
     parts = []
@@ -162,7 +224,7 @@ def _stack_members(
     size limit of the IR it was built under (see _graph.Group), and its name is a digest of their
     sorted names: the candidates are the checkpoint's parameters that fit, and the digest confirms them.
     """
-    for limit in (1024, 32768):  # _ir.stack_max_numel under PIR and in the legacy IR
+    for limit in (1024, 32768):  # _ir.stack_max_numel: PIR's up to 0.3, and since in both IRs
         members = sorted(
             name for name, value in params.items()
             if name not in own and value.ndim >= 1 and value.size <= limit
@@ -206,18 +268,7 @@ def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
     """
     params, others = _read_checkpoint(path_prefix)
     prefix = _ema_prefix(others, name)
-    averages = {
-        key[len(prefix) + 1: -len(".average")]: value for key, value in others.items()
-        if key.startswith(prefix + ".") and key.endswith(".average")
-    }
-    own = {key for key in averages if key in params}
-    pieces = {param: averages[param] for param in own}
-    for stack in averages.keys() - own:
-        start = 0
-        for member in _stack_members(params, averages[stack], stack, own):
-            rows = params[member].shape[0]
-            pieces[member] = averages[stack][start:start + rows]
-            start += rows
+    pieces = _unstacked_averages(params, others, prefix)
     correction = float(others[f"{prefix}.bias_correction"].reshape(-1)[0])
     if correction == 0.0:
         return {param: _ir.as_numpy_dtype(params[param]) for param in pieces}

@@ -304,3 +304,47 @@ def test_stacking_buffers_stay_allocated_and_out_of_checkpoints(exe, rng, tmp_pa
     saved = set(paddle.static.load_program_state(prefix))
     assert not saved & {g.stacked for g in stacks}, "a stacking buffer went into the checkpoint"
     assert set(state_names(ema)) | parameters <= saved
+
+
+def _wide_net():
+    """Three fc layers 64 -> 64 (weights of 4096 elements) with an EMA of 0.9, trained by SGD."""
+    x = paddle.static.data("x", [-1, 64], "float32")
+    h = x
+    for i in range(3):
+        h = paddle.static.nn.fc(h, 64, weight_attr=paddle.ParamAttr(name=f"wide{i}.w"),
+                                bias_attr=paddle.ParamAttr(name=f"wide{i}.b"))
+    loss = paddle.mean(h * h)
+    paddle.optimizer.SGD(0.01).minimize(loss)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    return loss, ema
+
+
+def test_a_checkpoint_with_the_averages_stacked_otherwise_carries_on(exe, rng, tmp_path, monkeypatch, caplog):
+    """Up to 0.3, PIR stacked only parameters of up to 1024 elements (now 32768, as the legacy IR
+    always did): the same EMA saved in the old layout resumes in the new one, value for value."""
+    prefix = str(tmp_path / "old_layout")
+    monkeypatch.setattr(paddle_ema._ir, "stack_max_numel", lambda: 1024)
+    stack, main, startup = fresh_world()
+    with stack:
+        loss, old = _wide_net()
+        old_averages = {g.average for g in old._plan.groups}
+        exe.run(startup)
+        for _ in range(3):
+            exe.run(main, feed={"x": rng.standard_normal((8, 64)).astype("float32")}, fetch_list=[loss])
+        with old.apply(exe):
+            applied = read_all(old.parameter_names)
+        paddle.static.save(main, prefix)
+    monkeypatch.undo()
+    stack, main, startup = fresh_world()
+    with stack:
+        loss, new = _wide_net()
+        assert not {g.average for g in new._plan.groups} <= old_averages, "the layouts must differ"
+        exe.run(startup)
+        with caplog.at_level(logging.INFO, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "stacked otherwise" in caplog.text and "starts fresh" not in caplog.text
+        np.testing.assert_array_equal(read(new._plan.step), [3])
+        with new.apply(exe):
+            for name, value in read_all(new.parameter_names).items():
+                np.testing.assert_array_equal(value, applied[name], err_msg=name)
