@@ -291,6 +291,13 @@ def _reciprocals(plan: EmaPlan) -> _ScalarVariants:
     return _ScalarVariants(paddle.full([1], 1.0, _DEBIAS_DTYPE) / debias)
 
 
+def _pieces(average: Any, slots: Sequence[Slot]) -> list[Any]:
+    """Each slot's part of ``average``: all of it for a parameter's own, its rows of a stack."""
+    # Slices rather than paddle.split, which on Paddle 3.2 prints a "Non compatible API" warning
+    # about torch.split at its first call in a process.
+    return [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
+
+
 def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
     """Each slot with its average (or its rows of a stack) and the reciprocal of the bias correction
     in the average's dtype, emitted in the current program."""
@@ -298,10 +305,7 @@ def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
     for group in plan.groups:
         average = _ir.bind_persistable(group.average, group.shape, group.dtype)
         slots = [plan.slots[i] for i in group.members]
-        # Slices rather than paddle.split, which on Paddle 3.2 prints a "Non compatible API" warning
-        # about torch.split at its first call in a process.
-        pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
-        for slot, piece in zip(slots, pieces):
+        for slot, piece in zip(slots, _pieces(average, slots)):
             yield slot, piece, reciprocals.get(group.dtype)
 
 
@@ -323,8 +327,7 @@ def build_write_program(plan: EmaPlan) -> paddle.static.Program:
             if slots[0].shares_result:
                 _ir.scale_into(average, factor, slots[0].result, slots[0].dtype)
                 continue
-            pieces = [average] if len(slots) == 1 else [average[s.rows[0]:s.rows[1]] for s in slots]
-            for slot, piece in zip(slots, pieces):
+            for slot, piece in zip(slots, _pieces(average, slots)):
                 _ir.scale_into(piece, factor, slot.result, slot.dtype)
     return program
 

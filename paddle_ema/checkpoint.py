@@ -68,12 +68,14 @@ def load(program: Any, path_prefix: str) -> None:
             f"{missing[:5]}; it was written by another model (nothing was loaded)"
         )
     reasons = {}
-    files = _read_checkpoint(path_prefix) if fresh else ({}, {})
+    # The checkpoint's parameters, to tell the members of its stacks by: the program's, all present
+    # (checked above).
+    params = {p.name: state[p.name] for p in program.global_block().all_parameters()}
     for e in fresh:
         absent = [n for n in _graph.state_names(e._plan) if n not in state]
+        relaid = _from_other_layout(e, params, state)
         for name in _graph.state_names(e._plan):  # a part of an EMA's state would not match the rest
             state.pop(name, None)
-        relaid = _from_other_layout(e, *files)
         if relaid is not None:
             prefix = e._plan.step[: -len(".step")]
             for key in [k for k in state if k.startswith(prefix + ".") and k.endswith(".average")]:
@@ -162,6 +164,8 @@ def _from_other_layout(
     e: ema.ExponentialMovingAverage, params: dict[str, np.ndarray], others: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray] | None:
     """This EMA's state from a checkpoint of the same EMA whose averages were stacked otherwise, or None.
+
+    ``params`` are the checkpoint's parameters, ``others`` (at least) its other arrays.
 
     Which parameters share a stacked average depends on a size limit that has changed (under PIR it
     was 1024 elements up to paddle_ema 0.3, now 32768): a checkpoint saved before holds the same step,
