@@ -366,20 +366,21 @@ def debias_value(plan: EmaPlan, scope: Any) -> float:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: compared by identity (the record of applied EMAs looks itself up by it).
+@dataclasses.dataclass(frozen=True, eq=False)
 class Scratch:
     """Handles to the parameters and backups one apply works with, looked up once (512 parameters:
-    ~0.5 ms), and where to find its results.
+    ~0.5 ms), the scope they live in, and where to find its results.
 
     Results are looked up by name each time, after the write program ran: under PIR its
     ``shadow_output`` puts a new variable into the scope under the result's name, so a handle taken
     before the run would refer to a variable the scope no longer holds.
     """
 
-    slots: tuple[Slot, ...]
-    params: tuple[Any, ...]  # per slot
-    backups: tuple[Any, ...]  # per slot
-    scope: Any = None
+    scope: Any  # the scope apply worked on, whatever scope is current at restore; kept alive here
+    slots: tuple[Slot, ...] = ()
+    params: tuple[Any, ...] = ()  # per slot
+    backups: tuple[Any, ...] = ()  # per slot
 
     def results(self) -> dict[str, Any]:
         """The result tensors in the scope, by name (a stacked result serves several slots)."""
@@ -387,22 +388,32 @@ class Scratch:
         return {name: tensor for name in names if (tensor := _ir.find_scope_tensor(name, self.scope))}
 
 
-NO_SCRATCH = Scratch((), (), ())  # what an apply that changed nothing holds
-
-
 def scratch(plan: EmaPlan, scope: Any) -> Scratch:
-    """Handles to every parameter and its backup in ``scope``, the backups declared there, holding no
-    memory yet.
+    """Handles to every parameter that ``scope`` sees (its own or an ancestor's) and to its backup,
+    the backups declared in ``scope``, holding no memory yet.
 
     Backups and results live only in the scope (not in any program's persistables), so checkpoints
     never carry them, and hold memory only while an apply is under way or applied (see
     :func:`release_scratch`).
+
+    Raises:
+        RuntimeError: a parameter is not in ``scope`` or its ancestors, or holds no data; nothing
+            has been declared then.
     """
+    # Found, not declared: a child scope sees its parent's parameters, and declaring one in the
+    # child would hide the trained parameter behind an empty one from every later run in it.
+    params = tuple(_ir.find_scope_tensor(slot.param, scope) for slot in plan.slots)
+    for slot, param in zip(plan.slots, params):
+        if param is None or not _ir.holds_memory(param):
+            raise RuntimeError(
+                f"parameter {slot.param!r} holds no data in the current scope or its parents; run "
+                "apply() under paddle.static.scope_guard(scope) with the scope the training runs in"
+            )
     return Scratch(
-        slots=plan.slots,
-        params=tuple(_ir.scope_tensor(slot.param, scope) for slot in plan.slots),
-        backups=tuple(_ir.scope_tensor(slot.backup, scope) for slot in plan.slots),
         scope=scope,
+        slots=plan.slots,
+        params=params,
+        backups=tuple(_ir.scope_tensor(slot.backup, scope) for slot in plan.slots),
     )
 
 

@@ -168,11 +168,13 @@ def concat_into_buffer(members: Sequence[Any], name: str) -> Any:
     A temporary of several MB would be freed after every step and faulted back in at the next (Paddle's
     CPU allocator returns large blocks to the OS: 1025 minor faults and 1.5-1.9 ms a step for a 4 MB
     stack, see benchmarks/upstream/). A persistable output keeps its allocation, which the concat
-    kernel reuses. Checkpoints
-    never carry it (it is overwritten before every read), so nothing changes for them: under PIR,
-    ``paddle.static.save`` keeps parameters and persistable ``data`` values, and this is neither; in the
-    legacy IR it is flagged like a feed target (``need_check_feed``), which ``paddle.static.save``,
-    ``paddle.static.load`` and ``Program.state_dict`` skip, as :func:`persistable_names` does.
+    kernel reuses. ``paddle.static.save`` checkpoints never carry it (it is overwritten before every
+    read): under PIR, ``paddle.static.save`` keeps parameters and persistable ``data`` values, and this
+    is neither; in the legacy IR it is flagged like a feed target (``need_check_feed``), which
+    ``paddle.static.save``, ``paddle.static.load`` and ``Program.state_dict`` skip, as
+    :func:`persistable_names` does. Paddle's older ``save_persistables`` family saves it (the
+    executor keeps only persistable variables allocated, and those functions take them all); README
+    says how to load such a checkpoint written before it existed.
     """
     if in_pir_mode():
         stacked = paddle.concat(list(members), axis=0)

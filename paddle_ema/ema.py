@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import logging
@@ -101,20 +100,12 @@ def _compiled_programs_of(program: Any) -> bool:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Applied:
-    """What :meth:`ExponentialMovingAverage.restore` needs: where the backups are, and if there are any."""
-
-    scope: Any  # the scope apply() worked on, whatever scope is current at restore(); kept alive here
-    handles: _graph.Scratch  # its parameter/backup/result tensors; NO_SCRATCH when apply() changed nothing
-
-
 # Every applied EMA with what its restore needs, in the order they were applied: the one record of
 # which EMAs are applied (one append and one remove, so an interrupt cannot leave it half-updated).
 # One EMA restoring under another that shares parameters with it would put its own backup (the raw
 # weights) back, then the other's restore would put the first EMA's averages over them: restores must
 # come in reverse order.
-_APPLIED_STACK: list[tuple[ExponentialMovingAverage, _Applied]] = []
+_APPLIED_STACK: list[tuple[ExponentialMovingAverage, _graph.Scratch]] = []
 
 
 # Every EMA whose ops are in a program, so that paddle_ema.load can tell EMA state from the rest.
@@ -328,8 +319,11 @@ class ExponentialMovingAverage:
         :meth:`restore` finishes the job. Before the first update
         step has run the parameters are left as they are (there is no average yet) and a warning says
         so. It works on the current scope (``paddle.static.global_scope()``, like the Executor's
-        default; wrap it in ``paddle.static.scope_guard(scope)`` if you train in another scope), and
-        :meth:`restore` acts on that same scope.
+        default; wrap it in ``paddle.static.scope_guard(scope)`` if you train in another scope, also
+        a child scope that sees its parent's parameters), and :meth:`restore` acts on that same scope.
+        Training steps run while applied train the averages, and also move the optimizer's state and
+        the EMA; :meth:`restore` puts back the parameters as they were at apply, discarding what
+        those steps did to them.
 
         Args:
             executor: The Executor that runs the training program (its place is used).
@@ -342,7 +336,8 @@ class ExponentialMovingAverage:
             TypeError: ``executor`` is not a ``paddle.static.Executor``, or ``need_restore`` is not a
                 bool.
             RuntimeError: :meth:`update` was never called, the state is not initialised (the startup
-                program has not run), or the averages are already applied and not yet restored.
+                program has not run), a parameter holds no data in the current scope, or the averages
+                are already applied and not yet restored.
 
         Example:
             .. code-block:: python
@@ -377,7 +372,7 @@ class ExponentialMovingAverage:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self._push(_Applied(scope, handles=_graph.NO_SCRATCH))
+            self._push(_graph.Scratch(scope))  # nothing to swap back
             return Restorer(functools.partial(self.restore, executor), need_restore)
         handles = _graph.scratch(self._plan, scope)
         try:
@@ -390,7 +385,7 @@ class ExponentialMovingAverage:
             raise
         # From here every trained value is held by a backup, so the state says applied before the
         # first parameter is swapped: restore() works whatever happens next.
-        self._push(_Applied(scope, handles))
+        self._push(handles)
         try:
             _graph.swap_results_in(handles)
         except BaseException:
@@ -467,15 +462,15 @@ class ExponentialMovingAverage:
                 "and is not restored yet; restore the EMAs in the reverse order of apply (nothing was "
                 "changed)"
             )
-        _graph.swap_backups_in(applied.handles)
+        _graph.swap_backups_in(applied)
         _APPLIED_STACK.remove(entry)
-        _graph.release_scratch(applied.handles)
+        _graph.release_scratch(applied)
 
     @property
-    def _applied(self) -> _Applied | None:
+    def _applied(self) -> _graph.Scratch | None:
         """Where this EMA's averages are applied, or None: set from before a parameter is written."""
         return next((applied for ema, applied in _APPLIED_STACK if ema is self), None)
 
-    def _push(self, applied: _Applied) -> None:
+    def _push(self, applied: _graph.Scratch) -> None:
         _APPLIED_STACK.append((self, applied))
 

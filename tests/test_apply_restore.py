@@ -6,6 +6,8 @@ import numpy as np
 import paddle
 import pytest
 from nets import batch, build_net, read_all, state_names, train_with_ema
+from oracle import EmaOracle
+from test_average import assert_applied_matches
 
 import paddle_ema
 
@@ -115,6 +117,31 @@ def test_apply_evaluates_the_test_program_with_averaged_weights(programs, exe, r
     assert not np.allclose(averaged, raw)
     expected = (x.astype(np.float64) @ w["fc1.w"] + w["fc1.b"]) @ w["fc2.w"] + w["fc2.b"]
     np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_while_applied_trains_the_averages_and_restore_puts_back_the_weights_of_apply(
+    programs, exe, rng
+):
+    main, startup = programs
+    net = build_net(main, optimizer="adam")
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    names = ema.parameter_names
+    oracle = EmaOracle(0.9, names)
+    for _ in range(3):
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        oracle.step(read_all(names))
+    trained = read_all(names)
+    with ema.apply(exe):
+        applied = read_all(names)
+        for _ in range(2):
+            exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+            oracle.step(read_all(names))  # the EMA averaged what the step left in the parameters
+        now = read_all(names)
+        assert all(not np.array_equal(now[n], applied[n]) for n in names), "the steps trained nothing"
+    assert_same(read_all(names), trained, "restore after training while applied")
+    assert_applied_matches(ema, exe, oracle, "the EMA after training while applied")
 
 
 def test_backups_hold_memory_only_between_apply_and_restore(trained, exe):

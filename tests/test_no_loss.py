@@ -263,6 +263,44 @@ def test_restore_acts_on_the_scope_apply_used(programs, exe, rng):
         assert not any(b.get_tensor()._is_initialized() for b in backups), "backups not freed"
 
 
+def test_apply_in_a_child_scope_works_on_the_parameters_it_sees_through_its_parent(programs, exe, rng):
+    """Trained in a child scope whose parent holds the parameters (the startup program ran in the
+    parent): apply under scope_guard(child) averages those parameters, and declares nothing in the
+    child that would hide them (an empty local `fc1.w` would break every later program run there)."""
+    main, startup = programs
+    net = build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    exe.run(startup)
+    oracle = EmaOracle(0.9, ema.parameter_names)
+    child = paddle.static.global_scope().new_scope()
+    for _ in range(3):
+        exe.run(main, feed={"x": batch(rng)}, scope=child)
+        oracle.step(read_all(ema.parameter_names))
+    x = batch(rng)
+    with paddle.static.scope_guard(child):
+        assert_applied_matches(ema, exe, oracle, "apply in a child scope")
+    for name in ema.parameter_names:
+        assert child.find_var(name) is paddle.static.global_scope().find_var(name), f"{name} hidden"
+    # A program the executor has not run in this scope yet finds the trained parameters.
+    (out,) = exe.run(net.test_program, feed={"x": x}, fetch_list=[net.test_out], scope=child)
+    w = read_all(ema.parameter_names)
+    expected = (x.astype(np.float64) @ w["fc1.w"] + w["fc1.b"]) @ w["fc2.w"] + w["fc2.b"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_where_the_parameters_hold_no_data_raises_and_declares_nothing(programs, exe, rng):
+    net, ema = train_with_ema(programs, exe, rng, steps=2)
+    empty = paddle.static.Scope()
+    # The EMA's state alone, as if a checkpoint of it were loaded into a scope without the model.
+    for name in state_names(ema):
+        empty.var(name).get_tensor().set(read(name), paddle.CPUPlace())
+    with paddle.static.scope_guard(empty), pytest.raises(RuntimeError, match="holds no data"):
+        ema.apply(exe)
+    assert ema._applied is None
+    assert all(empty.find_var(name) is None for name in ema.parameter_names), "a parameter was declared"
+
+
 def two_emas(programs, exe, rng):
     main, startup = programs
     net = build_net(main)
