@@ -33,6 +33,7 @@ __all__ = [
     "lerp_",
     "parameters_written",
     "persistable_names",
+    "persistable_specs",
     "program_of",
     "read_array",
     "read_scalar",
@@ -407,15 +408,23 @@ def fill_scope_tensor(
 
 def persistable_names(program: Any) -> set[str]:
     """Names of every persistable variable of ``program``: what a checkpoint of it holds."""
+    return set(persistable_specs(program))
+
+
+def persistable_specs(program: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype name)}`` of every persistable variable of ``program`` (see
+    :func:`persistable_names`)."""
     if in_pir_mode():
         # The helper paddle.static.load itself uses under PIR (parameters, then other persistables).
         from paddle.static.pir_io import get_pir_parameters
 
         params, others = get_pir_parameters(program)
-        return {v.name for v in params + others if v.persistable}
-    # need_check_feed: feed targets, and the stacking buffers (see concat_into_buffer), which
-    # paddle.static.save skips too.
-    return {v.name for v in program.list_vars() if v.persistable and not v.desc.need_check_feed()}
+        values = [v for v in params + others if v.persistable]
+    else:
+        # need_check_feed: feed targets, and the stacking buffers (see concat_into_buffer), which
+        # paddle.static.save skips too.
+        values = [v for v in program.list_vars() if v.persistable and not v.desc.need_check_feed()]
+    return {v.name: (tuple(int(d) for d in v.shape), dtype_name(v)) for v in values}
 
 
 def program_of(value: Any) -> Any:

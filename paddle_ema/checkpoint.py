@@ -89,11 +89,32 @@ def load(program: Any, path_prefix: str) -> None:
         else:
             state.update(converted)
             _logger.info("%s carries on the state of Paddle's ExponentialMovingAverage", e._name)
+    _check_shapes_and_dtypes(program, state, path_prefix)
     paddle.static.set_program_state(program, state)
     scope = paddle.static.global_scope()
     for e, reason in reasons.items():
         _graph.reset_state(e._plan, scope)
         _logger.warning("%s starts fresh: %s", e._name, reason)
+
+
+def _check_shapes_and_dtypes(program: Any, state: dict[str, np.ndarray], path_prefix: str) -> None:
+    """Raise before anything is loaded if a checkpoint array would not fit its variable.
+
+    ``paddle.static.set_program_state`` checks shapes one variable at a time, after it has written
+    the ones before (and lets a dtype change through): a checkpoint of a wider model would overwrite
+    some parameters, then fail.
+    """
+    specs = _ir.persistable_specs(program)
+    for name, value in state.items():
+        if name not in specs:
+            continue
+        shape, dtype = specs[name]
+        value = np.asarray(value)
+        if value.shape != shape or _dtype_name(value) != dtype:
+            raise ValueError(
+                f"the checkpoint {path_prefix!r} holds {name!r} as {_dtype_name(value)}{list(value.shape)}, "
+                f"the program as {dtype}{list(shape)}; it was written by another model (nothing was loaded)"
+            )
 
 
 # The state of paddle.static.ExponentialMovingAverage (Paddle 2.6; 3.0 and 3.1 in the legacy IR): a

@@ -13,6 +13,7 @@ from oracle import EmaOracle
 from test_average import assert_applied_matches
 
 import paddle_ema
+from paddle_ema import _ir
 
 
 def fresh_world():
@@ -119,6 +120,40 @@ def test_a_checkpoint_of_another_model_is_refused_before_loading_anything(exe, r
     with stack:
         before = read_all(ema.parameter_names + state_names(ema))
         with pytest.raises(ValueError, match=r"lacks \d+ variable\(s\) of the program.*nothing was loaded"):
+            paddle_ema.load(main, prefix)
+        for name, value in read_all(list(before)).items():
+            np.testing.assert_array_equal(value, before[name], err_msg=f"{name} changed by a refused load")
+
+
+def _rewrite(path, name, change):
+    with open(path, "rb") as f:
+        arrays = pickle.load(f, encoding="latin1")
+    arrays[name] = change(arrays[name])
+    with open(path, "wb") as f:
+        pickle.dump(arrays, f, protocol=2)
+
+
+@pytest.mark.parametrize("what", ["a wider parameter", "an average of another shape", "a float32 step"])
+def test_a_checkpoint_whose_arrays_do_not_fit_is_refused_before_loading_anything(exe, rng, tmp_path, what):
+    """Same names, other shapes or dtypes (another model): paddle.static.set_program_state would
+    write the variables before the misfit one, then fail; paddle_ema.load checks them all first."""
+    prefix = str(tmp_path / "misfit")
+    save_trained(exe, rng, prefix, with_ema=True)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        group = next(g for g in ema._plan.groups if g.stacked is not None)
+
+        def one_row_more(a):
+            return np.zeros((a.shape[0] + 1, *a.shape[1:]), a.dtype)
+
+        if what == "a wider parameter":
+            _rewrite(prefix + ".pdparams", "fc2.b", one_row_more)
+        elif what == "an average of another shape":
+            _rewrite(prefix + ".pdopt", group.average, one_row_more)
+        else:
+            _rewrite(prefix + ".pdopt", ema._plan.step, lambda a: a.astype(np.float32))
+        before = read_all(sorted(_ir.persistable_names(main)))
+        with pytest.raises(ValueError, match=r"written by another model \(nothing was loaded\)"):
             paddle_ema.load(main, prefix)
         for name, value in read_all(list(before)).items():
             np.testing.assert_array_equal(value, before[name], err_msg=f"{name} changed by a refused load")
