@@ -258,6 +258,98 @@ def test_set_state_dict_of_another_model_raises_and_changes_nothing(dygraph):
     assert ema.num_updates == 0
 
 
+@pytest.mark.parametrize("bad", [
+    {"num_updates": None}, {"bias_correction": "x"}, {"update_calls": 1},  # fewer calls than updates
+    {"bias_correction": 0.0}, {"averages": "strings"},
+], ids=["num_updates None", "bias_correction str", "calls < updates", "bias 0 after updates", "str average"])
+def test_set_state_dict_with_bad_values_raises_and_changes_nothing(dygraph, rng, bad):
+    model = Net()
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    for _ in range(2):
+        train_step(model, opt, rng)
+        ema.update()
+    state = ema.state_dict()
+    train_step(model, opt, rng)
+    ema.update()
+    before = {name: value.numpy() for name, value in ema.averages().items()}
+    raw = {name: value.numpy() for name, value in ema._averages.items()}
+    if bad == {"averages": "strings"}:
+        last = ema.names[-1]
+        state["averages"][last] = np.full(ema._averages[last].shape, "x")
+    else:
+        state.update(bad)
+    with pytest.raises(ValueError):
+        ema.set_state_dict(state)
+    assert ema.num_updates == 3
+    for name, value in ema._averages.items():
+        np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=f"average of {name} changed")
+    for name, value in ema.averages().items():
+        np.testing.assert_array_equal(value.numpy(), before[name], err_msg=name)
+
+
+def test_state_dict_is_a_snapshot_that_set_state_dict_goes_back_to(dygraph, rng):
+    model = Net()
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    train_step(model, opt, rng)
+    ema.update()
+    state = ema.state_dict()
+    then = {name: value.numpy() for name, value in ema.averages().items()}
+    for _ in range(2):
+        train_step(model, opt, rng)
+        ema.update()
+    ema.set_state_dict(state)
+    assert ema.num_updates == 1
+    for name, value in ema.averages().items():
+        np.testing.assert_array_equal(value.numpy(), then[name], err_msg=name)
+
+
+class Counting(paddle.nn.Layer):
+    """A layer whose forward puts a new tensor under its buffer's name, as `x = x + 1` code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(3, 3)
+        self.register_buffer("count", paddle.zeros([2]))
+
+    def forward(self, x):
+        self.count = self.count + 1
+        return self.fc(x)
+
+
+def test_tensors_the_model_rebinds_are_followed(dygraph, rng):
+    model = Counting()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    oracle = EmaOracle(0.5, ema.names)
+    for _ in range(3):
+        model(paddle.ones([1, 3]))
+        ema.update()
+        oracle.step({name: tensor.numpy() for name, tensor in model.state_dict().items()})
+    model.fc.weight = paddle.create_parameter([3, 3], "float32")  # a new parameter object
+    model(paddle.ones([1, 3]))
+    ema.update()
+    oracle.step({name: tensor.numpy() for name, tensor in model.state_dict().items()})
+    assert ema._tensors["count"] is model.count and ema._tensors["fc.weight"] is model.fc.weight
+    check_applied(ema, oracle, "re-bound tensors")
+    np.testing.assert_allclose(ema.averages()["count"].numpy(), oracle.debiased("count"), rtol=RTOL)
+
+
+def test_a_tensor_rebound_with_another_shape_raises_before_averaging(dygraph, rng):
+    model = Counting()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    model(paddle.ones([1, 3]))
+    ema.update()
+    raw = {name: value.numpy() for name, value in ema._averages.items()}
+    model.count = paddle.zeros([5])
+    for call in (ema.update, ema.apply, ema.averages):
+        with pytest.raises(RuntimeError, match=r"'count' now holds a float32\[5\] tensor"):
+            call()
+    assert ema.num_updates == 1 and ema._backups is None
+    for name, value in ema._averages.items():
+        np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=name)
+
+
 def test_model_ema_in_static_mode_raises():
     with pytest.raises(RuntimeError, match="ModelEMA averages a dygraph model"):
         paddle_ema.ModelEMA(None)
