@@ -20,6 +20,7 @@ from paddle.base.data_feeder import convert_dtype
 
 __all__ = [
     "as_numpy_dtype",
+    "bindings_hold",
     "bind_persistable",
     "concat_into_buffer",
     "create_state",
@@ -45,6 +46,7 @@ __all__ = [
     "holds_memory",
     "sgd_lerp_",
     "stack_max_numel",
+    "tensor_bindings",
     "update_role",
 ]
 
@@ -391,6 +393,33 @@ def eager_swap_in(tensor: Any, source: Any) -> None:
     """Point eager ``tensor`` (a parameter: the object, its name and its autograd state stay) at
     ``source``'s data, with no copy."""
     source._share_underline_tensor_to(tensor)
+
+
+def tensor_bindings(layer: Any, names: Sequence[str], buffers: bool) -> list[tuple[dict, str, Any]]:
+    """``(dict, key, object)`` triples that all still hold (``d.get(key) is object``) as long as
+    ``layer`` holds the same tensors under ``names`` (as ``named_parameters()`` and, with
+    ``buffers``, ``named_buffers()`` name them): each tensor's entry in its layer's parameter or buffer
+    dict, and each sublayer's entry in its parent's. Checking them costs a dict lookup each, where
+    walking the names again costs a generator walk over the whole model (about 10x more).
+
+    Private but present from Paddle 2.6 to 3.3: ``Layer._parameters``, ``_buffers`` and
+    ``_sub_layers``, the dicts ``Layer.__setattr__`` writes when a name is re-bound.
+    """
+    wanted = set(names)
+    bindings = []
+    for prefix, sublayer in layer.named_sublayers(include_self=True):
+        owned = [sublayer._parameters] + ([sublayer._buffers] if buffers else [])
+        for tensors in owned:
+            for key, tensor in tensors.items():
+                if (f"{prefix}.{key}" if prefix else key) in wanted:
+                    bindings.append((tensors, key, tensor))
+        bindings.extend((sublayer._sub_layers, key, child) for key, child in sublayer._sub_layers.items())
+    return bindings
+
+
+def bindings_hold(bindings: Sequence[tuple[dict, str, Any]]) -> bool:
+    """Whether every binding from :func:`tensor_bindings` still holds."""
+    return all(entries.get(key) is value for entries, key, value in bindings)
 
 
 def fill_scope_tensor(

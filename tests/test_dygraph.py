@@ -331,6 +331,11 @@ def test_tensors_the_model_rebinds_are_followed(dygraph, rng):
     ema.update()
     oracle.step({name: tensor.numpy() for name, tensor in model.state_dict().items()})
     assert ema._tensors["count"] is model.count and ema._tensors["fc.weight"] is model.fc.weight
+    model.fc = paddle.nn.Linear(3, 3)  # a new sublayer, new tensors under the same names
+    model(paddle.ones([1, 3]))
+    ema.update()
+    oracle.step({name: tensor.numpy() for name, tensor in model.state_dict().items()})
+    assert ema._tensors["fc.bias"] is model.fc.bias
     check_applied(ema, oracle, "re-bound tensors")
     np.testing.assert_allclose(ema.averages()["count"].numpy(), oracle.debiased("count"), rtol=RTOL)
 
