@@ -48,6 +48,17 @@ def train_step(model, opt, rng):
         model.scale.set_value(model.scale * 0.9 + 0.05)
 
 
+def trained(rng, steps, decay=0.9, **options):
+    """A Net, its SGD and a ModelEMA of it, after ``steps`` training steps each followed by an update."""
+    model = Net()
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    ema = paddle_ema.ModelEMA(model, decay, **options)
+    for _ in range(steps):
+        train_step(model, opt, rng)
+        ema.update()
+    return model, opt, ema
+
+
 def weights(ema) -> dict[str, np.ndarray]:
     return {name: ema._tensors[name].numpy().copy() for name in ema.names}
 
@@ -133,12 +144,7 @@ def test_data_parallel_names_have_no_wrapper_prefix(dygraph):
 
 
 def test_state_dict_resumes_bit_exactly_through_paddle_save(dygraph, rng, tmp_path):
-    model = Net()
-    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
-    ema = paddle_ema.ModelEMA(model, 0.99, warmup="threshold")
-    for _ in range(3):
-        train_step(model, opt, rng)
-        ema.update()
+    model, opt, ema = trained(rng, 3, 0.99, warmup="threshold")
     paddle.save(ema.state_dict(), str(tmp_path / "ema.pdparams"))
     resumed = paddle_ema.ModelEMA(model, 0.99, warmup="threshold")
     resumed.set_state_dict(paddle.load(str(tmp_path / "ema.pdparams")))
@@ -198,18 +204,14 @@ def test_update_while_applied_raises_and_changes_nothing(dygraph, rng):
 
 
 def test_an_exception_inside_apply_restores(dygraph, rng):
-    model = Net()
-    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
-    ema = paddle_ema.ModelEMA(model, 0.9)
+    model, opt, ema = trained(rng, 1)
     train_step(model, opt, rng)
-    ema.update()
-    train_step(model, opt, rng)
-    trained = weights(ema)
+    before = weights(ema)
     with pytest.raises(KeyError):
         with ema.apply():
             raise KeyError("evaluation failed")
     for name, value in weights(ema).items():
-        np.testing.assert_array_equal(value, trained[name], err_msg=name)
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
 
 
 def test_out_of_order_restore_raises_and_changes_nothing(dygraph, rng):
@@ -263,12 +265,7 @@ def test_set_state_dict_of_another_model_raises_and_changes_nothing(dygraph):
     {"bias_correction": 0.0}, {"averages": "strings"},
 ], ids=["num_updates None", "bias_correction str", "calls < updates", "bias 0 after updates", "str average"])
 def test_set_state_dict_with_bad_values_raises_and_changes_nothing(dygraph, rng, bad):
-    model = Net()
-    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
-    ema = paddle_ema.ModelEMA(model, 0.9)
-    for _ in range(2):
-        train_step(model, opt, rng)
-        ema.update()
+    model, opt, ema = trained(rng, 2)
     state = ema.state_dict()
     train_step(model, opt, rng)
     ema.update()
@@ -289,11 +286,7 @@ def test_set_state_dict_with_bad_values_raises_and_changes_nothing(dygraph, rng,
 
 
 def test_state_dict_is_a_snapshot_that_set_state_dict_goes_back_to(dygraph, rng):
-    model = Net()
-    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
-    ema = paddle_ema.ModelEMA(model, 0.9)
-    train_step(model, opt, rng)
-    ema.update()
+    model, opt, ema = trained(rng, 1)
     state = ema.state_dict()
     then = {name: value.numpy() for name, value in ema.averages().items()}
     for _ in range(2):
