@@ -173,18 +173,39 @@ class StateHandles:
     averages: tuple[Any, ...]  # one per EmaPlan.groups
 
 
-def emit_state(plan: EmaPlan, scope: Any) -> StateHandles:
+def emit_state(plan: EmaPlan, scope: Any, keep: bool = False) -> StateHandles:
     """Create the EMA's persistable state, zero-initialised by the current startup program.
 
     Must run under ``paddle.static.program_guard(main, startup)``. If the startup program has already
-    run in ``scope`` (the parameters hold data), the state is also set in ``scope`` right away.
+    run in ``scope`` (the parameters hold data), the state is also set in ``scope`` right away, unless
+    ``keep``: then the state ``scope`` holds (see :func:`state_found`) is carried on.
     """
     step = _ir.create_state(plan.step, [1], "int64", 0)
     debias = _ir.create_state(plan.debias, [1], _DEBIAS_DTYPE, 0.0)
     averages = tuple(_ir.create_state(g.average, g.shape, g.dtype, 0.0) for g in plan.groups)
-    if _ir.initialized_place(plan.slots[0].param, scope) is not None:
+    if keep:
+        for group in plan.groups:  # the scope-only buffers, as reset_state declares them
+            if group.stacked is not None:
+                _ir.declare_output(group.stacked, scope)
+    elif _ir.initialized_place(plan.slots[0].param, scope) is not None:
         reset_state(plan, scope)
     return StateHandles(step=step, debias=debias, averages=averages)
+
+
+def state_found(plan: EmaPlan, scope: Any) -> str:
+    """What ``scope`` (or a parent) holds of this EMA's state: ``"none"``; ``"all"`` of it, each
+    tensor of the planned shape and dtype (the same EMA of the same model, from an earlier program);
+    or ``"other"``: some of it, or tensors that do not fit (another EMA under the same name)."""
+    specs = {plan.step: ((1,), "int64"), plan.debias: ((1,), _DEBIAS_DTYPE)}
+    specs.update({g.average: (tuple(g.shape), g.dtype) for g in plan.groups})
+    held = {}
+    for name in specs:
+        tensor = _ir.find_scope_tensor(name, scope)
+        if tensor is not None and _ir.holds_memory(tensor):
+            held[name] = _ir.tensor_spec(tensor)
+    if not held:
+        return "none"
+    return "all" if held == specs else "other"
 
 
 def state_names(plan: EmaPlan) -> list[str]:

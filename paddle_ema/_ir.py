@@ -31,7 +31,9 @@ __all__ = [
     "in_pir_mode",
     "initialized_place",
     "is_graph_variable",
+    "last_writer",
     "lerp_",
+    "op_count",
     "parameters_written",
     "persistable_names",
     "persistable_specs",
@@ -46,6 +48,7 @@ __all__ = [
     "holds_memory",
     "sgd_lerp_",
     "stack_max_numel",
+    "tensor_spec",
     "tensor_bindings",
     "update_role",
 ]
@@ -373,6 +376,12 @@ def holds_memory(tensor: Any) -> bool:
     return tensor._is_initialized()
 
 
+def tensor_spec(tensor: Any) -> tuple[tuple[int, ...], str]:
+    """The shape and dtype name ('float32', 'bfloat16', ...) of scope tensor ``tensor``."""
+    dtype = convert_dtype(tensor._dtype())
+    return tuple(int(d) for d in tensor.shape()), "bfloat16" if dtype == "uint16" else dtype
+
+
 def release(tensor: Any) -> None:
     """Let scope tensor ``tensor`` go of its memory (freed if nothing else refers to it)."""
     tensor._clear()
@@ -456,6 +465,30 @@ def persistable_specs(program: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     return {v.name: (tuple(int(d) for d in v.shape), dtype_name(v)) for v in values}
 
 
+def op_count(program: Any) -> int:
+    """How many ops ``program``'s global block holds (under PIR without building the op list)."""
+    block = program.global_block()
+    return block.num_ops() if in_pir_mode() else len(block.ops)
+
+
+def last_writer(program: Any, state: Any) -> int:
+    """The index, in ``program``'s global block, of the last op that writes ``state`` (a graph
+    variable the program updates in place), or -1.
+
+    Found by the variable, not remembered as a count: ops that later code inserts near the top of
+    the block (PIR puts each new persistable's ``data`` op there) shift every index after them.
+    """
+    ops = program.global_block().ops
+    for index in range(len(ops) - 1, -1, -1):
+        op = ops[index]
+        if in_pir_mode():
+            if op.name().endswith("_") and op.num_operands() and op.operand_source(0).is_same(state):
+                return index
+        elif state.name in op.output_arg_names:
+            return index
+    return -1
+
+
 def program_of(value: Any) -> Any:
     """The program that graph variable ``value`` belongs to, in either IR."""
     if in_pir_mode():
@@ -463,8 +496,9 @@ def program_of(value: Any) -> Any:
     return value.block.program
 
 
-def parameters_written(program: Any) -> set[str]:
-    """Names of the parameters of ``program`` that some op of its global block writes.
+def parameters_written(program: Any, start: int = 0) -> set[str]:
+    """Names of the parameters of ``program`` that some op of its global block (from op ``start``
+    on) writes.
 
     That is what an optimizer's ``minimize`` adds (one update op per trainable parameter), so it
     tells whether the optimizer ops are already in the program. Legacy ops name their outputs. PIR ops
@@ -473,12 +507,15 @@ def parameters_written(program: Any) -> set[str]:
     ``batch_norm_`` takes the scale and bias as later operands and does not count.
     """
     block = program.global_block()
+    ops = block.ops[start:]
+    if not ops:
+        return set()
     if not in_pir_mode():
         names = {p.name for p in block.all_parameters()}
-        return {n for op in block.ops for n in op.output_arg_names if n in names}
+        return {n for op in ops for n in op.output_arg_names if n in names}
     params = block.all_parameters()
     written = set()
-    for op in block.ops:
+    for op in ops:
         if not op.name().endswith("_"):
             continue
         operands = op.operands_source()

@@ -82,11 +82,26 @@ def _selected_parameters(program: Any, parameters: Any, exclude: Any) -> list[An
     ``do_model_average`` is not False; else the ``parameters`` named (names or graph parameters),
     taken as given; then ``exclude`` leaves some out (see :func:`paddle_ema._select.choose`)."""
     everything = _program_parameters(program)
-    default = [n for n, p in everything.items() if getattr(p, "do_model_average", None) is not False]
+    # Only floating-point parameters have an average (integer ones, e.g. LookAhead's counters under
+    # PIR, are state, and no in-place average kernel takes them).
+    default = [
+        n for n, p in everything.items()
+        if getattr(p, "do_model_average", None) is not False and _ir.dtype_name(p) in _FLOATING
+    ]
     names = _select.choose(list(everything), default, parameters, exclude,
                            name_of=lambda item: getattr(item, "name", None),
                            where="the default main program")
+    not_floating = [n for n in names if _ir.dtype_name(everything[n]) not in _FLOATING]
+    if not_floating:
+        raise TypeError(
+            f"parameters: {_select.some_names(not_floating)} is "
+            f"{_ir.dtype_name(everything[not_floating[0]])}; only floating-point parameters can be "
+            "averaged, leave it out of parameters"
+        )
     return [everything[name] for name in names]
+
+
+_FLOATING = ("float16", "bfloat16", "float32", "float64")
 
 
 def _compiled_programs_of(program: Any) -> bool:
@@ -245,6 +260,8 @@ class ExponentialMovingAverage:
         self._write_program: paddle.static.Program | None = None
         self._read_program: paddle.static.Program | None = None
         self._read_fetches: dict[str, Any] = {}
+        self._late_writers_said: set[str] = set()  # parameters written after update(), warned of
+        self._ops_checked = -1  # the training program's op count when that was last looked at
         _logger.debug("%s averages %d parameters", self._name, len(self._params))
 
     @property
@@ -264,10 +281,17 @@ class ExponentialMovingAverage:
         any ``paddle.static.CompiledProgram`` of the training program after it: one built before
         never runs the EMA ops.
 
+        If the current scope already holds this EMA's whole state (the same EMA of the same model,
+        from an earlier program built in this scope), the EMA carries it on and a warning says so.
+        Ops appended after it that write an averaged parameter (a second optimizer's ``minimize``)
+        make that average lag one step; :meth:`apply` and :meth:`averages` warn of them.
+
         Raises:
             RuntimeError: ``update()`` was already called; the default main program is not the one
-                this EMA was built on; or no op of the program updates the averaged parameters yet
-                (``optimizer.minimize`` has not run). Nothing is appended then.
+                this EMA was built on; no op of the program updates the averaged parameters yet
+                (``optimizer.minimize`` has not run); the program already holds the state of another
+                EMA of the same name (made under another ``unique_name.guard``); or the scope holds
+                state under this EMA's names that does not fit it. Nothing is appended then.
         """
         if self._state is not None:
             raise RuntimeError(
@@ -286,6 +310,22 @@ class ExponentialMovingAverage:
                 "lag one step behind the trained weights; call ema.update() after "
                 "optimizer.minimize(loss)"
             )
+        taken = set(_graph.state_names(self._plan)) & _ir.persistable_names(self._program)
+        if taken:
+            raise RuntimeError(
+                f"the program already holds {_select.some_names(sorted(taken))}: another "
+                f"ExponentialMovingAverage named {self._name!r} (made under another "
+                "paddle.utils.unique_name.guard?) keeps its state there, and the two would share it; "
+                "pass another name="
+            )
+        scope = paddle.static.global_scope()
+        found = _graph.state_found(self._plan, scope)
+        if found == "other":
+            raise RuntimeError(
+                f"the current scope already holds state named like {self._name!r}'s that does not fit "
+                "it (another EMA's, of another model or parameter set, under the same name); updating "
+                "would overwrite it: pass another name=, or use another scope"
+            )
         if _compiled_programs_of(self._program):
             warnings.warn(
                 "a paddle.static.CompiledProgram was built from this program before "
@@ -294,9 +334,14 @@ class ExponentialMovingAverage:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        scope = paddle.static.global_scope()
+        if found == "all":
+            _logger.warning(
+                "%s carries on the state it finds in the current scope (step %d), kept from an "
+                "earlier program of the same model; to start afresh, give it another name", self._name,
+                int(_ir.read_scalar(self._plan.step, scope)),
+            )
         with paddle.static.name_scope("ema"), _ir.update_role(self._program):
-            state = _graph.emit_state(self._plan, scope)
+            state = _graph.emit_state(self._plan, scope, keep=found == "all")
             # (read before emit_update increments the EMA's step: the count of earlier updates)
             weight = schedule.emit_step_weight(self._schedule, state.step, self._thres_steps)
             _graph.emit_update(self._plan, self._params, state, weight)
@@ -304,6 +349,30 @@ class ExponentialMovingAverage:
         self._read_program, self._read_fetches = _graph.build_read_program(self._plan)
         self._state = state
         _UPDATED.add(self)
+
+    def _say_if_written_after_update(self) -> None:
+        """Warn (once per parameter) if an op appended to the training program after update()
+        writes an averaged parameter (a second optimizer's minimize, a clip): its average then
+        lags one step behind it. update() cannot see ops appended later, so apply() and averages()
+        look."""
+        count = _ir.op_count(self._program)
+        if count == self._ops_checked:  # nothing appended since the last look
+            return
+        self._ops_checked = count
+        # The EMA's last op moves the bias denominator.
+        end_of_update = _ir.last_writer(self._program, self._state.debias)
+        late = _ir.parameters_written(self._program, start=end_of_update + 1)
+        late = sorted((late & set(self.parameter_names)) - self._late_writers_said)
+        if late:
+            self._late_writers_said.update(late)
+            warnings.warn(
+                f"ops appended to the training program after ExponentialMovingAverage.update() write "
+                f"{_select.some_names(late)}: the averages of those parameters lag one step behind "
+                "them; call ema.update() after every optimizer's minimize (and anything else that "
+                "writes the parameters)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> Restorer:
         """Write the bias-corrected averages into the parameters, backing the parameters up first.
@@ -362,6 +431,7 @@ class ExponentialMovingAverage:
                 "the averages are already applied and the trained parameters are backed up; call "
                 "ema.restore(executor) before applying again"
             )
+        self._say_if_written_after_update()
         scope = paddle.static.global_scope()
         if _graph.debias_value(self._plan, scope) == 0.0:
             warnings.warn(
@@ -420,6 +490,7 @@ class ExponentialMovingAverage:
         _check_executor(executor, "averages")
         if self._state is None:
             raise RuntimeError("averages() needs the EMA ops: call ema.update() after optimizer.minimize()")
+        self._say_if_written_after_update()
         scope = paddle.static.global_scope()
         if _graph.debias_value(self._plan, scope) == 0.0:
             return {name: _ir.read_array(name, scope) for name in self.parameter_names}

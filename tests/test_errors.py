@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import paddle
 import pytest
@@ -209,3 +211,94 @@ def test_a_compiled_program_built_before_update_is_named(programs, exe, rng, mod
         with ema.apply(exe):
             for name, value in read_all(ema.parameter_names).items():
                 np.testing.assert_array_equal(value, trained[name], err_msg=name)
+
+
+def _int_parameter():
+    """A trainable-by-nothing int32 parameter beside a float net, as LookAhead's counters are."""
+    attr = paddle.ParamAttr(name="counter", initializer=paddle.nn.initializer.Constant(3), trainable=False)
+    return paddle.static.create_parameter([2], "int32", attr=attr)
+
+
+def test_integer_parameters_are_not_averaged_and_cannot_be_asked_for(programs, exe, rng):
+    main, startup = programs
+    net = build_net(main)
+    _int_parameter()
+    sizes = program_sizes(programs)
+    with pytest.raises(TypeError, match=r"parameters: counter is int32; only floating-point"):
+        paddle_ema.ExponentialMovingAverage(0.9, parameters=["fc1.w", "counter"])
+    assert program_sizes(programs) == sizes
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    assert "counter" not in ema.parameter_names and "fc1.w" in ema.parameter_names
+    ema.update()
+    exe.run(startup)
+    exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[net.loss])
+    with ema.apply(exe):
+        np.testing.assert_array_equal(read_all(["counter"])["counter"], [3, 3])
+
+
+def test_two_emas_of_one_name_in_one_program_raise_and_add_nothing(programs):
+    main, _ = programs
+    build_net(main)
+    with paddle.utils.unique_name.guard():
+        paddle_ema.ExponentialMovingAverage(0.9).update()
+    with paddle.utils.unique_name.guard():  # the generator starts again: the same name, ema_0
+        second = paddle_ema.ExponentialMovingAverage(0.5)
+    sizes = program_sizes(programs)
+    with pytest.raises(RuntimeError, match=r"already holds .*ema_0.*would share it; pass another name="):
+        second.update()
+    assert program_sizes(programs) == sizes
+
+
+def _rebuilt_program_in_this_scope(parameters=None):
+    """The net and an EMA built again in a new program pair, in the current scope, startup not run."""
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
+        net = build_net(main)
+        ema = paddle_ema.ExponentialMovingAverage(0.9, parameters=parameters)
+        ema.update()
+    return main, net, ema
+
+
+def test_an_ema_rebuilt_in_a_scope_that_holds_its_state_carries_it_on(programs, exe, rng, caplog):
+    net, first = train_with_ema(programs, exe, rng, steps=3)
+    averages, state = first.averages(exe), read_all(state_names(first))
+    main, net, second = _rebuilt_program_in_this_scope()
+    assert state_names(second) == state_names(first)
+    assert "carries on the state it finds in the current scope (step 3)" in caplog.text
+    for name, value in read_all(state_names(second)).items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+    for name, value in second.averages(exe).items():
+        np.testing.assert_array_equal(value, averages[name], err_msg=name)
+    exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[net.loss])
+    assert read_all([second._plan.step])[second._plan.step] == 4
+
+
+def test_an_ema_whose_name_the_scope_holds_for_other_state_raises_and_changes_nothing(programs, exe, rng):
+    net, first = train_with_ema(programs, exe, rng, steps=2)
+    state = read_all(state_names(first))
+    with pytest.raises(RuntimeError, match="already holds state named like 'ema_0'"):
+        _rebuilt_program_in_this_scope(parameters=["fc1.b"])  # first stacked with fc2.b, now alone
+    for name, value in read_all(state_names(first)).items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+
+
+def test_parameters_written_after_update_are_named_once(programs, exe, rng):
+    main, startup = programs
+    x = paddle.static.data("x", [-1, 5], "float32")
+    hidden = paddle.static.nn.fc(x, 4, weight_attr=paddle.ParamAttr(name="a.w"), bias_attr=False)
+    out = paddle.static.nn.fc(hidden, 2, weight_attr=paddle.ParamAttr(name="b.w"), bias_attr=False)
+    loss = paddle.mean(out * out)
+    params = {p.name: p for p in main.global_block().all_parameters()}
+    paddle.optimizer.Adam(0.1).minimize(loss, parameters=[params["a.w"]])
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    paddle.optimizer.Adam(0.1).minimize(loss, parameters=[params["b.w"]])  # too late for the EMA
+    exe.run(startup)
+    exe.run(main, feed={"x": rng.standard_normal((4, 5)).astype("float32")}, fetch_list=[loss])
+    with pytest.warns(RuntimeWarning, match=r"after ExponentialMovingAverage.update\(\) write b.w:") as said:
+        ema.averages(exe)
+    assert "a.w" not in str(said[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        with ema.apply(exe):
+            pass
