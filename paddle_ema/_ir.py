@@ -446,23 +446,32 @@ def fill_scope_tensor(
 
 def persistable_names(program: Any) -> set[str]:
     """Names of every persistable variable of ``program``: what a checkpoint of it holds."""
-    return set(persistable_specs(program))
+    return {v.name for v in _persistables(program)}
 
 
 def persistable_specs(program: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype name)}`` of every persistable variable of ``program`` (see
-    :func:`persistable_names`)."""
+    """``{name: (shape, dtype name)}`` of every persistable tensor of ``program`` (see
+    :func:`persistable_names`); variables of other types (readers, raw communicator ids) have
+    neither and are left out."""
+    specs = {}
+    for v in _persistables(program):
+        try:
+            specs[v.name] = (tuple(int(d) for d in v.shape), dtype_name(v))
+        except Exception:  # noqa: BLE001 - Paddle raises various errors for shapeless variable types
+            continue
+    return specs
+
+
+def _persistables(program: Any) -> list[Any]:
     if in_pir_mode():
         # The helper paddle.static.load itself uses under PIR (parameters, then other persistables).
         from paddle.static.pir_io import get_pir_parameters
 
         params, others = get_pir_parameters(program)
-        values = [v for v in params + others if v.persistable]
-    else:
-        # need_check_feed: feed targets, and the stacking buffers (see concat_into_buffer), which
-        # paddle.static.save skips too.
-        values = [v for v in program.list_vars() if v.persistable and not v.desc.need_check_feed()]
-    return {v.name: (tuple(int(d) for d in v.shape), dtype_name(v)) for v in values}
+        return [v for v in params + others if v.persistable]
+    # need_check_feed: feed targets, and the stacking buffers (see concat_into_buffer), which
+    # paddle.static.save skips too.
+    return [v for v in program.list_vars() if v.persistable and not v.desc.need_check_feed()]
 
 
 def op_count(program: Any) -> int:
