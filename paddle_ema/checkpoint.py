@@ -40,7 +40,9 @@ def load(program: Any, path_prefix: str) -> None:
         path_prefix: What was passed to ``paddle.static.save`` (without ``.pdparams``).
 
     Raises:
-        ValueError: a variable of ``program`` other than EMA state is not in the checkpoint.
+        ValueError: a variable of ``program`` other than EMA state is not in the checkpoint, or an
+            array of the checkpoint has another shape or dtype than its variable (checked for all
+            before anything is loaded).
         RuntimeError: an EMA of ``program`` is applied; restore it before loading.
 
     Example:

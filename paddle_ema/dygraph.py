@@ -202,8 +202,9 @@ class ModelEMA:
         Raises:
             RuntimeError: averages (this EMA's or another's over the same weights) are applied to the
                 model: averaging them would lose the trained weights' history. Restore first. Or the
-                model no longer has an averaged tensor, or holds one of another shape or dtype under
-                its name (a tensor re-bound with the same shape and dtype is followed).
+                model no longer has an averaged tensor, or holds one of another shape under its name,
+                or of a dtype that needs another average (float16, bfloat16 and float32 weights share
+                float32 averages; a re-bound tensor is followed otherwise).
         """
         if any(self._shares_tensors_with(other) for other in _APPLIED):
             raise RuntimeError(
@@ -233,6 +234,10 @@ class ModelEMA:
         Returns:
             ``{name: Tensor}`` in each tensor's dtype; before the first update, copies of the
             current weights (there is no average yet).
+
+        Raises:
+            RuntimeError: the model no longer has an averaged tensor, or holds one of another shape
+                or kind of average under its name (see :meth:`update`).
         """
         self._follow_rebound_tensors()
         with paddle.no_grad():
@@ -258,7 +263,8 @@ class ModelEMA:
         Raises:
             TypeError: ``need_restore`` is not a bool.
             RuntimeError: the averages are already applied, or the model no longer has an averaged
-                tensor or holds one of another shape or dtype under its name (nothing is changed).
+                tensor or holds one of another shape or kind of average under its name (see
+                :meth:`update`; nothing is changed).
         """
         if not isinstance(need_restore, bool):
             raise TypeError(f"need_restore must be a bool, got {need_restore!r}")

@@ -136,8 +136,9 @@ class ExponentialMovingAverage:
     """Exponential moving average of a static program's parameters, with exact bias correction.
 
     A drop-in replacement for ``paddle.static.ExponentialMovingAverage`` that works on Paddle 3.x under
-    PIR and the legacy IR, and on Paddle 2.6. For every parameter :math:`\\theta` of the default main
-    program whose ``do_model_average`` is not False (batch-norm statistics included) it keeps
+    PIR and the legacy IR, and on Paddle 2.6. For every floating-point parameter :math:`\\theta` of
+    the default main program whose ``do_model_average`` is not False (batch-norm statistics
+    included) it keeps
 
     .. math::
 
@@ -167,8 +168,8 @@ class ExponentialMovingAverage:
             above.
         name: Prefix of the state's variable names; made unique per instance. Defaults to ``"ema"``.
         parameters: The parameters to average: a list of names or graph parameters of the default
-            main program, taken as given. Defaults to every parameter whose ``do_model_average`` is
-            not False.
+            main program, taken as given (floating-point ones). Defaults to every floating-point
+            parameter whose ``do_model_average`` is not False.
         exclude: Names or regular expressions (matched with ``re.fullmatch``) of parameters to leave
             out, applied after ``parameters``. Every entry must match some parameter. Excluded
             parameters are never backed up, written or restored.
@@ -180,8 +181,9 @@ class ExponentialMovingAverage:
 
     Raises:
         TypeError: ``decay``, ``start_step``, ``power``, ``inv_gamma`` or ``min_decay`` is not a
-            number, ``name`` is not a str, ``parameters`` or ``exclude`` is not a list, or
-            ``thres_steps`` is not an int/float graph variable.
+            number, ``name`` is not a str, ``parameters`` or ``exclude`` is not a list,
+            ``parameters`` names a parameter that is not floating-point, or ``thres_steps`` is not
+            an int/float graph variable.
         ValueError: an option is out of range (the message names it); ``thres_steps`` does not hold
             one number or belongs to another program; both ``thres_steps`` and ``power`` are given; a
             name in ``parameters`` or an entry of ``exclude`` matches no parameter; or no parameter
@@ -282,7 +284,7 @@ class ExponentialMovingAverage:
         never runs the EMA ops.
 
         If the current scope already holds this EMA's whole state (the same EMA of the same model,
-        from an earlier program built in this scope), the EMA carries it on and a warning says so.
+        from an earlier program built in this scope), the EMA carries it on and logs a warning.
         Ops appended after it that write an averaged parameter (a second optimizer's ``minimize``)
         make that average lag one step; :meth:`apply` and :meth:`averages` warn of them.
 
