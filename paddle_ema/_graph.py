@@ -173,6 +173,14 @@ class StateHandles:
     averages: tuple[Any, ...]  # one per EmaPlan.groups
 
 
+def _state_specs(plan: EmaPlan) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of every tensor of an EMA's persistable state, in creation order;
+    each starts at zero."""
+    specs = {plan.step: ((1,), "int64"), plan.debias: ((1,), _DEBIAS_DTYPE)}
+    specs.update({g.average: (tuple(g.shape), g.dtype) for g in plan.groups})
+    return specs
+
+
 def emit_state(plan: EmaPlan, scope: Any, keep: bool = False) -> StateHandles:
     """Create the EMA's persistable state, zero-initialised by the current startup program.
 
@@ -180,24 +188,24 @@ def emit_state(plan: EmaPlan, scope: Any, keep: bool = False) -> StateHandles:
     run in ``scope`` (the parameters hold data), the state is also set in ``scope`` right away, unless
     ``keep``: then the state ``scope`` holds (see :func:`state_found`) is carried on.
     """
-    step = _ir.create_state(plan.step, [1], "int64", 0)
-    debias = _ir.create_state(plan.debias, [1], _DEBIAS_DTYPE, 0.0)
-    averages = tuple(_ir.create_state(g.average, g.shape, g.dtype, 0.0) for g in plan.groups)
+    handles = {
+        name: _ir.create_state(name, shape, dtype, 0) for name, (shape, dtype) in _state_specs(plan).items()
+    }
     if keep:
-        for group in plan.groups:  # the scope-only buffers, as reset_state declares them
-            if group.stacked is not None:
-                _ir.declare_output(group.stacked, scope)
+        _declare_buffers(plan, scope)
     elif _ir.initialized_place(plan.slots[0].param, scope) is not None:
         reset_state(plan, scope)
-    return StateHandles(step=step, debias=debias, averages=averages)
+    return StateHandles(
+        step=handles[plan.step], debias=handles[plan.debias],
+        averages=tuple(handles[g.average] for g in plan.groups),
+    )
 
 
 def state_found(plan: EmaPlan, scope: Any) -> str:
     """What ``scope`` (or a parent) holds of this EMA's state: ``"none"``; ``"all"`` of it, each
     tensor of the planned shape and dtype (the same EMA of the same model, from an earlier program);
     or ``"other"``: some of it, or tensors that do not fit (another EMA under the same name)."""
-    specs = {plan.step: ((1,), "int64"), plan.debias: ((1,), _DEBIAS_DTYPE)}
-    specs.update({g.average: (tuple(g.shape), g.dtype) for g in plan.groups})
+    specs = _state_specs(plan)
     held = {}
     for name in specs:
         tensor = _ir.find_scope_tensor(name, scope)
@@ -210,7 +218,7 @@ def state_found(plan: EmaPlan, scope: Any) -> str:
 
 def state_names(plan: EmaPlan) -> list[str]:
     """The names of an EMA's persistable state: what a checkpoint carries of it."""
-    return [plan.step, plan.debias] + [group.average for group in plan.groups]
+    return list(_state_specs(plan))
 
 
 def reset_state(plan: EmaPlan, scope: Any) -> None:
@@ -224,10 +232,14 @@ def reset_state(plan: EmaPlan, scope: Any) -> None:
         raise RuntimeError(
             f"parameter {plan.slots[0].param!r} holds no data; run the startup program first"
         )
-    _ir.fill_scope_tensor(plan.step, [1], "int64", 0, place, scope)
-    _ir.fill_scope_tensor(plan.debias, [1], _DEBIAS_DTYPE, 0.0, place, scope)
+    for name, (shape, dtype) in _state_specs(plan).items():
+        _ir.fill_scope_tensor(name, shape, dtype, 0, place, scope)
+    _declare_buffers(plan, scope)
+
+
+def _declare_buffers(plan: EmaPlan, scope: Any) -> None:
+    """Declare the stacks' scope-only concatenation buffers (see :func:`_ir.declare_output`)."""
     for group in plan.groups:
-        _ir.fill_scope_tensor(group.average, group.shape, group.dtype, 0.0, place, scope)
         if group.stacked is not None:
             _ir.declare_output(group.stacked, scope)
 
