@@ -12,6 +12,7 @@ slicing and the arithmetic operators. The in-place update ops are spelled here, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -20,17 +21,19 @@ from paddle.base.data_feeder import convert_dtype
 
 __all__ = [
     "as_numpy_dtype",
-    "bindings_hold",
     "bind_persistable",
     "concat_into_buffer",
     "create_state",
     "declare_output",
     "dtype_name",
+    "eager_set_aside",
+    "eager_swap_in",
     "fill_scope_tensor",
     "find_scope_tensor",
     "in_pir_mode",
     "initialized_place",
     "is_graph_variable",
+    "LayerBindings",
     "last_writer",
     "lerp_",
     "op_count",
@@ -43,13 +46,13 @@ __all__ = [
     "release",
     "rows_of",
     "scale_into",
+    "schedule_role",
     "scope_tensor",
     "share_memory",
     "holds_memory",
     "sgd_lerp_",
     "stack_max_numel",
     "tensor_spec",
-    "tensor_bindings",
     "update_role",
 ]
 
@@ -404,31 +407,50 @@ def eager_swap_in(tensor: Any, source: Any) -> None:
     source._share_underline_tensor_to(tensor)
 
 
-def tensor_bindings(layer: Any, names: Sequence[str], buffers: bool) -> list[tuple[dict, str, Any]]:
-    """``(dict, key, object)`` triples that all still hold (``d.get(key) is object``) as long as
-    ``layer`` holds the same tensors under ``names`` (as ``named_parameters()`` and, with
-    ``buffers``, ``named_buffers()`` name them): each tensor's entry in its layer's parameter or buffer
-    dict, and each sublayer's entry in its parent's. Checking them costs a dict lookup each, where
-    walking the names again costs a generator walk over the whole model (about 10x more).
+@dataclasses.dataclass(frozen=True)
+class LayerBindings:
+    """Where a layer and its sublayers hold their tensors and sublayers, as taken by :meth:`of`.
+
+    ``entries`` are ``(dict, key, object)`` for every entry of each sublayer's ``_parameters``,
+    ``_buffers`` and ``_sub_layers``; ``sizes`` each of those dicts with its length; ``dtypes`` each
+    sublayer with the object its ``_dtype`` attribute held, which ``Layer.to``, ``float``, ``half``
+    and AMP decoration re-bind when they cast the tensors in place. Telling that nothing was
+    re-bound, added, removed or cast costs a lookup per entry (:meth:`hold`), where walking the names
+    and reading every tensor's dtype costs about 10x more; :meth:`put_back` undoes every re-binding.
 
     Private but present from Paddle 2.6 to 3.3: ``Layer._parameters``, ``_buffers`` and
-    ``_sub_layers``, the dicts ``Layer.__setattr__`` writes when a name is re-bound.
+    ``_sub_layers``, the dicts ``Layer.__setattr__`` writes when a name is bound, and ``_dtype``.
     """
-    wanted = set(names)
-    bindings = []
-    for prefix, sublayer in layer.named_sublayers(include_self=True):
-        owned = [sublayer._parameters] + ([sublayer._buffers] if buffers else [])
-        for tensors in owned:
-            for key, tensor in tensors.items():
-                if (f"{prefix}.{key}" if prefix else key) in wanted:
-                    bindings.append((tensors, key, tensor))
-        bindings.extend((sublayer._sub_layers, key, child) for key, child in sublayer._sub_layers.items())
-    return bindings
 
+    entries: tuple[tuple[dict, str, Any], ...]
+    sizes: tuple[tuple[dict, int], ...]
+    dtypes: tuple[tuple[Any, Any], ...]
 
-def bindings_hold(bindings: Sequence[tuple[dict, str, Any]]) -> bool:
-    """Whether every binding from :func:`tensor_bindings` still holds."""
-    return all(entries.get(key) is value for entries, key, value in bindings)
+    @classmethod
+    def of(cls, layer: Any) -> LayerBindings:
+        entries, sizes, dtypes = [], [], []
+        for _, sublayer in layer.named_sublayers(include_self=True):
+            dtypes.append((sublayer, vars(sublayer).get("_dtype")))
+            for owned in (sublayer._parameters, sublayer._buffers, sublayer._sub_layers):
+                sizes.append((owned, len(owned)))
+                entries.extend((owned, key, value) for key, value in owned.items())
+        return cls(tuple(entries), tuple(sizes), tuple(dtypes))
+
+    def hold(self) -> bool:
+        """Whether the layer still holds the same objects under the same names, no more, and was
+        not cast since."""
+        return (
+            all(len(owned) == size for owned, size in self.sizes)
+            and all(owned.get(key) is value for owned, key, value in self.entries)
+            and all(vars(sublayer).get("_dtype") is dtype for sublayer, dtype in self.dtypes)
+        )
+
+    def put_back(self) -> None:
+        """Bind every name to the object it held when these bindings were taken (names added since
+        are left alone). Idempotent."""
+        for owned, key, value in self.entries:
+            if owned.get(key) is not value:
+                owned[key] = value
 
 
 def fill_scope_tensor(

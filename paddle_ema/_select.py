@@ -11,6 +11,18 @@ def some_names(names: Sequence[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` is one of ``patterns`` or matches one as a regular expression (``re.fullmatch``),
+    as ``exclude`` entries are matched."""
+    for pattern in patterns:
+        try:
+            if name == pattern or re.fullmatch(pattern, name):
+                return True
+        except re.error:
+            continue  # an entry that is a name only (checked by choose)
+    return False
+
+
 def _listed(argument: str, items: Any, what: str) -> list[Any]:
     if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
         raise TypeError(

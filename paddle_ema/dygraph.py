@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import warnings
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import paddle
 
 from paddle_ema import _graph, _ir, _select, schedule
@@ -40,6 +42,30 @@ def _named_tensors(model: Any, buffers: bool) -> dict[str, Any]:
         seen.add(id(tensor))
         found[name] = tensor
     return found
+
+
+def _holds_non_finite(tensor: Any) -> bool:
+    """Whether ``tensor`` holds an infinity or a NaN (one reduction and a read back)."""
+    return not bool(paddle.isfinite(tensor).all())
+
+
+def _update_keeping_infinities(average: Any, target: Any, weight: float, positive: Any,
+                               negative: Any) -> None:
+    """In place: ``average += weight * (target - average)`` where ``average`` is finite, and
+    ``d * average + weight * target`` (``d = 1 - weight``; ``target`` itself when ``d`` is 0) where
+    it is infinite, so that a tensor constant at -inf (an attention mask) averages to itself.
+
+    The two-kernel update computes ``average - weight * average``, which is ``inf - inf`` = NaN for
+    an infinite average; this costs five more kernels, so only tensors found holding a non-finite
+    value take it.
+    """
+    infinite = paddle.isinf(average)
+    if weight == 1.0:
+        kept = target
+    else:
+        kept = paddle.scale(average, 1.0 - weight) + paddle.scale(target, weight)
+    _ir.sgd_lerp_(average, target, positive, negative)
+    paddle.assign(paddle.where(infinite, kept, average), output=average)
 
 
 class ModelEMA:
@@ -156,19 +182,17 @@ class ModelEMA:
             )
         self._layer = model._layers if isinstance(model, paddle.DataParallel) else model
         self._buffers_too = buffers
+        # How tensors the model gains later are chosen (see _follow_model): by the same rule.
+        self._chosen_by_name = parameters is not None
+        self._exclude = list(exclude or [])
         self._tensors = {name: candidates[name] for name in names}
-        with paddle.no_grad():  # each average beside its tensor, on the same device
-            self._averages = {
-                name: paddle.zeros_like(t, dtype=_graph.accumulator_dtype(_dtype_name(t)))
-                for name, t in self._tensors.items()
-            }
-            # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled
-            # in place each update: an update allocates nothing but the casts of low-precision weights.
-            first = {_dtype_name(a): a for a in self._averages.values()}
-            self._weights = {
-                dtype: tuple(paddle.to_tensor(0.0, dtype=dtype, place=a.place) for _ in range(2))
-                for dtype, a in first.items()
-            }
+        self._averages: dict[str, Any] = {}
+        # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled
+        # in place each update: an update allocates nothing but the casts of low-precision weights.
+        self._weights: dict[str, tuple[Any, Any]] = {}
+        self._non_finite: set[str] = set()  # names whose tensors held an inf or NaN when looked at
+        for name in names:
+            self._start_average(name, paddle.zeros_like)
         self._pair_for_updates()
         self._update_every = update_every
         self._calls = 0  # update() calls, for update_every
@@ -215,16 +239,19 @@ class ModelEMA:
         self._calls += 1
         if self._calls % self._update_every:
             return
-        self._follow_rebound_tensors()
+        self._follow_model()
         weight = schedule.step_weight(self._schedule, self._updates, steps=self._updates)
         with paddle.no_grad():
             for positive, negative in self._weights.values():
                 positive.fill_(weight)
                 negative.fill_(-weight)
-            for average, tensor, (positive, negative) in self._update_plan:
+            for average, tensor, cast, (positive, negative), infinities in self._update_plan:
                 # (a float16/bfloat16 weight is read as float32: one cast, the only temporary)
-                target = tensor if tensor.dtype == average.dtype else tensor.astype(average.dtype)
-                _ir.sgd_lerp_(average, target, positive, negative)
+                target = tensor.astype(average.dtype) if cast else tensor
+                if infinities:
+                    _update_keeping_infinities(average, target, weight, positive, negative)
+                else:
+                    _ir.sgd_lerp_(average, target, positive, negative)
         self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
         self._updates += 1
 
@@ -239,7 +266,7 @@ class ModelEMA:
             RuntimeError: the model no longer has an averaged tensor, or holds one of another shape
                 or kind of average under its name (see :meth:`update`).
         """
-        self._follow_rebound_tensors()
+        self._follow_model()
         with paddle.no_grad():
             return dict(self._corrected())
 
@@ -266,20 +293,25 @@ class ModelEMA:
                 tensor or holds one of another shape or kind of average under its name (see
                 :meth:`update`; nothing is changed).
         """
-        if not isinstance(need_restore, bool):
-            raise TypeError(f"need_restore must be a bool, got {need_restore!r}")
+        if not isinstance(need_restore, (bool, np.bool_)):
+            raise TypeError(
+                f"need_restore must be a bool, got {need_restore!r} of type {type(need_restore).__name__}"
+            )
         if self._backups is not None:
             raise RuntimeError("the averages are already applied; call ema.restore() before applying again")
         if self._updates == 0:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
-        self._follow_rebound_tensors()
+        self._follow_model()
         with paddle.no_grad():
             # New tensors holding the averages (the one pass apply makes), and backups that take over
             # the trained tensors themselves (no copy). No weight changes here.
             results = dict(self._corrected())
             backups = {name: _ir.eager_set_aside(tensor) for name, tensor in self._tensors.items()}
-        # Every weight is recoverable from here: the state says applied before one is swapped.
+        # Every weight is recoverable from here: the state says applied before one is swapped. What
+        # the model holds under each name is kept too: a forward run while applied may bind a new
+        # tensor to a name (`self.seen = self.seen + n`), and restore binds the old one back.
+        self._applied_bindings = _ir.LayerBindings.of(self._layer)
         self._backups = backups
         _APPLIED.append(self)
         try:
@@ -307,7 +339,9 @@ class ModelEMA:
                 "another ModelEMA over the same weights was applied after this one and is not "
                 "restored yet; restore them in the reverse order of apply (nothing was changed)"
             )
-        for name, backup in self._backups.items():  # idempotent: an interrupted restore can rerun
+        # Idempotent both: an interrupted restore can rerun.
+        self._applied_bindings.put_back()
+        for name, backup in self._backups.items():
             _ir.eager_swap_in(self._tensors[name], backup)
         _APPLIED.remove(self)
         self._backups = None
@@ -336,18 +370,29 @@ class ModelEMA:
         """Resume from :meth:`state_dict` (e.g. after ``paddle.load``); checks everything first.
 
         Raises:
-            ValueError: the state lacks a field or an average, has averages of other tensors, a
-                shape differs, an average is not a float tensor, or the counts are not numbers or do
-                not fit together (nothing is changed).
+            ValueError: the state is not a dict, lacks a field or an average, or has averages of
+                other tensors; an average is not a floating-point Tensor or numpy array of its
+                tensor's shape; ``num_updates``/``update_calls`` are not ints with
+                ``0 <= num_updates <= update_calls``; or ``bias_correction`` is not a float that
+                ``num_updates`` updates of this EMA's schedule can reach (in
+                ``[1 - decay ** num_updates, 1]``, 0 with no update). Nothing is changed then.
             RuntimeError: the averages are applied; restore first.
         """
         if self._backups is not None:
             raise RuntimeError("set_state_dict() while the averages are applied; call ema.restore() first")
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"state must be the dict ModelEMA.state_dict() returned, got {type(state).__name__}"
+            )
         fields = ("averages", "num_updates", "update_calls", "bias_correction")
         missing = [k for k in fields if k not in state]
         if missing:
             raise ValueError(f"the state lacks {missing}; pass what ModelEMA.state_dict() returned")
         averages = state["averages"]
+        if not isinstance(averages, dict):
+            raise ValueError(
+                f"the state's 'averages' must be a dict of tensors by name, got {type(averages).__name__}"
+            )
         if set(averages) != set(self._averages):
             missing = sorted(set(self._averages) - set(averages))
             extra = sorted(set(averages) - set(self._averages))
@@ -356,68 +401,145 @@ class ModelEMA:
                 f"extra: {_select.some_names(extra) or 'none'}); was it saved from another model?"
             )
         for name, value in averages.items():
-            if list(value.shape) != list(self._averages[name].shape):
-                raise ValueError(f"the average of {name!r} has shape {list(value.shape)}, the model's "
-                                 f"{list(self._averages[name].shape)}")
-        updates, calls, bias_correction = _counts(state)
+            _check_average(name, value, self._averages[name])
+        updates, calls, bias_correction = _counts(state, self._schedule)
         with paddle.no_grad():
-            # Every conversion before the first write: a value that cannot become a float tensor
-            # raises here, with nothing changed.
-            values = {}
-            for name, value in averages.items():
-                try:
-                    values[name] = paddle.to_tensor(value).astype(_dtype_name(self._averages[name]))
-                except (TypeError, ValueError, RuntimeError) as error:
-                    raise ValueError(f"the average of {name!r} is not a float tensor: {error}") from error
+            # Every conversion before the first write: nothing is changed if one fails.
+            values = {
+                name: paddle.to_tensor(value).astype(_dtype_name(self._averages[name]))
+                for name, value in averages.items()
+            }
             for name, value in values.items():
                 self._averages[name].set_value(value)
         self._updates, self._calls, self._bias_correction = updates, calls, bias_correction
+        for name in self._averages:
+            self._look_for_non_finite(name)
+        self._pair_for_updates()
+
+    def _start_average(self, name: str, initial: Any) -> None:
+        """Make the average of ``self._tensors[name]``, beside it on its device: ``initial(tensor,
+        dtype=accumulator dtype)``, and look at whether the tensor holds a non-finite value."""
+        tensor = self._tensors[name]
+        dtype = _graph.accumulator_dtype(_dtype_name(tensor))
+        with paddle.no_grad():
+            self._averages[name] = initial(tensor, dtype=dtype)
+            if dtype not in self._weights:
+                self._weights[dtype] = tuple(
+                    paddle.to_tensor(0.0, dtype=dtype, place=tensor.place) for _ in range(2)
+                )
+        self._look_for_non_finite(name)
+
+    def _look_for_non_finite(self, name: str) -> None:
+        if _holds_non_finite(self._tensors[name]) or _holds_non_finite(self._averages[name]):
+            self._non_finite.add(name)
+        else:
+            self._non_finite.discard(name)
 
     def _pair_for_updates(self) -> None:
         """What each update step works on: paired once rather than looked up per tensor per step;
-        and what tells cheaply that the model still holds those tensors."""
+        and what tells cheaply that the model still holds those tensors (see :meth:`_follow_model`)."""
         self._update_plan = [
-            (average, self._tensors[name], self._weights[_dtype_name(average)])
+            (
+                average,
+                self._tensors[name],
+                self._tensors[name].dtype != average.dtype,
+                self._weights[_dtype_name(average)],
+                name in self._non_finite,
+            )
             for name, average in self._averages.items()
         ]
-        self._bindings = _ir.tensor_bindings(self._layer, list(self._tensors), self._buffers_too)
+        parameters = {name for name, _ in self._layer.named_parameters()}
+        self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
+        self._bindings = _ir.LayerBindings.of(self._layer)
 
-    def _follow_rebound_tensors(self) -> None:
-        """Average what the model holds now under each name, if it re-bound one since the last look.
+    def _follow_model(self) -> None:
+        """Average what the model holds now, if it changed since the last look.
 
-        A layer may put a new tensor under a name (``self.count = self.count + 1`` in ``forward``,
-        or ``layer.weight = new_parameter``); averaging, applying to or reading the old one would
-        be silently wrong. PaddleDetection's EMA, which reads ``model.state_dict()`` every update,
-        follows such tensors too. Telling that nothing changed costs a dict lookup per tensor and
-        sublayer (see :func:`paddle_ema._ir.tensor_bindings`); only then are the names walked again.
+        * A layer may bind a new tensor to a name (``self.count = self.count + 1`` in ``forward``,
+          or ``layer.weight = new_parameter``): the new one is averaged on (PaddleDetection's EMA,
+          which reads ``model.state_dict()`` every update, follows such tensors too).
+        * ``model.to(dtype=...)`` and the like cast tensors in place: their averages are cast to the
+          new accumulator dtype (exactly, when it widens).
+        * A floating-point tensor the model gained (an adapter added, a cache made by the first
+          forward) that this EMA's ``parameters``/``exclude`` rule would have chosen is averaged
+          from now on as if it had always held its current value: its applied value is that value
+          until it moves. A warning is logged.
+
+        Telling that nothing changed costs a lookup per tensor and sublayer (see
+        :class:`paddle_ema._ir.LayerBindings`); only then are the names walked again.
 
         Raises:
-            RuntimeError: a name is gone, or now holds a tensor of another shape or dtype.
+            RuntimeError: a name is gone, holds a tensor of another shape, or moved between the
+                parameters and the buffers (``weight_norm``/``spectral_norm`` applied after the EMA
+                was built). Nothing is changed then.
         """
-        if _ir.bindings_hold(self._bindings):
-            return
-        named = dict(self._layer.named_parameters())
-        if self._buffers_too:
-            named.update((n, b) for n, b in self._layer.named_buffers() if b is not None)
-        rebound = [name for name, tensor in self._tensors.items() if named.get(name) is not tensor]
-        if not rebound:  # something else moved (a sublayer re-bound with the same tensors)
-            self._pair_for_updates()
-            return
-        for name in rebound:
-            now, average = named.get(name), self._averages[name]
-            if now is None or list(now.shape) != list(average.shape) or (
-                _graph.accumulator_dtype(_dtype_name(now)) != _dtype_name(average)
-            ):
-                what = "is gone" if now is None else f"now holds a {_dtype_name(now)}{list(now.shape)} tensor"
+        if self._backups is not None or self._bindings.hold():
+            return  # (while applied, restore binds back what apply saw)
+        params = dict(self._layer.named_parameters())
+        buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
+        held = {**params, **buffers} if self._buffers_too else params
+        for name, tensor in self._tensors.items():
+            kind = self._kinds[name]
+            now = (params if kind == "parameter" else buffers).get(name)
+            if now is None:
+                moved = name in (buffers if kind == "parameter" else params)
+                what = (f"is now a {'buffer' if kind == 'parameter' else 'parameter'}, no longer a {kind} "
+                        "(paddle.nn.utils.weight_norm or spectral_norm applied after the ModelEMA was "
+                        "built?)") if moved else "is gone"
                 raise RuntimeError(
-                    f"the model's {name!r} {what}, not the {_dtype_name(self._tensors[name])}"
-                    f"{list(average.shape)} one this ModelEMA averages; build a new ModelEMA for the "
-                    "changed model"
+                    f"the model's {name!r} {what}; build a new ModelEMA for the changed model (after "
+                    "wrapping or changing its layers)"
                 )
-        for name in rebound:
-            _logger.debug("ModelEMA follows %s, re-bound by the model", name)
-            self._tensors[name] = named[name]
+            if list(now.shape) != list(self._averages[name].shape):
+                raise RuntimeError(
+                    f"the model's {name!r} now holds a {_dtype_name(now)}{list(now.shape)} tensor, not "
+                    f"the {_dtype_name(tensor)}{list(tensor.shape)} one this ModelEMA averages; build a "
+                    "new ModelEMA for the changed model"
+                )
+        gained = self._gained_tensors(held)
+        for name, before in list(self._tensors.items()):
+            now = (params if self._kinds[name] == "parameter" else buffers)[name]
+            if now is not before:
+                _logger.debug("ModelEMA follows %s, re-bound by the model", name)
+                self._tensors[name] = now
+            average = self._averages[name]
+            if _graph.accumulator_dtype(_dtype_name(now)) != _dtype_name(average):
+                _logger.debug("ModelEMA casts the average of %s to %s", name, _dtype_name(now))
+                self._start_average(name, lambda _, dtype, a=average: a.astype(dtype))
+            elif now is not before:
+                self._look_for_non_finite(name)
+        if gained:
+            _logger.warning(
+                "ModelEMA averages %s, new in the model, from now on, as if it had always held its "
+                "current value", _select.some_names(list(gained)),
+            )
+        for name, tensor in gained.items():
+            self._tensors[name] = tensor
+            self._start_average(name, self._as_if_always_held)
         self._pair_for_updates()
+
+    def _as_if_always_held(self, tensor: Any, dtype: str) -> Any:
+        """The average ``tensor`` would have if it had always held its value: ``c * tensor``, which
+        the shared bias correction ``c`` turns back into ``tensor`` (zero before the first update)."""
+        if self._bias_correction == 0.0:
+            return paddle.zeros_like(tensor, dtype=dtype)
+        return tensor.astype(dtype) * paddle.full([], self._bias_correction, dtype)
+
+    def _gained_tensors(self, held: dict[str, Any]) -> dict[str, Any]:
+        """The floating-point tensors the model holds now under a name this EMA does not average,
+        that it would have chosen at construction: none if ``parameters`` named them, else those no
+        ``exclude`` entry matches. A tensor already averaged under another name is not new."""
+        if self._chosen_by_name:
+            return {}
+        averaged = {id(t) for t in self._tensors.values()}
+        gained = {}
+        for name, tensor in held.items():
+            if name in self._tensors or id(tensor) in averaged or not paddle.is_floating_point(tensor):
+                continue
+            if not _select.matches_any(name, self._exclude):
+                averaged.add(id(tensor))
+                gained[name] = tensor
+        return gained
 
     def _shares_tensors_with(self, other: ModelEMA) -> bool:
         mine = {id(t) for t in self._tensors.values()}
@@ -442,23 +564,55 @@ class ModelEMA:
             yield name, value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
 
 
-def _counts(state: dict[str, Any]) -> tuple[int, int, float]:
+def _check_average(name: str, value: Any, average: Any) -> None:
+    """Raise a ValueError unless ``value`` can be the average of ``name``: a floating-point paddle
+    Tensor or numpy array of ``average``'s shape."""
+    if isinstance(value, paddle.Tensor):
+        floating, dtype = paddle.is_floating_point(value), _dtype_name(value)
+    elif isinstance(value, np.ndarray):
+        floating, dtype = np.issubdtype(value.dtype, np.floating), str(value.dtype)
+    else:
+        raise ValueError(
+            f"the average of {name!r} must be a paddle Tensor or numpy array, got {type(value).__name__}; "
+            "pass what ModelEMA.state_dict() returned"
+        )
+    if not floating:
+        raise ValueError(f"the average of {name!r} must hold floating-point numbers, got {dtype}")
+    if list(value.shape) != list(average.shape):
+        raise ValueError(f"the average of {name!r} has shape {list(value.shape)}, the model's "
+                         f"{list(average.shape)}")
+
+
+def _counts(state: dict[str, Any], plan: schedule.Schedule) -> tuple[int, int, float]:
     """``num_updates``, ``update_calls`` and ``bias_correction`` of a state dict, checked."""
-    try:
-        updates, calls = int(state["num_updates"]), int(state["update_calls"])
-        bias_correction = float(state["bias_correction"])
-    except (TypeError, ValueError) as error:
+    updates, calls, bias_correction = state["num_updates"], state["update_calls"], state["bias_correction"]
+    for key, value in (("num_updates", updates), ("update_calls", calls)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise ValueError(
+                f"the state's {key} must be an int, got {value!r} of type {type(value).__name__}; pass "
+                "what ModelEMA.state_dict() returned"
+            )
+    if isinstance(bias_correction, (bool, np.bool_)) or not isinstance(bias_correction, numbers.Real):
         raise ValueError(
-            f"the state's counts must be numbers (num_updates, update_calls: ints; bias_correction: a "
-            f"float), got {state['num_updates']!r}, {state['update_calls']!r}, "
-            f"{state['bias_correction']!r}; pass what ModelEMA.state_dict() returned"
-        ) from error
-    if not (0 <= updates <= calls and 0.0 <= bias_correction <= 1.0) or (updates == 0) != (
-        bias_correction == 0.0
-    ):
+            f"the state's bias_correction must be a float, got {bias_correction!r} of type "
+            f"{type(bias_correction).__name__}; pass what ModelEMA.state_dict() returned"
+        )
+    updates, calls, bias_correction = int(updates), int(calls), float(bias_correction)
+    if not 0 <= updates <= calls:
         raise ValueError(
-            f"the state's counts do not fit together (num_updates {updates}, update_calls {calls}, "
-            f"bias_correction {bias_correction}); pass what ModelEMA.state_dict() returned"
+            f"the state's counts do not fit together (num_updates {updates}, update_calls {calls}: "
+            "0 <= num_updates <= update_calls); pass what ModelEMA.state_dict() returned"
+        )
+    # Every decay is at most `decay`, so after u updates c = 1 - prod(d_i) >= 1 - decay ** u (a
+    # float64 running value: a relative slack of 1e-9 for its roundings). A smaller c would blow the
+    # applied averages up by 1 / c.
+    lowest = 0.0 if updates == 0 else (1.0 - (1.0 - plan.weight_bounds[0]) ** updates) * (1.0 - 1e-9)
+    if updates == 0 and bias_correction != 0.0 or not lowest <= bias_correction <= 1.0:
+        reach = "0 before the first update" if updates == 0 else f"in [{lowest:.6g}, 1]"
+        raise ValueError(
+            f"the state's bias_correction {bias_correction!r} is not one that {updates} update(s) of "
+            f"this ModelEMA (decay {plan.decay}) can reach ({reach}); pass what ModelEMA.state_dict() "
+            "returned, from a ModelEMA with the same decay"
         )
     return updates, calls, bias_correction
 

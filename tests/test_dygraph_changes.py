@@ -1,0 +1,325 @@
+"""ModelEMA when the model does what real models do: forwards that re-bind buffers (also while the
+averages are applied), non-finite buffers (attention masks), layers wrapped, cast or added after the
+EMA was built. Each against the float64 oracle; restore is bit-exact."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import paddle
+import pytest
+from oracle import EmaOracle
+
+import paddle_ema
+
+RTOL, ATOL = 1e-5, 1e-7
+
+
+@pytest.fixture
+def dygraph():
+    paddle.disable_static()
+    paddle.seed(11)
+    try:
+        yield
+    finally:
+        paddle.enable_static()
+
+
+class Seen(paddle.nn.Layer):
+    """A layer whose forward counts what it has seen by re-binding its buffers (`x = x + n`): a
+    float one, which is averaged, and an int one, which is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(3, 2)
+        self.register_buffer("seen", paddle.zeros([1]))
+        self.register_buffer("calls", paddle.zeros([1], "int64"))
+
+    def forward(self, x):
+        self.seen = self.seen + x.shape[0]
+        self.calls = self.calls + 1
+        return self.fc(x)
+
+
+def state(model) -> dict[str, np.ndarray]:
+    return {name: value.numpy().copy() for name, value in model.state_dict().items()}
+
+
+def train(model, ema, oracle, rng, steps, opt=None):
+    opt = opt or paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    for _ in range(steps):
+        loss = model(paddle.to_tensor(rng.standard_normal((3, 3)).astype("float32"))).square().mean()
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        ema.update()
+        if oracle is not None:
+            oracle.step(state(model))
+    return opt
+
+
+def test_restore_gives_back_what_a_forward_under_apply_re_bound(dygraph, rng):
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    oracle = EmaOracle(0.5, ema.names)
+    assert "seen" in ema.names and "calls" not in ema.names
+    opt = train(model, ema, oracle, rng, 4)
+    before, objects = state(model), {name: getattr(model, name) for name in ("seen", "calls")}
+    assert before["seen"][0] == 12
+    with ema.apply():
+        model(paddle.ones([3, 3]))  # evaluation: re-binds seen (to average + 3) and calls
+        assert model.seen.numpy()[0] == pytest.approx(oracle.debiased("seen")[0] + 3, rel=1e-6)
+    after = state(model)
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=f"{name} after restore")
+    assert model.seen is objects["seen"] and model.calls is objects["calls"]
+    train(model, ema, oracle, rng, 2, opt)  # and the average goes on from the trained 12
+    with ema.apply():
+        for name in ema.names:
+            np.testing.assert_allclose(ema._tensors[name].numpy(), oracle.debiased(name), rtol=RTOL,
+                                       atol=ATOL, err_msg=name)
+
+
+def test_restore_after_an_interrupted_restore_binds_back_too(dygraph, rng):
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    train(model, ema, None, rng, 2)
+    before = state(model)
+    ema.apply(need_restore=False)
+    model(paddle.ones([2, 3]))
+    ema._applied_bindings.put_back()  # half of a restore, as an interrupt would leave it
+    ema.restore()
+    ema.restore()  # nothing applied: a no-op
+    for name, value in state(model).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+class Masked(paddle.nn.Layer):
+    """Attention-style: a causal -inf mask buffer, a +inf bound buffer, a trained linear."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.fc = paddle.nn.Linear(n, n)
+        self.register_buffer("mask", paddle.triu(paddle.full([n, n], float("-inf")), 1))
+        self.register_buffer("ceiling", paddle.full([2], float("inf")))
+
+    def forward(self, x):
+        scores = self.fc(x) + self.mask
+        return paddle.nn.functional.softmax(scores, axis=-1)
+
+
+@pytest.mark.parametrize("options", [
+    dict(decay=0.9), dict(decay=0.99, warmup="power"), dict(decay=0.9, start_step=2),
+], ids=["constant", "power (decay 0 first)", "start_step (decay 0 first)"])
+def test_a_tensor_constant_at_infinity_averages_to_itself(dygraph, rng, options):
+    model = Masked()
+    mask, ceiling = model.mask.numpy().copy(), model.ceiling.numpy().copy()
+    ema = paddle_ema.ModelEMA(model, **options)
+    oracle = EmaOracle(options["decay"], ["fc.weight", "fc.bias"])
+    for update in range(5):
+        with paddle.no_grad():
+            model.fc.weight.set_value(model.fc.weight + 0.1)
+        ema.update()
+        oracle.step(state(model), decay=_decay(update, options))
+    averages = ema.averages()
+    np.testing.assert_array_equal(averages["mask"].numpy(), mask)
+    np.testing.assert_array_equal(averages["ceiling"].numpy(), ceiling)
+    x = paddle.ones([4, 4])
+    with ema.apply():
+        np.testing.assert_array_equal(model.mask.numpy(), mask)
+        assert np.isfinite(model(x).numpy()).all()
+        for name in ("fc.weight", "fc.bias"):
+            np.testing.assert_allclose(model.state_dict()[name].numpy(), oracle.debiased(name),
+                                       rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def _decay(update, options):
+    from oracle import decay_at
+    power = 2 / 3 if options.get("warmup") == "power" else None
+    return decay_at(update, options["decay"], power=power, start_step=options.get("start_step", 0))
+
+
+def test_infinities_that_arrive_later_by_re_binding_are_kept(dygraph, rng):
+    """A finite buffer replaced by a -inf one (a mask made in the first forward): its elements at
+    -inf average to -inf (the oracle's d * a + w * theta), the others as usual; a NaN stays NaN in its
+    element only."""
+    model = paddle.nn.Linear(2, 2)
+    model.register_buffer("bias_mask", paddle.zeros([3]))
+    ema = paddle_ema.ModelEMA(model, 0.8)
+    oracle = EmaOracle(0.8, ["bias_mask"])
+    values = [np.zeros(3, "float32"), np.array([-np.inf, 1.0, 2.0], "float32"),
+              np.array([-np.inf, np.nan, 2.0], "float32"), np.array([-np.inf, 1.0, 3.0], "float32")]
+    for value in values:
+        model.bias_mask = paddle.to_tensor(value)
+        ema.update()
+        oracle.step({"bias_mask": value})
+    average = ema.averages()["bias_mask"].numpy()
+    assert average[0] == -np.inf and np.isnan(average[1])
+    np.testing.assert_allclose(average[2], oracle.debiased("bias_mask")[2], rtol=RTOL)
+
+
+def test_weight_norm_after_the_ema_is_refused_with_what_to_do(dygraph, rng):
+    model = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.Linear(4, 2))
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    train(model, ema, None, rng, 2)
+    raw = {name: value.numpy() for name, value in ema._averages.items()}
+    paddle.nn.utils.weight_norm(model[0])
+    for call in (ema.update, ema.apply, ema.averages):
+        with pytest.raises(RuntimeError, match=r"'0.weight' is now a buffer, no longer a parameter.*"
+                                               r"weight_norm.*build a new ModelEMA"):
+            call()
+    assert ema.num_updates == 2 and ema._backups is None
+    for name, value in ema._averages.items():
+        np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=name)
+
+
+def test_spectral_norm_after_the_ema_is_refused(dygraph):
+    model = paddle.nn.Sequential(paddle.nn.Linear(3, 4))
+    ema = paddle_ema.ModelEMA(model, 0.9, buffers=False)
+    paddle.nn.utils.spectral_norm(model[0])
+    with pytest.raises(RuntimeError, match="'0.weight' is now a buffer"):
+        ema.update()
+
+
+def test_weight_norm_before_the_ema_averages_its_parameters(dygraph, rng):
+    model = paddle.nn.Sequential(paddle.nn.utils.weight_norm(paddle.nn.Linear(3, 4)))
+    ema = paddle_ema.ModelEMA(model, 0.8)
+    assert {"0.weight_g", "0.weight_v"} <= set(ema.names)
+    oracle = EmaOracle(0.8, ["0.weight_g", "0.weight_v", "0.bias"])
+    train(model, ema, oracle, rng, 4)
+    x = paddle.ones([1, 3])
+    trained = state(model)
+    with ema.apply():
+        applied = model(x).numpy()
+        for name in oracle.averages:
+            np.testing.assert_allclose(model.state_dict()[name].numpy(), oracle.debiased(name),
+                                       rtol=RTOL, atol=ATOL, err_msg=name)
+    for name, value in state(model).items():
+        np.testing.assert_array_equal(value, trained[name], err_msg=name)
+    g, v, b = (oracle.debiased(n) for n in ("0.weight_g", "0.weight_v", "0.bias"))
+    # weight_norm(dim=0): each row of v scaled to norm g (Paddle's Linear weight is [in, out])
+    expected = np.ones((1, 3)) @ (g.reshape(-1, 1) * v / np.linalg.norm(v, axis=1, keepdims=True)) + b
+    np.testing.assert_allclose(applied, expected, rtol=1e-5)
+
+
+def test_a_model_cast_to_float64_gets_float64_averages(dygraph, rng):
+    model = paddle.nn.Linear(3, 2)
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    oracle = EmaOracle(0.9, ema.names)
+    for _ in range(3):
+        with paddle.no_grad():
+            model.weight.set_value(model.weight + 0.25)
+        ema.update()
+        oracle.step(state(model))
+    model.to(dtype="float64")
+    for _ in range(3):
+        with paddle.no_grad():
+            model.weight.set_value(model.weight + 1e-9)  # a step float32 would not see
+        ema.update()
+        oracle.step(state(model))
+    assert {str(a.dtype) for a in ema._averages.values()} == {"paddle.float64"}
+    for name, value in ema.averages().items():
+        assert value.dtype == paddle.float64
+        # float32 history (rounded at the first 3 steps), float64 since: 1e-9 steps are seen.
+        np.testing.assert_allclose(value.numpy(), oracle.debiased(name), rtol=1e-7, err_msg=name)
+
+
+class WithAdapter(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.base = paddle.nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.base(x)
+        return y + self.adapter(x) if "adapter" in self._sub_layers else y
+
+
+def test_a_sublayer_added_later_is_averaged_from_then_on(dygraph, rng, caplog):
+    """LoRA-style: the adapter's average starts as if it had always held the value it has at the
+    first update that sees it."""
+    model = WithAdapter()
+    ema = paddle_ema.ModelEMA(model, 0.7)
+    oracle = EmaOracle(0.7, ["base.weight", "base.bias", "adapter.weight", "adapter.bias"])
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    history = []
+    for _ in range(3):
+        train(model, ema, None, rng, 1, opt)
+        history.append(state(model))
+    model.adapter = paddle.nn.Linear(3, 3)
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+        train(model, ema, None, rng, 1, opt)
+    assert "adapter.weight" in caplog.text and "from now on" in caplog.text
+    seen = state(model)
+    for past in history:  # the oracle: the adapter held that value all along
+        oracle.step({**past, "adapter.weight": seen["adapter.weight"], "adapter.bias": seen["adapter.bias"]})
+    oracle.step(seen)
+    train(model, ema, oracle, rng, 2, opt)
+    assert sorted(ema.names) == sorted(oracle.averages)
+    trained = state(model)
+    with ema.apply():
+        for name in oracle.averages:
+            np.testing.assert_allclose(model.state_dict()[name].numpy(), oracle.debiased(name),
+                                       rtol=RTOL, atol=ATOL, err_msg=name)
+    for name, value in state(model).items():
+        np.testing.assert_array_equal(value, trained[name], err_msg=name)
+
+
+@pytest.mark.parametrize("options, names", [
+    (dict(parameters=["base.weight", "base.bias"]), ["base.weight", "base.bias"]),
+    (dict(exclude=[r".*\.bias"]), ["base.weight", "adapter.weight"]),
+], ids=["parameters: only those", "exclude: matched again"])
+def test_a_sublayer_added_later_follows_the_selection_rule(dygraph, rng, options, names):
+    model = WithAdapter()
+    ema = paddle_ema.ModelEMA(model, 0.7, **options)
+    model.adapter = paddle.nn.Linear(3, 3)
+    train(model, ema, None, rng, 2)
+    assert ema.names == names
+
+
+def test_need_restore_takes_numpy_bools(dygraph, rng):
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    train(model, ema, None, rng, 1)
+    before = state(model)
+    with ema.apply(need_restore=np.bool_(True)):
+        pass
+    for name, value in state(model).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    with pytest.raises(TypeError, match="need_restore must be a bool"):
+        ema.apply(need_restore="yes")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("averages", {"fc.weight": np.ones((3, 2), "int64")}, "'fc.weight' must hold floating-point"),
+    ("averages", {"fc.weight": np.ones((3, 2), bool)}, "'fc.weight' must hold floating-point"),
+    ("averages", {"fc.weight": [[1.0] * 2] * 3}, "'fc.weight' must be a paddle Tensor or numpy array"),
+    ("averages", {"fc.weight": None}, "'fc.weight' must be a paddle Tensor or numpy array"),
+    ("averages", {"fc.weight": "x"}, "'fc.weight' must be a paddle Tensor or numpy array"),
+    ("averages", [], "'averages' must be a dict"),
+    ("num_updates", "3", "num_updates must be an int"),
+    ("num_updates", 2.7, "num_updates must be an int"),
+    ("num_updates", True, "num_updates must be an int"),
+    ("update_calls", float("inf"), "update_calls must be an int"),
+    ("bias_correction", 1e-300, "bias_correction 1e-300 is not one that 3 update"),
+    ("bias_correction", float("nan"), "bias_correction nan is not one"),
+    ("bias_correction", 1.5, "bias_correction 1.5 is not one"),
+    ("bias_correction", True, "bias_correction must be a float"),
+])
+def test_set_state_dict_refuses_what_state_dict_never_gives(dygraph, rng, key, value, says):
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    train(model, ema, None, rng, 3)
+    raw = {name: value.numpy() for name, value in ema._averages.items()}
+    counts = (ema.num_updates, ema._calls, ema._bias_correction)
+    good = ema.state_dict()
+    bad = dict(good, **{key: dict(good["averages"], **value) if key == "averages" and isinstance(value, dict)
+                        else value})
+    with pytest.raises(ValueError, match=says):
+        ema.set_state_dict(bad)
+    assert (ema.num_updates, ema._calls, ema._bias_correction) == counts
+    for name, average in ema._averages.items():
+        np.testing.assert_array_equal(average.numpy(), raw[name], err_msg=name)
+    ema.set_state_dict(good)  # what state_dict gives is taken, also with its numpy arrays
+    ema.set_state_dict(dict(good, averages={n: a.numpy() for n, a in good["averages"].items()}))
