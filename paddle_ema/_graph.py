@@ -181,24 +181,38 @@ def _state_specs(plan: EmaPlan) -> dict[str, tuple[tuple[int, ...], str]]:
     return specs
 
 
-def emit_state(plan: EmaPlan, scope: Any, keep: bool = False) -> StateHandles:
+def emit_state(plan: EmaPlan, scope: Any, found: str | None) -> StateHandles:
     """Create the EMA's persistable state, zero-initialised by the current startup program.
 
-    Must run under ``paddle.static.program_guard(main, startup)``. If the startup program has already
-    run in ``scope`` (the parameters hold data), the state is also set in ``scope`` right away, unless
-    ``keep``: then the state ``scope`` holds (see :func:`state_found`) is carried on.
+    Must run under ``paddle.static.program_guard(main, startup)``. ``found`` is what ``scope`` holds
+    of the state (see :func:`state_found`) if the startup program has already run there (see
+    :func:`parameters_live`), else None: then ``scope`` is left alone. With ``"none"`` the state is
+    set in ``scope`` right away (the startup program will not run there again); with ``"all"`` the
+    state there is carried on.
     """
     handles = {
         name: _ir.create_state(name, shape, dtype, 0) for name, (shape, dtype) in _state_specs(plan).items()
     }
-    if keep:
+    if found == "all":
         _declare_buffers(plan, scope)
-    elif _ir.initialized_place(plan.slots[0].param, scope) is not None:
+    elif found == "none":
         reset_state(plan, scope)
     return StateHandles(
         step=handles[plan.step], debias=handles[plan.debias],
         averages=tuple(handles[g.average] for g in plan.groups),
     )
+
+
+def parameters_live(plan: EmaPlan, scope: Any) -> bool:
+    """Whether ``scope`` (or a parent) holds every parameter of ``plan`` with data of its shape and
+    dtype: the startup program ran there, and the training program can run there as it is."""
+    for slot in plan.slots:
+        tensor = _ir.find_scope_tensor(slot.param, scope)
+        if tensor is None or not _ir.holds_memory(tensor):
+            return False
+        if _ir.tensor_spec(tensor) != (tuple(slot.shape), slot.dtype):
+            return False
+    return True
 
 
 def state_found(plan: EmaPlan, scope: Any) -> str:

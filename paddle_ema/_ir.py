@@ -38,9 +38,11 @@ __all__ = [
     "lerp_",
     "op_count",
     "parameters_written",
+    "persistable_name",
     "persistable_names",
     "persistable_specs",
     "program_of",
+    "program_parameters",
     "read_array",
     "read_scalar",
     "release",
@@ -496,6 +498,28 @@ def _persistables(program: Any) -> list[Any]:
     return [v for v in program.list_vars() if v.persistable and not v.desc.need_check_feed()]
 
 
+def program_parameters(program: Any) -> list[tuple[Any, bool]]:
+    """Every parameter of ``program``, each with whether it is declared inside a control-flow block.
+
+    The legacy IR declares every parameter in the global block. PIR declares a parameter where its
+    layer is built: one built inside ``paddle.static.nn.cond`` or ``while_loop`` has its
+    ``builtin.parameter`` op in that op's block, where ``Block.all_parameters()`` of the global block
+    does not list it (nor does ``optimizer.minimize``: Paddle 3.x never trains such parameters).
+    """
+    found = [(p, False) for p in program.global_block().all_parameters()]
+    if not in_pir_mode():
+        return found
+
+    def walk(block: Any) -> None:
+        for op in block.ops:
+            for inner in op.blocks():
+                found.extend((o.result(0), True) for o in inner.ops if o.name() == "builtin.parameter")
+                walk(inner)
+
+    walk(program.global_block())
+    return found
+
+
 def op_count(program: Any) -> int:
     """How many ops ``program``'s global block holds (under PIR without building the op list)."""
     block = program.global_block()
@@ -518,6 +542,16 @@ def last_writer(program: Any, state: Any) -> int:
         elif state.name in op.output_arg_names:
             return index
     return -1
+
+
+def persistable_name(value: Any) -> str | None:
+    """The scope name of graph variable ``value`` if it is persistable, else None."""
+    if not getattr(value, "persistable", False):
+        return None
+    try:
+        return value.name
+    except Exception:  # noqa: BLE001 - a PIR Value of an op without a name raises its own error type
+        return None
 
 
 def program_of(value: Any) -> Any:

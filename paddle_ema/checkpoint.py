@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from paddle_ema import _graph, _ir, _select, ema
+from paddle_ema import _graph, _ir, _select, ema, steps
 
 __all__ = ["load", "load_averages"]
 
@@ -29,9 +29,13 @@ def load(program: Any, path_prefix: str) -> None:
     (averages, step and the bias correction ``1 - d^t``); with a varying decay (``thres_steps``) the
     product of the decays is not in the checkpoint and the EMA starts fresh, saying why. A checkpoint
     of the same EMA with its averages stacked otherwise (under PIR, paddle_ema 0.3 and earlier stacked
-    only parameters of up to 1024 elements) is carried on, value for value. Any other
-    variable of the program missing from the checkpoint is an error, raised before anything is
-    loaded, where ``paddle.static.load`` would stop half-way.
+    only parameters of up to 1024 elements) is carried on, value for value. Paddle's class built
+    with a ``name`` saved its averages under that prefix (``name="ema"``: ``emafc_0.w_0_ema_0``);
+    they are found too. A :func:`paddle_ema.global_step_counter` that drives an EMA's warm-up
+    (``thres_steps``) and that the checkpoint lacks (it was added with the EMA) starts again at its
+    ``begin``, as in a new run, and a warning says so. Any other variable of the program missing
+    from the checkpoint is an error, raised before anything is loaded, where ``paddle.static.load``
+    would stop half-way.
 
     Run the startup program first, as for ``paddle.static.load``.
 
@@ -40,6 +44,8 @@ def load(program: Any, path_prefix: str) -> None:
         path_prefix: What was passed to ``paddle.static.save`` (without ``.pdparams``).
 
     Raises:
+        FileNotFoundError: ``path_prefix`` holds no checkpoint (``paddle.static.load_program_state``
+            finds nothing there).
         ValueError: a variable of ``program`` other than EMA state is not in the checkpoint, or an
             array of the checkpoint has another shape or dtype than its variable (checked for all
             before anything is loaded).
@@ -61,9 +67,20 @@ def load(program: Any, path_prefix: str) -> None:
             "loading a checkpoint, or the restore would overwrite what was loaded"
         )
     state = paddle.static.load_program_state(path_prefix)
+    if not state:  # what Paddle returns for a path that holds no checkpoint
+        raise FileNotFoundError(
+            f"no checkpoint at {path_prefix!r}: neither {path_prefix + '.pdparams'!r} nor a directory "
+            "of saved variables; pass what was passed to paddle.static.save (without .pdparams)"
+        )
     fresh = [e for e in emas if not set(_graph.state_names(e._plan)) <= state.keys()]
     ema_names = {name for e in emas for name in _graph.state_names(e._plan)}
-    missing = sorted(_ir.persistable_names(program) - ema_names - state.keys())
+    # The paddle_ema.global_step_counter an EMA's warm-up reads restarts with the EMA if absent.
+    counters = {
+        e._counter: steps.counter_start(e._counter) for e in emas
+        if e._counter is not None and steps.counter_start(e._counter) is not None
+    }
+    restarted = sorted(set(counters) - state.keys())
+    missing = sorted(_ir.persistable_names(program) - ema_names - set(counters) - state.keys())
     if missing:
         raise ValueError(
             f"the checkpoint {path_prefix!r} lacks {len(missing)} variable(s) of the program, e.g. "
@@ -97,6 +114,13 @@ def load(program: Any, path_prefix: str) -> None:
     for e, reason in reasons.items():
         _graph.reset_state(e._plan, scope)
         _logger.warning("%s starts fresh: %s", e._name, reason)
+    for name in restarted:
+        place = _ir.initialized_place(emas[0]._plan.slots[0].param, scope)
+        _ir.fill_scope_tensor(name, [1], "int64", counters[name], place, scope)
+        _logger.warning(
+            "%s starts at %d: the checkpoint %r does not hold it (the EMA warm-up it drives starts "
+            "again)", name, counters[name] + 1, path_prefix,
+        )
 
 
 def _check_shapes_and_dtypes(program: Any, state: dict[str, np.ndarray], path_prefix: str) -> None:
@@ -137,12 +161,9 @@ def _from_paddle_class(
     if _PADDLE_STEP not in state or _PADDLE_DECAY not in state:
         return None, ""
     plan = e._plan
-    averages = {}
-    for slot in plan.slots:
-        keys = [k for k in state if re.fullmatch(re.escape(slot.param) + r"_ema_\d+", k)]
-        if len(keys) != 1:
-            return None, f" (Paddle's class state has {keys or 'no average'} for {slot.param!r})"
-        averages[slot.param] = np.asarray(state[keys[0]])
+    averages, why_not = _paddle_class_averages(plan, state)
+    if averages is None:
+        return None, why_not
     decay = float(np.asarray(state[_PADDLE_DECAY]).reshape(-1)[0])
     if not e._schedule.is_constant or decay != float(np.float32(e.decay)):
         return None, (
@@ -158,6 +179,31 @@ def _from_paddle_class(
         parts = [averages[plan.slots[i].param].astype(group.dtype) for i in group.members]
         converted[group.average] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
     return converted, ""
+
+
+def _paddle_class_averages(plan: _graph.EmaPlan, state: dict[str, Any]) -> tuple[dict | None, str]:
+    """Each parameter's average as Paddle's class saved it, or None and why not.
+
+    Paddle's class names a parameter's average ``name + param + "_ema_<n>"``, ``name`` being the one
+    it was built with (default ``""``): the same ``name`` for every parameter, so the prefix is
+    found once and must fit all of them.
+    """
+    def average_keys(prefix: str, param: str) -> list[str]:
+        pattern = re.escape(prefix + param) + r"_ema_\d+"
+        return [k for k in state if re.fullmatch(pattern, k)]
+
+    first = plan.slots[0].param
+    prefixes = sorted({
+        m.group(1) for k in state if (m := re.fullmatch("(.*)" + re.escape(first) + r"_ema_\d+", k))
+    })
+    fitting = [p for p in prefixes if all(len(average_keys(p, s.param)) == 1 for s in plan.slots)]
+    if len(fitting) != 1:
+        what = f"several ({', '.join(repr(p) for p in fitting)})" if fitting else "no"
+        return None, (
+            f" (Paddle's class state is there, but {what} name prefix gives one average per parameter "
+            f"of this EMA; averages found for {first!r}: {[p + first for p in prefixes] or 'none'})"
+        )
+    return {s.param: np.asarray(state[average_keys(fitting[0], s.param)[0]]) for s in plan.slots}, ""
 
 
 def _unstacked_averages(

@@ -89,6 +89,16 @@ class ModelEMA:
     with ``t`` the update count) or :math:`1 - (1 + t' / \\gamma)^{-p}` with :math:`t'` counted from
     ``start_step`` (``warmup="power"``); clipped to ``[min_decay, decay]``.
 
+    The EMA follows the model as it changes: a tensor the model binds to a name in place of another
+    (``self.count = self.count + 1`` in ``forward``) is averaged on; a model cast with
+    ``model.to(dtype=...)`` gets averages of the new dtype; a floating-point tensor the model gains
+    later (an adapter layer added) that ``parameters``/``exclude`` would have chosen is averaged from
+    its first update on, as if it had always held the value it has then. A tensor that is gone, has
+    another shape, or moved between parameters and buffers (``weight_norm``/``spectral_norm``
+    applied after the EMA was built) is an error at the next call. Infinities are kept: a tensor
+    constant at ``-inf`` (a causal mask) averages to ``-inf``, as the formula says, if it holds it
+    when the EMA first sees it; a NaN makes its element's average NaN from then on.
+
     Args:
         model: The ``paddle.nn.Layer`` to average (a ``paddle.DataParallel`` is looked through).
         decay: The (maximum) decay, in [0, 1).
@@ -226,9 +236,9 @@ class ModelEMA:
         Raises:
             RuntimeError: averages (this EMA's or another's over the same weights) are applied to the
                 model: averaging them would lose the trained weights' history. Restore first. Or the
-                model no longer has an averaged tensor, or holds one of another shape under its name,
-                or of a dtype that needs another average (float16, bfloat16 and float32 weights share
-                float32 averages; a re-bound tensor is followed otherwise).
+                model no longer has an averaged tensor, holds one of another shape under its name,
+                or holds it as a buffer instead of a parameter or the other way round (see the
+                class docstring for the changes that are followed). Nothing is changed then.
         """
         if any(self._shares_tensors_with(other) for other in _APPLIED):
             raise RuntimeError(
@@ -264,7 +274,7 @@ class ModelEMA:
 
         Raises:
             RuntimeError: the model no longer has an averaged tensor, or holds one of another shape
-                or kind of average under its name (see :meth:`update`).
+                under its name, or as another kind (see :meth:`update`).
         """
         self._follow_model()
         with paddle.no_grad():
@@ -279,7 +289,9 @@ class ModelEMA:
         Leaving a ``with`` block restores the trained weights bit-exactly (also on an exception)
         unless ``need_restore`` is False; then call :meth:`restore`. A failure or interrupt before
         the swap changes nothing; during it, the weights are restored before the error propagates.
-        Before the first update the weights are left as they are (a warning says so).
+        Before the first update the weights are left as they are (a warning says so). A forward
+        run while applied may bind new tensors to the model's names (``self.seen = self.seen + n``):
+        restore binds back the tensors apply saw, so every name holds its trained value again.
 
         Args:
             need_restore: Whether leaving the ``with`` block restores the weights.
@@ -290,7 +302,7 @@ class ModelEMA:
         Raises:
             TypeError: ``need_restore`` is not a bool.
             RuntimeError: the averages are already applied, or the model no longer has an averaged
-                tensor or holds one of another shape or kind of average under its name (see
+                tensor or holds one of another shape or kind under its name (see
                 :meth:`update`; nothing is changed).
         """
         if not isinstance(need_restore, (bool, np.bool_)):
@@ -320,7 +332,7 @@ class ModelEMA:
         except BaseException:
             self.restore()
             raise
-        return Restorer(self.restore, need_restore)
+        return Restorer(self.restore, bool(need_restore))
 
     def restore(self) -> None:
         """Put back the weights that :meth:`apply` backed up. Does nothing (logs a warning) if

@@ -65,23 +65,27 @@ def _check_executor(executor: Any, method: str) -> None:
         )
 
 
-def _program_parameters(program: Any) -> dict[str, Any]:
-    """Every parameter of ``program`` by name, in program order.
+def _program_parameters(program: Any) -> tuple[dict[str, Any], set[str]]:
+    """Every parameter of ``program`` by name, in program order, and the names of those declared
+    inside a control-flow block (PIR only: see :func:`paddle_ema._ir.program_parameters`).
 
     PIR lists a parameter shared by two layers (one ``ParamAttr`` name) once per use; averaging,
     backing up or restoring it twice would write an average over its backup.
     """
     seen: dict[str, Any] = {}
-    for param in program.global_block().all_parameters():
+    nested = set()
+    for param, inside in _ir.program_parameters(program):
         seen.setdefault(param.name, param)
-    return seen
+        if inside:
+            nested.add(param.name)
+    return seen, nested
 
 
 def _selected_parameters(program: Any, parameters: Any, exclude: Any) -> list[Any]:
     """The parameters of ``program`` to average, in program order: by default every parameter whose
     ``do_model_average`` is not False; else the ``parameters`` named (names or graph parameters),
     taken as given; then ``exclude`` leaves some out (see :func:`paddle_ema._select.choose`)."""
-    everything = _program_parameters(program)
+    everything, nested = _program_parameters(program)
     # Only floating-point parameters have an average (integer ones, e.g. LookAhead's counters under
     # PIR, are state, and no in-place average kernel takes them).
     default = [
@@ -89,7 +93,7 @@ def _selected_parameters(program: Any, parameters: Any, exclude: Any) -> list[An
         if getattr(p, "do_model_average", None) is not False and _ir.dtype_name(p) in _FLOATING
     ]
     names = _select.choose(list(everything), default, parameters, exclude,
-                           name_of=lambda item: getattr(item, "name", None),
+                           name_of=functools.partial(_parameter_name, program=program),
                            where="the default main program")
     not_floating = [n for n in names if _ir.dtype_name(everything[n]) not in _FLOATING]
     if not_floating:
@@ -98,10 +102,42 @@ def _selected_parameters(program: Any, parameters: Any, exclude: Any) -> list[An
             f"{_ir.dtype_name(everything[not_floating[0]])}; only floating-point parameters can be "
             "averaged, leave it out of parameters"
         )
+    nested = [n for n in names if n in nested]
+    if nested:
+        raise RuntimeError(
+            f"{_select.some_names(nested)} are created inside paddle.static.nn.cond or while_loop; "
+            "under PIR Paddle never trains such parameters (optimizer.minimize() updates the global "
+            "block's parameters only, with no error), so there is nothing to average: create the "
+            "layer before the control flow and call it inside, or leave them out with exclude="
+        )
     return [everything[name] for name in names]
 
 
 _FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+
+def _parameter_name(item: Any, program: Any) -> str | None:
+    """The name of graph parameter ``item`` given in ``parameters=``, or None if it has none.
+
+    Raises:
+        ValueError: ``item`` belongs to another program (its name would pick this program's
+            parameter of that name).
+        TypeError: ``item`` is a graph value without a name (under PIR, an activation).
+    """
+    if not _ir.is_graph_variable(item):
+        return getattr(item, "name", None)
+    if _ir.program_of(item) is not program:
+        raise ValueError(
+            f"parameters: {item!r} belongs to another program than the default main program this "
+            "ExponentialMovingAverage averages; pass this program's parameters, or their names"
+        )
+    try:
+        return item.name
+    except Exception as error:  # noqa: BLE001 - PIR raises its own (InvalidArgument) error type
+        raise TypeError(
+            f"parameters must hold parameter names or parameters of the default main program, got a "
+            f"value that is not a parameter ({error}); pass e.g. parameters=['fc_0.w_0']"
+        ) from None
 
 
 def _compiled_programs_of(program: Any) -> bool:
@@ -184,11 +220,14 @@ class ExponentialMovingAverage:
             number, ``name`` is not a str, ``parameters`` or ``exclude`` is not a list,
             ``parameters`` names a parameter that is not floating-point, or ``thres_steps`` is not
             an int/float graph variable.
-        ValueError: an option is out of range (the message names it); ``thres_steps`` does not hold
-            one number or belongs to another program; both ``thres_steps`` and ``power`` are given; a
-            name in ``parameters`` or an entry of ``exclude`` matches no parameter; or no parameter
-            is left to average.
-        RuntimeError: called in dygraph mode (this class averages static programs).
+        ValueError: an option is out of range (the message names it); ``thres_steps`` or a
+            parameter in ``parameters`` belongs to another program, or ``thres_steps`` does not
+            hold one number; both ``thres_steps`` and ``power`` are given; a name in ``parameters``
+            or an entry of ``exclude`` matches no parameter; or no parameter is left to average.
+        RuntimeError: called in dygraph mode (this class averages static programs); or, under PIR,
+            a parameter to average is created inside ``paddle.static.nn.cond``/``while_loop``
+            (Paddle never trains those: create the layer before the control flow and call it
+            inside, or exclude them).
 
     Example:
         .. code-block:: python
@@ -242,6 +281,8 @@ class ExponentialMovingAverage:
             inv_gamma=inv_gamma, min_decay=min_decay,
         )
         self._thres_steps = _check_thres_steps(thres_steps, self._program)
+        # A paddle_ema.global_step_counter's name: a checkpoint without it restarts it with the EMA.
+        self._counter = None if thres_steps is None else _ir.persistable_name(thres_steps)
         prefix = _check_name(name)
         self._params = _selected_parameters(self._program, parameters, exclude)
         if not self._params:
@@ -283,8 +324,11 @@ class ExponentialMovingAverage:
         any ``paddle.static.CompiledProgram`` of the training program after it: one built before
         never runs the EMA ops.
 
-        If the current scope already holds this EMA's whole state (the same EMA of the same model,
-        from an earlier program built in this scope), the EMA carries it on and logs a warning.
+        If the startup program has already run in the current scope (it holds the program's
+        parameters), the state is set there too: zeros, or, if the scope already holds this EMA's
+        whole state (the same EMA of the same model, from an earlier program built in this scope),
+        that state, carried on with a warning logged. Otherwise the scope is not looked at: the
+        startup program creates the state wherever it runs.
         Ops appended after it that write an averaged parameter (a second optimizer's ``minimize``)
         make that average lag one step; :meth:`apply` and :meth:`averages` warn of them.
 
@@ -292,8 +336,9 @@ class ExponentialMovingAverage:
             RuntimeError: ``update()`` was already called; the default main program is not the one
                 this EMA was built on; no op of the program updates the averaged parameters yet
                 (``optimizer.minimize`` has not run); the program already holds the state of another
-                EMA of the same name (made under another ``unique_name.guard``); or the scope holds
-                state under this EMA's names that does not fit it. Nothing is appended then.
+                EMA of the same name (made under another ``unique_name.guard``); or the current scope
+                holds the program's parameters and state under this EMA's names that does not fit
+                it. Nothing is appended then.
         """
         if self._state is not None:
             raise RuntimeError(
@@ -310,7 +355,9 @@ class ExponentialMovingAverage:
             raise RuntimeError(
                 "update() found no op that updates the parameters it averages, so the averages would "
                 "lag one step behind the trained weights; call ema.update() after "
-                "optimizer.minimize(loss)"
+                "optimizer.minimize(loss). (If it was called: Paddle computes no gradient for "
+                "parameters reached only through stop_gradient variables, e.g. in a while_loop whose "
+                "loop variable is a feed, so minimize() added no update for them.)"
             )
         taken = set(_graph.state_names(self._plan)) & _ir.persistable_names(self._program)
         if taken:
@@ -321,12 +368,18 @@ class ExponentialMovingAverage:
                 "pass another name="
             )
         scope = paddle.static.global_scope()
-        found = _graph.state_found(self._plan, scope)
+        # The current scope is where the program runs only if its parameters are there (the startup
+        # program ran in it): only then must the state be there before the first run, and only then
+        # is what the scope holds under this EMA's names looked at. A scope the program may never
+        # run in (it will run its startup program, or run elsewhere) is left alone.
+        found = _graph.state_found(self._plan, scope) if _graph.parameters_live(self._plan, scope) else None
         if found == "other":
             raise RuntimeError(
-                f"the current scope already holds state named like {self._name!r}'s that does not fit "
-                "it (another EMA's, of another model or parameter set, under the same name); updating "
-                "would overwrite it: pass another name=, or use another scope"
+                f"the current scope holds this program's parameters (its startup program ran here) and "
+                f"state named like {self._name!r}'s that does not fit it (another EMA's, of another "
+                "parameter set, under the same name); training here would overwrite it: pass another "
+                "name=, or build the program under paddle.static.scope_guard(scope) with the scope it "
+                "will run in"
             )
         if _compiled_programs_of(self._program):
             warnings.warn(
@@ -343,7 +396,7 @@ class ExponentialMovingAverage:
                 int(_ir.read_scalar(self._plan.step, scope)),
             )
         with paddle.static.name_scope("ema"), _ir.update_role(self._program):
-            state = _graph.emit_state(self._plan, scope, keep=found == "all")
+            state = _graph.emit_state(self._plan, scope, found)
             # (read before emit_update increments the EMA's step: the count of earlier updates)
             weight = schedule.emit_step_weight(self._schedule, state.step, self._thres_steps)
             _graph.emit_update(self._plan, self._params, state, weight)
@@ -405,7 +458,7 @@ class ExponentialMovingAverage:
 
         Raises:
             TypeError: ``executor`` is not a ``paddle.static.Executor``, or ``need_restore`` is not a
-                bool.
+                bool (a numpy bool is one).
             RuntimeError: :meth:`update` was never called, the state is not initialised (the startup
                 program has not run), a parameter holds no data in the current scope, or the averages
                 are already applied and not yet restored.
@@ -421,7 +474,7 @@ class ExponentialMovingAverage:
                 ema.restore(exe)
         """
         _check_executor(executor, "apply")
-        if not isinstance(need_restore, bool):
+        if not isinstance(need_restore, (bool, np.bool_)):
             raise TypeError(
                 f"need_restore must be a bool, got {need_restore!r} of type "
                 f"{type(need_restore).__name__}; pass need_restore=False to restore yourself later"
@@ -445,7 +498,7 @@ class ExponentialMovingAverage:
                 stacklevel=2,
             )
             self._push(_graph.Scratch(scope))  # nothing to swap back
-            return Restorer(functools.partial(self.restore, executor), need_restore)
+            return Restorer(functools.partial(self.restore, executor), bool(need_restore))
         handles = _graph.scratch(self._plan, scope)
         try:
             # The averages go into result tensors and the backups share the parameters' memory: no
@@ -463,7 +516,7 @@ class ExponentialMovingAverage:
         except BaseException:
             self.restore(executor)
             raise
-        return Restorer(functools.partial(self.restore, executor), need_restore)
+        return Restorer(functools.partial(self.restore, executor), bool(need_restore))
 
     def averages(self, executor: paddle.static.Executor) -> dict[str, np.ndarray]:
         """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.

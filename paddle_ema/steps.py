@@ -13,7 +13,18 @@ from paddle.utils import unique_name
 
 from paddle_ema import _ir
 
-__all__ = ["global_step_counter"]
+__all__ = ["global_step_counter", "counter_start"]
+
+# Every counter made here, by variable name, with the value its startup program gives it: what
+# paddle_ema.load sets it to when a checkpoint does not hold it (the counter then starts afresh with
+# the EMA it schedules).
+_STARTS: dict[str, int] = {}
+
+
+def counter_start(name: str) -> int | None:
+    """The value the startup program gives counter ``name`` made by :func:`global_step_counter`
+    (``begin - 1``), or None if no such counter was made."""
+    return _STARTS.get(name)
 
 
 def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
@@ -44,7 +55,9 @@ def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
     """
     if isinstance(begin, bool) or not isinstance(begin, int):
         raise TypeError(f"begin must be an int, got {begin!r} of type {type(begin).__name__}")
-    counter = _ir.create_state(unique_name.generate(name or "global_step"), [1], "int64", begin - 1)
+    counter_name = unique_name.generate(name or "global_step")
+    counter = _ir.create_state(counter_name, [1], "int64", begin - 1)
+    _STARTS[counter_name] = begin - 1
     # Marked as a learning-rate-schedule op, so a legacy clone(for_test=True) leaves it out:
     # evaluating must not move the step that schedules training.
     program = paddle.static.default_main_program()

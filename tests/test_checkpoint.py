@@ -267,12 +267,13 @@ def test_a_checkpoint_of_paddles_own_class_carries_on(exe, rng, tmp_path):
             assert_applied_matches(ema, exe, oracle, "training on after Paddle's class")
 
 
-def add_paddle_class_state(prefix, params, decay, steps, rng):
-    """Write the state Paddle's class would have saved into a checkpoint; return its averages."""
+def add_paddle_class_state(prefix, params, decay, steps, rng, name=""):
+    """Write the state Paddle's class (built with ``name``) would have saved into a checkpoint;
+    return its averages."""
     with open(prefix + ".pdopt", "rb") as f:
         others = pickle.load(f)
-    averages = {name: rng.standard_normal(value.shape).astype(value.dtype) for name, value in params.items()}
-    others.update({f"{name}_ema_0": value for name, value in averages.items()})
+    averages = {p: rng.standard_normal(value.shape).astype(value.dtype) for p, value in params.items()}
+    others.update({f"{name}{p}_ema_0": value for p, value in averages.items()})
     others["@EMA_STEP_COUNTER@"] = np.array([steps], np.int64)
     others["scheduled_ema_decay_rate"] = np.array([decay], np.float32)
     with open(prefix + ".pdopt", "wb") as f:
@@ -280,11 +281,13 @@ def add_paddle_class_state(prefix, params, decay, steps, rng):
     return averages
 
 
-def test_paddle_class_state_maps_onto_the_stacked_layout(exe, rng, tmp_path):
-    """In every mode (Paddle's class itself runs in few): its names, the stacks, 1 - d^t."""
+@pytest.mark.parametrize("name", ["", "ema"], ids=["name=None", "name='ema'"])
+def test_paddle_class_state_maps_onto_the_stacked_layout(exe, rng, tmp_path, name):
+    """In every mode (Paddle's class itself runs in few): its names (prefixed by the name it was
+    built with), the stacks, 1 - d^t."""
     prefix = str(tmp_path / "synthetic")
     params = save_trained(exe, rng, prefix, with_ema=False)
-    averages = add_paddle_class_state(prefix, params, 0.9, 7, rng)
+    averages = add_paddle_class_state(prefix, params, 0.9, 7, rng, name=name)
     stack, main, net, ema = resume(exe, prefix)
     with stack:
         paddle_ema.load(main, prefix)
@@ -309,6 +312,59 @@ def test_paddle_class_state_with_another_decay_starts_fresh_and_says_why(exe, rn
         assert "bias correction, is not in the checkpoint" in caplog.text
         for name in state_names(ema):
             assert not np.any(read(name)), name
+
+
+def test_paddle_class_state_of_two_names_starts_fresh_and_says_which(exe, rng, tmp_path, caplog):
+    prefix = str(tmp_path / "two")
+    params = save_trained(exe, rng, prefix, with_ema=False)
+    add_paddle_class_state(prefix, params, 0.9, 7, rng)
+    add_paddle_class_state(prefix, params, 0.9, 7, rng, name="ema")
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "ema_0 starts fresh" in caplog.text and "several ('', 'ema') name prefix" in caplog.text
+        for name in state_names(ema):
+            assert not np.any(read(name)), name
+
+
+@pytest.mark.parametrize("where", ["mistyped prefix", "a directory"])
+def test_load_of_a_path_without_a_checkpoint_names_it(exe, rng, tmp_path, where):
+    prefix = str(tmp_path / "model")
+    save_trained(exe, rng, prefix, with_ema=True)
+    wrong = str(tmp_path / "modle") if where == "mistyped prefix" else str(tmp_path)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        before = read_all(ema.parameter_names + state_names(ema))
+        with pytest.raises(FileNotFoundError, match=f"no checkpoint at '{wrong}'"):
+            paddle_ema.load(main, wrong)
+        for name, value in read_all(before).items():
+            np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_a_global_step_counter_new_with_the_ema_starts_with_it(exe, rng, tmp_path, caplog):
+    """README's thres_steps=paddle_ema.global_step_counter() added with the EMA to a model whose
+    checkpoint has neither: both start afresh, the warm-up from step 0."""
+    prefix = str(tmp_path / "before_ema")
+    saved = save_trained(exe, rng, prefix, with_ema=False)
+    stack, main, startup = fresh_world()
+    with stack:
+        net = build_net(main, optimizer="adam")
+        step = paddle_ema.global_step_counter()
+        ema = paddle_ema.ExponentialMovingAverage(0.999, thres_steps=step)
+        ema.update()
+        exe.run(startup)
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])  # the counter moved: 0
+        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "global_step_0 starts at 0" in caplog.text and "ema_0 starts fresh" in caplog.text
+        for name, value in saved.items():
+            np.testing.assert_array_equal(read(name), value, err_msg=f"loaded {name}")
+        oracle = EmaOracle(0.999, ema.parameter_names)
+        for update in range(3):
+            exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+            oracle.step(read_all(ema.parameter_names), thres_value=update)
+            assert_applied_matches(ema, exe, oracle, "counter and EMA started afresh")
 
 
 def test_stacking_buffers_stay_allocated_and_out_of_checkpoints(exe, rng, tmp_path):

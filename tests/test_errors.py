@@ -276,7 +276,7 @@ def test_an_ema_rebuilt_in_a_scope_that_holds_its_state_carries_it_on(programs, 
 def test_an_ema_whose_name_the_scope_holds_for_other_state_raises_and_changes_nothing(programs, exe, rng):
     net, first = train_with_ema(programs, exe, rng, steps=2)
     state = read_all(state_names(first))
-    with pytest.raises(RuntimeError, match="already holds state named like 'ema_0'"):
+    with pytest.raises(RuntimeError, match="state named like 'ema_0''s that does not fit"):
         _rebuilt_program_in_this_scope(parameters=["fc1.b"])  # first stacked with fc2.b, now alone
     for name, value in read_all(state_names(first)).items():
         np.testing.assert_array_equal(value, state[name], err_msg=name)
