@@ -413,46 +413,71 @@ def eager_swap_in(tensor: Any, source: Any) -> None:
 class LayerBindings:
     """Where a layer and its sublayers hold their tensors and sublayers, as taken by :meth:`of`.
 
-    ``entries`` are ``(dict, key, object)`` for every entry of each sublayer's ``_parameters``,
-    ``_buffers`` and ``_sub_layers``; ``sizes`` each of those dicts with its length; ``dtypes`` each
-    sublayer with the object its ``_dtype`` attribute held, which ``Layer.to``, ``float``, ``half``
-    and AMP decoration re-bind when they cast the tensors in place. Telling that nothing was
-    re-bound, added, removed or cast costs a lookup per entry (:meth:`hold`), where walking the names
-    and reading every tensor's dtype costs about 10x more; :meth:`put_back` undoes every re-binding.
+    ``entries`` are ``(dict, key, object, kind, name)`` for every entry of each sublayer's
+    ``_parameters``, ``_buffers`` and ``_sub_layers`` (kind ``"parameter"``, ``"buffer"`` or
+    ``"sublayer"``; ``name`` the structured name); ``dicts`` each of those dicts with its keys and its
+    sublayer's name prefix; ``dtypes`` each sublayer with the object its ``_dtype`` attribute held,
+    which ``Layer.to``, ``float``, ``half`` and AMP decoration re-bind when they cast the tensors in
+    place. Telling that nothing was re-bound, added, removed or cast costs a lookup per entry
+    (:meth:`hold`), where walking the names and reading every tensor's dtype costs about 10x more;
+    :meth:`put_back` undoes all of it.
 
     Private but present from Paddle 2.6 to 3.3: ``Layer._parameters``, ``_buffers`` and
     ``_sub_layers``, the dicts ``Layer.__setattr__`` writes when a name is bound, and ``_dtype``.
     """
 
-    entries: tuple[tuple[dict, str, Any], ...]
-    sizes: tuple[tuple[dict, int], ...]
+    entries: tuple[tuple[dict, str, Any, str, str], ...]
+    dicts: tuple[tuple[dict, tuple[str, ...], str], ...]
     dtypes: tuple[tuple[Any, Any], ...]
 
     @classmethod
     def of(cls, layer: Any) -> LayerBindings:
-        entries, sizes, dtypes = [], [], []
-        for _, sublayer in layer.named_sublayers(include_self=True):
+        entries, dicts, dtypes = [], [], []
+        for prefix, sublayer in layer.named_sublayers(include_self=True):
+            prefix = f"{prefix}." if prefix else ""
             dtypes.append((sublayer, vars(sublayer).get("_dtype")))
-            for owned in (sublayer._parameters, sublayer._buffers, sublayer._sub_layers):
-                sizes.append((owned, len(owned)))
-                entries.extend((owned, key, value) for key, value in owned.items())
-        return cls(tuple(entries), tuple(sizes), tuple(dtypes))
+            for kind, owned in (("parameter", sublayer._parameters), ("buffer", sublayer._buffers),
+                                ("sublayer", sublayer._sub_layers)):
+                dicts.append((owned, tuple(owned), prefix))
+                entries.extend((owned, key, value, kind, prefix + key) for key, value in owned.items())
+        return cls(tuple(entries), tuple(dicts), tuple(dtypes))
 
     def hold(self) -> bool:
         """Whether the layer still holds the same objects under the same names, no more, and was
         not cast since."""
         return (
-            all(len(owned) == size for owned, size in self.sizes)
-            and all(owned.get(key) is value for owned, key, value in self.entries)
+            all(len(owned) == len(keys) for owned, keys, _ in self.dicts)
+            and all(owned.get(key) is value for owned, key, value, _, _ in self.entries)
             and all(vars(sublayer).get("_dtype") is dtype for sublayer, dtype in self.dtypes)
         )
 
-    def put_back(self) -> None:
-        """Bind every name to the object it held when these bindings were taken (names added since
-        are left alone). Idempotent."""
-        for owned, key, value in self.entries:
+    def put_back(self) -> list[str]:
+        """Make the layer hold what it held when these bindings were taken: every name bound to its
+        object again, names added since removed, each sublayer's ``_dtype`` as it was. Idempotent.
+
+        Returns:
+            What was undone besides buffers bound anew (which a forward does, e.g. a counter),
+            described for a log line.
+        """
+        undone = []
+        for owned, key, value, kind, name in self.entries:
             if owned.get(key) is not value:
                 owned[key] = value
+                if kind != "buffer":
+                    undone.append(f"{name} re-bound")
+        for owned, keys, prefix in self.dicts:
+            for key in [k for k in owned if k not in keys]:
+                del owned[key]
+                undone.append(f"{prefix}{key} added")
+            if tuple(owned) != keys:  # a name removed and bound again went to the end: the order
+                entries = [(key, owned[key]) for key in keys]  # decides named_parameters()'s
+                owned.clear()
+                owned.update(entries)
+        for sublayer, dtype in self.dtypes:
+            if vars(sublayer).get("_dtype") is not dtype:
+                sublayer._dtype = dtype
+                undone.append(f"{type(sublayer).__name__} cast")
+        return undone
 
 
 def fill_scope_tensor(

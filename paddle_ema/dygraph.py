@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import warnings
 from typing import Any, Iterator, Sequence
@@ -91,11 +92,14 @@ class ModelEMA:
 
     The EMA follows the model as it changes: a tensor the model binds to a name in place of another
     (``self.count = self.count + 1`` in ``forward``) is averaged on; a model cast with
-    ``model.to(dtype=...)`` gets averages of the new dtype; a floating-point tensor the model gains
-    later (an adapter layer added) that ``parameters``/``exclude`` would have chosen is averaged from
-    its first update on, as if it had always held the value it has then. A tensor that is gone, has
-    another shape, or moved between parameters and buffers (``weight_norm``/``spectral_norm``
-    applied after the EMA was built) is an error at the next call. Infinities are kept: a tensor
+    ``model.to(dtype=...)`` (or a tensor cast in place) gets averages of the new dtype; a
+    floating-point tensor the model gains later (an adapter layer added) that
+    ``parameters``/``exclude`` would have chosen is averaged from when the EMA first sees it (at
+    :meth:`update`, :meth:`apply`, :meth:`averages` or :meth:`set_state_dict`), as if it had always
+    held the value it has then; a tensor two names shared keeps its average when one name is bound
+    to another tensor. A tensor that is gone, has another shape or a non-floating dtype, or moved
+    between parameters and buffers (``weight_norm``/``spectral_norm`` applied after the EMA was
+    built) is an error at the next call, with nothing changed. Infinities are kept: a tensor
     constant at ``-inf`` (a causal mask) averages to ``-inf``, as the formula says, if it holds it
     when the EMA first sees it; a NaN makes its element's average NaN from then on.
 
@@ -201,6 +205,7 @@ class ModelEMA:
         # in place each update: an update allocates nothing but the casts of low-precision weights.
         self._weights: dict[str, tuple[Any, Any]] = {}
         self._non_finite: set[str] = set()  # names whose tensors held an inf or NaN when looked at
+        self._failed: str | None = None  # why an update failed half-way (see update)
         for name in names:
             self._start_average(name, paddle.zeros_like)
         self._pair_for_updates()
@@ -232,14 +237,18 @@ class ModelEMA:
 
         If interrupted (``KeyboardInterrupt``) half-way, some averages have taken this update and
         the others not, and the update count has not moved; the model's weights are never touched.
+        If a kernel fails half-way (an error, not an interrupt), the EMA refuses every later call
+        until :meth:`set_state_dict` sets a state back: its averages would be silently wrong.
 
         Raises:
             RuntimeError: averages (this EMA's or another's over the same weights) are applied to the
                 model: averaging them would lose the trained weights' history. Restore first. Or the
                 model no longer has an averaged tensor, holds one of another shape under its name,
                 or holds it as a buffer instead of a parameter or the other way round (see the
-                class docstring for the changes that are followed). Nothing is changed then.
+                class docstring for the changes that are followed). Nothing is changed then. Or a
+                kernel failed half-way, in this call or an earlier one (see above).
         """
+        self._check_not_failed()
         if any(self._shares_tensors_with(other) for other in _APPLIED):
             raise RuntimeError(
                 "update() while averages are applied to the model (by this ModelEMA or another) "
@@ -255,13 +264,22 @@ class ModelEMA:
             for positive, negative in self._weights.values():
                 positive.fill_(weight)
                 negative.fill_(-weight)
-            for average, tensor, cast, (positive, negative), infinities in self._update_plan:
-                # (a float16/bfloat16 weight is read as float32: one cast, the only temporary)
-                target = tensor.astype(average.dtype) if cast else tensor
-                if infinities:
-                    _update_keeping_infinities(average, target, weight, positive, negative)
-                else:
-                    _ir.sgd_lerp_(average, target, positive, negative)
+            try:
+                for average, tensor, cast, (positive, negative), infinities in self._update_plan:
+                    # (a float16/bfloat16 weight is read as float32: one cast, the only temporary)
+                    target = tensor.astype(average.dtype) if cast else tensor
+                    if infinities:
+                        _update_keeping_infinities(average, target, weight, positive, negative)
+                    else:
+                        _ir.sgd_lerp_(average, target, positive, negative)
+            except Exception as error:
+                # Some averages took this update and the others not: using them would be silently
+                # wrong, so this EMA refuses to until a state is set back.
+                self._failed = f"{type(error).__name__}: {str(error).strip()[:300]}"
+                raise RuntimeError(
+                    f"ModelEMA.update() failed half-way ({self._failed}); the averages are no longer "
+                    "consistent: set_state_dict() a saved state, or build a new ModelEMA"
+                ) from error
         self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
         self._updates += 1
 
@@ -276,6 +294,7 @@ class ModelEMA:
             RuntimeError: the model no longer has an averaged tensor, or holds one of another shape
                 under its name, or as another kind (see :meth:`update`).
         """
+        self._check_not_failed()
         self._follow_model()
         with paddle.no_grad():
             return dict(self._corrected())
@@ -291,7 +310,8 @@ class ModelEMA:
         the swap changes nothing; during it, the weights are restored before the error propagates.
         Before the first update the weights are left as they are (a warning says so). A forward
         run while applied may bind new tensors to the model's names (``self.seen = self.seen + n``):
-        restore binds back the tensors apply saw, so every name holds its trained value again.
+        restore puts the model back as apply found it, so every name holds its trained value again
+        (names added while applied are removed and casts undone too, with a logged warning).
 
         Args:
             need_restore: Whether leaving the ``with`` block restores the weights.
@@ -311,6 +331,7 @@ class ModelEMA:
             )
         if self._backups is not None:
             raise RuntimeError("the averages are already applied; call ema.restore() before applying again")
+        self._check_not_failed()
         if self._updates == 0:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
@@ -352,9 +373,14 @@ class ModelEMA:
                 "restored yet; restore them in the reverse order of apply (nothing was changed)"
             )
         # Idempotent both: an interrupted restore can rerun.
-        self._applied_bindings.put_back()
+        undone = self._applied_bindings.put_back()
         for name, backup in self._backups.items():
             _ir.eager_swap_in(self._tensors[name], backup)
+        if undone:
+            _logger.warning(
+                "ModelEMA.restore() put the model back as apply() found it, undoing what changed "
+                "while the averages were applied: %s", _select.some_names(undone),
+            )
         _APPLIED.remove(self)
         self._backups = None
 
@@ -365,6 +391,7 @@ class ModelEMA:
         counts and averages alike, and :meth:`set_state_dict` with it later goes back to that point
         bit-exactly (also through ``paddle.save``/``paddle.load``).
         """
+        self._check_not_failed()
         with paddle.no_grad():
             # Tensor.cpu() of a CPU tensor shares its memory: clone those.
             copies = {
@@ -392,6 +419,7 @@ class ModelEMA:
         """
         if self._backups is not None:
             raise RuntimeError("set_state_dict() while the averages are applied; call ema.restore() first")
+        self._follow_model()  # the averages as the model is now (its dtypes, tensors it gained)
         if not isinstance(state, dict):
             raise ValueError(
                 f"state must be the dict ModelEMA.state_dict() returned, got {type(state).__name__}"
@@ -418,15 +446,24 @@ class ModelEMA:
         with paddle.no_grad():
             # Every conversion before the first write: nothing is changed if one fails.
             values = {
-                name: paddle.to_tensor(value).astype(_dtype_name(self._averages[name]))
+                name: (value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)).astype(
+                    _dtype_name(self._averages[name]))
                 for name, value in averages.items()
             }
             for name, value in values.items():
                 self._averages[name].set_value(value)
         self._updates, self._calls, self._bias_correction = updates, calls, bias_correction
+        self._failed = None
         for name in self._averages:
             self._look_for_non_finite(name)
         self._pair_for_updates()
+
+    def _check_not_failed(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(
+                f"an earlier ModelEMA.update() failed half-way ({self._failed}), so the averages are "
+                "not consistent; set_state_dict() a saved state, or build a new ModelEMA"
+            )
 
     def _start_average(self, name: str, initial: Any) -> None:
         """Make the average of ``self._tensors[name]``, beside it on its device: ``initial(tensor,
@@ -449,7 +486,8 @@ class ModelEMA:
 
     def _pair_for_updates(self) -> None:
         """What each update step works on: paired once rather than looked up per tensor per step;
-        and what tells cheaply that the model still holds those tensors (see :meth:`_follow_model`)."""
+        and what tells cheaply that the model still holds those tensors as they were (see
+        :meth:`_follow_model`)."""
         self._update_plan = [
             (
                 average,
@@ -462,14 +500,25 @@ class ModelEMA:
         ]
         parameters = {name for name, _ in self._layer.named_parameters()}
         self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
+        self._dtypes = {name: _dtype_name(t) for name, t in self._tensors.items()}
         self._bindings = _ir.LayerBindings.of(self._layer)
+        # A tensor reshaped or cast in place (paddle.assign(x, output=weight), weight.cast_(...)) is
+        # the same object: its shape and element size tell (a float16/bfloat16 swap needs nothing).
+        self._metas = [(t, t.shape, t.element_size()) for t in self._tensors.values()]
+
+    def _model_unchanged(self) -> bool:
+        return self._bindings.hold() and all(
+            t.shape == shape and t.element_size() == size for t, shape, size in self._metas
+        )
 
     def _follow_model(self) -> None:
         """Average what the model holds now, if it changed since the last look.
 
         * A layer may bind a new tensor to a name (``self.count = self.count + 1`` in ``forward``,
           or ``layer.weight = new_parameter``): the new one is averaged on (PaddleDetection's EMA,
-          which reads ``model.state_dict()`` every update, follows such tensors too).
+          which reads ``model.state_dict()`` every update, follows such tensors too). If the model
+          still holds the old tensor under another name (two layers tied to it, one untied), its
+          average goes with it, and the re-bound name counts as gained.
         * ``model.to(dtype=...)`` and the like cast tensors in place: their averages are cast to the
           new accumulator dtype (exactly, when it widens).
         * A floating-point tensor the model gained (an adapter added, a cache made by the first
@@ -477,49 +526,54 @@ class ModelEMA:
           from now on as if it had always held its current value: its applied value is that value
           until it moves. A warning is logged.
 
-        Telling that nothing changed costs a lookup per tensor and sublayer (see
+        Telling that nothing changed costs a few lookups per tensor and sublayer (see
         :class:`paddle_ema._ir.LayerBindings`); only then are the names walked again.
 
         Raises:
-            RuntimeError: a name is gone, holds a tensor of another shape, or moved between the
-                parameters and the buffers (``weight_norm``/``spectral_norm`` applied after the EMA
-                was built). Nothing is changed then.
+            RuntimeError: a name is gone, holds a tensor of another shape or a non-floating-point
+                one, or moved between the parameters and the buffers (``weight_norm``/
+                ``spectral_norm`` applied after the EMA was built). Nothing is changed then.
         """
-        if self._backups is not None or self._bindings.hold():
+        if self._backups is not None or self._model_unchanged():
             return  # (while applied, restore binds back what apply saw)
         params = dict(self._layer.named_parameters())
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
         held = {**params, **buffers} if self._buffers_too else params
-        for name, tensor in self._tensors.items():
-            kind = self._kinds[name]
-            now = (params if kind == "parameter" else buffers).get(name)
-            if now is None:
-                moved = name in (buffers if kind == "parameter" else params)
-                what = (f"is now a {'buffer' if kind == 'parameter' else 'parameter'}, no longer a {kind} "
-                        "(paddle.nn.utils.weight_norm or spectral_norm applied after the ModelEMA was "
-                        "built?)") if moved else "is gone"
-                raise RuntimeError(
-                    f"the model's {name!r} {what}; build a new ModelEMA for the changed model (after "
-                    "wrapping or changing its layers)"
-                )
-            if list(now.shape) != list(self._averages[name].shape):
-                raise RuntimeError(
-                    f"the model's {name!r} now holds a {_dtype_name(now)}{list(now.shape)} tensor, not "
-                    f"the {_dtype_name(tensor)}{list(tensor.shape)} one this ModelEMA averages; build a "
-                    "new ModelEMA for the changed model"
-                )
-        gained = self._gained_tensors(held)
+        current = {}
+        for name in self._tensors:
+            now = (params if self._kinds[name] == "parameter" else buffers).get(name)
+            _check_still_averageable(name, self._kinds[name], now, self._dtypes[name],
+                                     self._averages[name].shape, params, buffers)
+            current[name] = now
+        # An old tensor the model still holds under a name no average has: its average follows it.
+        # (Not when parameters= named what to average: the names decide then.)
+        unaveraged = {} if self._chosen_by_name else {
+            id(t): n for n, t in held.items() if n not in self._tensors
+        }
         for name, before in list(self._tensors.items()):
-            now = (params if self._kinds[name] == "parameter" else buffers)[name]
-            if now is not before:
+            moved_to = unaveraged.get(id(before)) if current[name] is not before else None
+            if moved_to is not None:
+                _logger.debug("ModelEMA's average of %s follows its tensor to %s", name, moved_to)
+                self._tensors[moved_to], self._averages[moved_to] = before, self._averages.pop(name)
+                self._dtypes[moved_to] = self._dtypes.pop(name)
+                if name in self._non_finite:
+                    self._non_finite.add(moved_to)
+                self._non_finite.discard(name)
+                del self._tensors[name]
+                del current[name]
+                current[moved_to] = before
+        for name, now in current.items():
+            changed = now is not self._tensors[name] or _dtype_name(now) != self._dtypes[name]
+            if now is not self._tensors[name]:
                 _logger.debug("ModelEMA follows %s, re-bound by the model", name)
                 self._tensors[name] = now
             average = self._averages[name]
             if _graph.accumulator_dtype(_dtype_name(now)) != _dtype_name(average):
                 _logger.debug("ModelEMA casts the average of %s to %s", name, _dtype_name(now))
                 self._start_average(name, lambda _, dtype, a=average: a.astype(dtype))
-            elif now is not before:
+            elif changed:  # (a cast may have made a value infinite: -1e9 in float16)
                 self._look_for_non_finite(name)
+        gained = self._gained_tensors(held)
         if gained:
             _logger.warning(
                 "ModelEMA averages %s, new in the model, from now on, as if it had always held its "
@@ -554,8 +608,12 @@ class ModelEMA:
         return gained
 
     def _shares_tensors_with(self, other: ModelEMA) -> bool:
+        """Whether ``other`` averages this EMA's model or some of its tensors (as each last saw
+        them: two EMAs of one model share it whatever changed since)."""
+        if other is self or other._layer is self._layer:
+            return True
         mine = {id(t) for t in self._tensors.values()}
-        return other is self or bool(mine & {id(t) for t in other._tensors.values()})
+        return bool(mine & {id(t) for t in other._tensors.values()})
 
     def _corrected(self) -> Iterator[tuple[str, Any]]:
         """Each name with its bias-corrected average in its tensor's dtype (the weights before the
@@ -576,20 +634,48 @@ class ModelEMA:
             yield name, value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
 
 
+def _check_still_averageable(
+    name: str, kind: str, now: Any, dtype: str, shape: Sequence[int], params: dict[str, Any],
+    buffers: dict[str, Any],
+) -> None:
+    """Raise a RuntimeError unless ``now``, what the model holds under averaged name ``name`` (a
+    ``kind`` of ``dtype`` when last seen), can go on being averaged there: present, of the same kind,
+    floating-point, of the averaged ``shape``."""
+    if now is None:
+        if name in (buffers if kind == "parameter" else params):
+            what = (f"is now a {'buffer' if kind == 'parameter' else 'parameter'}, no longer a {kind} "
+                    "(paddle.nn.utils.weight_norm or spectral_norm applied after the ModelEMA was "
+                    "built?)")
+        else:
+            what = "is gone (removed, or tied to another of the model's tensors, which is named once)"
+        raise RuntimeError(
+            f"the model's {name!r} {what}; build a new ModelEMA for the changed model (after "
+            "wrapping or changing its layers)"
+        )
+    if not paddle.is_floating_point(now) or list(now.shape) != list(shape):
+        raise RuntimeError(
+            f"the model's {name!r} now holds a {_dtype_name(now)}{list(now.shape)} tensor, not the "
+            f"{dtype}{list(shape)} one this ModelEMA averages (a floating-point tensor of that "
+            "shape); build a new ModelEMA for the changed model"
+        )
+
+
 def _check_average(name: str, value: Any, average: Any) -> None:
     """Raise a ValueError unless ``value`` can be the average of ``name``: a floating-point paddle
     Tensor or numpy array of ``average``'s shape."""
     if isinstance(value, paddle.Tensor):
         floating, dtype = paddle.is_floating_point(value), _dtype_name(value)
     elif isinstance(value, np.ndarray):
-        floating, dtype = np.issubdtype(value.dtype, np.floating), str(value.dtype)
+        floating, dtype = value.dtype in (np.float16, np.float32, np.float64), str(value.dtype)
     else:
         raise ValueError(
             f"the average of {name!r} must be a paddle Tensor or numpy array, got {type(value).__name__}; "
             "pass what ModelEMA.state_dict() returned"
         )
     if not floating:
-        raise ValueError(f"the average of {name!r} must hold floating-point numbers, got {dtype}")
+        raise ValueError(
+            f"the average of {name!r} must hold floating-point numbers (float16/32/64, bfloat16), got {dtype}"
+        )
     if list(value.shape) != list(average.shape):
         raise ValueError(f"the average of {name!r} has shape {list(value.shape)}, the model's "
                          f"{list(average.shape)}")
@@ -610,15 +696,15 @@ def _counts(state: dict[str, Any], plan: schedule.Schedule) -> tuple[int, int, f
             f"{type(bias_correction).__name__}; pass what ModelEMA.state_dict() returned"
         )
     updates, calls, bias_correction = int(updates), int(calls), float(bias_correction)
-    if not 0 <= updates <= calls:
+    if not 0 <= updates <= calls < 2**63:
         raise ValueError(
             f"the state's counts do not fit together (num_updates {updates}, update_calls {calls}: "
-            "0 <= num_updates <= update_calls); pass what ModelEMA.state_dict() returned"
+            "0 <= num_updates <= update_calls < 2**63); pass what ModelEMA.state_dict() returned"
         )
-    # Every decay is at most `decay`, so after u updates c = 1 - prod(d_i) >= 1 - decay ** u (a
-    # float64 running value: a relative slack of 1e-9 for its roundings). A smaller c would blow the
-    # applied averages up by 1 / c.
-    lowest = 0.0 if updates == 0 else (1.0 - (1.0 - plan.weight_bounds[0]) ** updates) * (1.0 - 1e-9)
+    # Every decay is at most `decay`, so after u updates c = 1 - prod(d_i) >= 1 - decay ** u. A
+    # smaller c would blow the applied averages up by 1 / c. The slack of 1e-6 relative lets a value
+    # through that was stored rounded to float32.
+    lowest = 0.0 if updates == 0 else -math.expm1(updates * math.log1p(-plan.weight_bounds[0])) * (1 - 1e-6)
     if updates == 0 and bias_correction != 0.0 or not lowest <= bias_correction <= 1.0:
         reach = "0 before the first update" if updates == 0 else f"in [{lowest:.6g}, 1]"
         raise ValueError(

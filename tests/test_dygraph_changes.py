@@ -323,3 +323,198 @@ def test_set_state_dict_refuses_what_state_dict_never_gives(dygraph, rng, key, v
         np.testing.assert_array_equal(average.numpy(), raw[name], err_msg=name)
     ema.set_state_dict(good)  # what state_dict gives is taken, also with its numpy arrays
     ema.set_state_dict(dict(good, averages={n: a.numpy() for n, a in good["averages"].items()}))
+
+
+class Tied(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = paddle.nn.Linear(2, 2), paddle.nn.Linear(2, 2)
+        self.b.weight = self.a.weight
+
+
+def test_untying_a_tied_weight_keeps_its_average_with_its_tensor(dygraph, rng, caplog):
+    model = Tied()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    assert "b.weight" not in ema.names  # one tensor, averaged once under its first name
+    shared, history, product = model.a.weight, [], 1.0
+    for step in range(2):
+        shared.set_value(np.full((2, 2), step + 1.0, "float32"))
+        ema.update()
+        history.append(step + 1.0)
+        product *= 0.5
+    model.a.weight = paddle.create_parameter([2, 2], "float32")  # untied: b keeps the old tensor
+    model.a.weight.set_value(np.full((2, 2), 10.0, "float32"))
+    with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+        for step in range(2):
+            shared.set_value(np.full((2, 2), step + 3.0, "float32"))
+            ema.update()
+            history.append(step + 3.0)
+            product *= 0.5
+    assert "a.weight" in caplog.text  # averaged from its first update on
+    averages = ema.averages()
+    expected = sum(0.5 * 0.5 ** (3 - i) * v for i, v in enumerate(history)) / (1 - product)
+    np.testing.assert_allclose(averages["b.weight"].numpy(), np.full((2, 2), expected), rtol=1e-6)
+    np.testing.assert_allclose(averages["a.weight"].numpy(), np.full((2, 2), 10.0), rtol=1e-6)
+
+
+def test_an_ema_of_a_model_whose_other_ema_is_applied_refuses_to_update(dygraph, rng):
+    model = paddle.nn.Sequential(paddle.nn.Linear(3, 2), paddle.nn.Linear(2, 1))
+    whole = paddle_ema.ModelEMA(model, 0.9)
+    head = paddle_ema.ModelEMA(model, 0.9, parameters=["1.weight", "1.bias"])
+    model[1] = paddle.nn.Linear(2, 1)  # a new head: head's tensors are stale until it looks
+    whole.update()
+    with whole.apply():
+        with pytest.raises(RuntimeError, match="would average the averages"):
+            head.update()
+    assert head.num_updates == 0
+
+
+def test_a_value_made_infinite_by_a_cast_is_kept(dygraph):
+    model = paddle.nn.Linear(2, 2)
+    model.register_buffer("mask", paddle.full([3], -1e9))
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    for _ in range(2):
+        ema.update()
+    model.to(dtype="float16")  # -1e9 is -inf in float16
+    for _ in range(3):
+        ema.update()
+    assert np.all(ema.averages()["mask"].numpy() == -np.inf)
+    with ema.apply():
+        assert np.all(model.mask.numpy() == -np.inf)
+
+
+def test_a_tensor_reshaped_in_place_is_refused(dygraph):
+    model = paddle.nn.Linear(2, 2)
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    ema.update()
+    raw = {name: value.numpy() for name, value in ema._averages.items()}
+    paddle.assign(paddle.ones([3, 3]), output=model.weight)
+    with pytest.raises(RuntimeError, match=r"'weight' now holds a float32\[3, 3\] tensor"):
+        ema.update()
+    assert ema.num_updates == 1
+    for name, value in ema._averages.items():
+        np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=name)
+
+
+def test_a_tensor_cast_in_place_is_followed(dygraph, rng):
+    model = paddle.nn.Linear(2, 2)
+    ema = paddle_ema.ModelEMA(model, 0.9, parameters=["weight"])
+    oracle = EmaOracle(0.9, ["weight"])
+    ema.update()
+    oracle.step({"weight": model.weight.numpy()})
+    paddle.assign(paddle.to_tensor(np.full((2, 2), 0.5), "float64"), output=model.weight)
+    assert model.weight.dtype == paddle.float64
+    for _ in range(2):
+        ema.update()
+        oracle.step({"weight": model.weight.numpy()})
+    value = ema.averages()["weight"]
+    assert value.dtype == paddle.float64
+    np.testing.assert_allclose(value.numpy(), oracle.debiased("weight"), rtol=1e-7)
+
+
+def test_a_float_buffer_re_bound_to_an_int_tensor_is_refused(dygraph):
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    model(paddle.ones([1, 3]))
+    ema.update()
+    raw = {name: value.numpy() for name, value in ema._averages.items()}
+    model.seen = paddle.to_tensor([3], dtype="int64")
+    with pytest.raises(RuntimeError, match=r"'seen' now holds a int64\[1\] tensor"):
+        ema.update()
+    for name, value in ema._averages.items():
+        np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=name)
+        assert value.dtype == paddle.float32
+
+
+def test_restore_undoes_what_changed_the_model_while_applied(dygraph, rng, caplog):
+    model = paddle.nn.Sequential(paddle.nn.Linear(3, 2))
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    train(model, ema, None, rng, 2)
+    before, keys = state(model), list(model[0]._parameters)
+    ema.apply(need_restore=False)
+    model.to(dtype="float64")
+    paddle.nn.utils.weight_norm(model[0])
+    with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+        ema.restore()
+    assert "0.weight_g added" in caplog.text and "cast" in caplog.text
+    assert list(model[0]._parameters) == keys
+    for name, value in state(model).items():
+        assert value.dtype == np.float32, name
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_set_state_dict_after_the_model_changed_resumes_bit_exactly(dygraph, rng):
+    model = WithAdapter()
+    ema = paddle_ema.ModelEMA(model, 0.7)
+    train(model, ema, None, rng, 2)
+    model.to(dtype="float64")
+    model.adapter = paddle.nn.Linear(3, 3)
+    model.adapter.to(dtype="float64")
+    for _ in range(2):
+        with paddle.no_grad():
+            for p in model.parameters():
+                p.set_value(p + 1e-9)  # a change float32 would not see
+        ema.update()
+    saved = ema.state_dict()
+    resumed = paddle_ema.ModelEMA(WithAdapter(), 0.7)  # a new process: float32, no adapter yet
+    resumed._layer.to(dtype="float64")
+    resumed._layer.adapter = paddle.nn.Linear(3, 3)
+    resumed._layer.adapter.to(dtype="float64")
+    resumed.set_state_dict(saved)
+    for name, value in saved["averages"].items():
+        assert resumed._averages[name].dtype == paddle.float64, name
+        np.testing.assert_array_equal(resumed._averages[name].numpy(), value.numpy(), err_msg=name)
+
+
+def test_a_failed_update_makes_the_ema_refuse_until_a_state_is_set(dygraph, rng, monkeypatch):
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    train(model, ema, None, rng, 1)
+    good = ema.state_dict()
+    calls = []
+    original = paddle_ema.dygraph._ir.sgd_lerp_
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("a kernel error")
+        original(*args)
+
+    monkeypatch.setattr(paddle_ema.dygraph._ir, "sgd_lerp_", failing)
+    with pytest.raises(RuntimeError, match="failed half-way .*a kernel error"):
+        ema.update()
+    monkeypatch.undo()
+    for call in (ema.update, ema.apply, ema.averages, ema.state_dict):
+        with pytest.raises(RuntimeError, match="an earlier ModelEMA.update\\(\\) failed half-way"):
+            call()
+    ema.set_state_dict(good)
+    ema.update()
+    assert ema.num_updates == 2
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("num_updates", 10**400, "num_updates <= update_calls < 2\\*\\*63"),
+    ("averages", {"fc.weight": np.ones((3, 2), np.longdouble)}, "'fc.weight' must hold floating-point"),
+])
+def test_set_state_dict_refuses_counts_and_dtypes_beyond_reach(dygraph, rng, key, value, says):
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    train(model, ema, None, rng, 3)
+    good = ema.state_dict()
+    bad = dict(good, **({key: dict(good["averages"], **value)} if key == "averages" else {key: value}))
+    if key == "num_updates":
+        bad["update_calls"] = 10**400
+    with pytest.raises(ValueError, match=says):
+        ema.set_state_dict(bad)
+
+
+def test_set_state_dict_takes_a_float32_bias_correction_and_tensors_quietly(dygraph, rng):
+    import warnings
+
+    model = Seen()
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    train(model, ema, None, rng, 3)
+    good = ema.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema.set_state_dict(dict(good, bias_correction=np.float32(good["bias_correction"])))
