@@ -49,12 +49,11 @@ def accumulator_dtype(dtype: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """One averaged parameter: its name and backup, and where its average lives."""
+    """One averaged parameter: its name, and where its average lives."""
 
     param: str
     shape: tuple[int, ...]
     dtype: str
-    backup: str  # scope-only: shares the trained parameter's memory while applied
     # Scope-only: where apply's write program puts the debiased average before it is swapped in. A
     # stack of one parameter dtype gets one result for all its members, at the same rows as in
     # ``average``: one op writes it, and each parameter is pointed at its rows.
@@ -150,7 +149,6 @@ class EmaPlan:
                 name = params[index].name
                 slots[index] = Slot(
                     param=name, shape=shapes[index], dtype=dtypes[index],
-                    backup=f"{prefix}.{name}.backup",
                     result=f"{prefix}.{stack}.applied" if one_result else f"{prefix}.{name}.applied",
                     average=average, rows=row, shares_result=one_result,
                 )
@@ -437,11 +435,13 @@ class Scratch:
 
 def scratch(plan: EmaPlan, scope: Any) -> Scratch:
     """Handles to every parameter that ``scope`` sees (its own or an ancestor's) and to its backup,
-    the backups declared in ``scope``, holding no memory yet.
+    the backups holding no memory yet.
 
-    Backups and results live only in the scope (not in any program's persistables), so checkpoints
-    never carry them, and hold memory only while an apply is under way or applied (see
-    :func:`release_scratch`).
+    Backups are tensors of no scope, owned by the handles: they live as long as the apply does,
+    whatever happens to ``scope`` (``drop_kids`` on a parent frees a child scope's variables, and
+    the trained values with them, were they kept there). Results live only in the scope. Neither is
+    in any program's persistables, so checkpoints never carry them, and both hold memory only while
+    an apply is under way or applied (see :func:`release_scratch`).
 
     Raises:
         RuntimeError: a parameter is not in ``scope`` or its ancestors, or holds no data; nothing
@@ -460,7 +460,7 @@ def scratch(plan: EmaPlan, scope: Any) -> Scratch:
         scope=scope,
         slots=plan.slots,
         params=params,
-        backups=tuple(_ir.scope_tensor(slot.backup, scope) for slot in plan.slots),
+        backups=tuple(_ir.detached_tensor() for _ in plan.slots),
     )
 
 
@@ -495,9 +495,13 @@ def swap_backups_in(handles: Scratch) -> None:
             _ir.share_memory(param, backup)
 
 
-def release_scratch(handles: Scratch) -> None:
-    """Let go of the backups and results, so a model does not carry a second copy of its weights."""
+def release_scratch(handles: Scratch, results: bool = True) -> None:
+    """Let go of the backups and, with ``results``, the results, so a model does not carry a second
+    copy of its weights. A restore passes ``results=False``: :func:`swap_results_in` let go of them
+    already, and the scope that held them may be gone by then (a child scope dropped by its
+    parent's ``drop_kids``), when only the backups, which are no scope's, can be touched."""
     for backup in handles.backups:
         _ir.release(backup)
-    for result in handles.results().values():
-        _ir.release(result)
+    if results:
+        for result in handles.results().values():
+            _ir.release(result)

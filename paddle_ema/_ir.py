@@ -25,6 +25,7 @@ __all__ = [
     "concat_into_buffer",
     "create_state",
     "declare_output",
+    "detached_tensor",
     "dtype_name",
     "eager_set_aside",
     "eager_swap_in",
@@ -338,6 +339,14 @@ def scope_tensor(name: str, scope: Any) -> Any:
     silently lost). The handle stays valid as long as the scope lives.
     """
     return scope.var(name).get_tensor()
+
+
+def detached_tensor() -> Any:
+    """A new tensor of no scope, holding no memory, owned by its Python handle (a scope's tensors
+    are freed with the scope, whatever handles Python keeps to them)."""
+    from paddle.base import core
+
+    return (getattr(core, "DenseTensor", None) or core.LoDTensor)()  # (2.6 names it LoDTensor)
 
 
 def find_scope_tensor(name: str, scope: Any) -> Any | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import pickle
 import re
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from paddle_ema import _graph, _ir, _select, ema, steps
+from paddle_ema import _graph, _ir, _select, ema, schedule, steps
 
 __all__ = ["load", "load_averages"]
 
@@ -60,24 +62,40 @@ def load(program: Any, path_prefix: str) -> None:
             exe.run(paddle.static.default_startup_program())
             paddle_ema.load(paddle.static.default_main_program(), "ckpt/model")
     """
+    if not isinstance(program, (paddle.static.Program, getattr(getattr(paddle, "pir", None), "Program", ()))):
+        raise TypeError(
+            f"program must be a paddle.static.Program (the training program), got {program!r} of type "
+            f"{type(program).__name__}"
+        )
+    _check_path_prefix(path_prefix)
     emas = ema.updated_emas(program)
-    if any(e._applied is not None for e in emas):
+    scope = paddle.static.global_scope()
+    names = _ir.persistable_names(program)
+    if any(e._applied is not None for e in emas) or any(
+        applied.scope is scope and names & set(e.parameter_names) for e, applied in ema._APPLIED_STACK
+    ):
         raise RuntimeError(
-            "an ExponentialMovingAverage of this program is applied; call ema.restore(executor) before "
-            "loading a checkpoint, or the restore would overwrite what was loaded"
+            "an ExponentialMovingAverage over parameters of this program is applied in the current "
+            "scope; call ema.restore(executor) before loading a checkpoint, or the restore would "
+            "overwrite what was loaded"
         )
     state = paddle.static.load_program_state(path_prefix)
     if not state:  # what Paddle returns for a path that holds no checkpoint
+        where = (
+            f"the directory {path_prefix!r} holds no variable Paddle's load_program_state reads (under "
+            "PIR it reads no save_vars/save_persistables directory)" if os.path.isdir(path_prefix)
+            else f"there is no {path_prefix + '.pdparams'!r}"
+        )
         raise FileNotFoundError(
-            f"no checkpoint at {path_prefix!r}: neither {path_prefix + '.pdparams'!r} nor a directory "
-            "of saved variables; pass what was passed to paddle.static.save (without .pdparams)"
+            f"no checkpoint at {path_prefix!r}: {where}; pass what was passed to paddle.static.save "
+            "(without .pdparams)"
         )
     fresh = [e for e in emas if not set(_graph.state_names(e._plan)) <= state.keys()]
     ema_names = {name for e in emas for name in _graph.state_names(e._plan)}
     # The paddle_ema.global_step_counter an EMA's warm-up reads restarts with the EMA if absent.
     counters = {
-        e._counter: steps.counter_start(e._counter) for e in emas
-        if e._counter is not None and steps.counter_start(e._counter) is not None
+        e._counter: steps.counter_start(program, e._counter) for e in emas
+        if e._counter is not None and steps.counter_start(program, e._counter) is not None
     }
     restarted = sorted(set(counters) - state.keys())
     missing = sorted(_ir.persistable_names(program) - ema_names - set(counters) - state.keys())
@@ -109,8 +127,10 @@ def load(program: Any, path_prefix: str) -> None:
             state.update(converted)
             _logger.info("%s carries on the state of Paddle's ExponentialMovingAverage", e._name)
     _check_shapes_and_dtypes(program, state, path_prefix)
+    for e in emas:
+        if e not in reasons:
+            _check_counts(state, e._plan.step, e._plan.debias, path_prefix, e._schedule)
     paddle.static.set_program_state(program, state)
-    scope = paddle.static.global_scope()
     for e, reason in reasons.items():
         _graph.reset_state(e._plan, scope)
         _logger.warning("%s starts fresh: %s", e._name, reason)
@@ -120,6 +140,28 @@ def load(program: Any, path_prefix: str) -> None:
         _logger.warning(
             "%s starts at %d: the checkpoint %r does not hold it (the EMA warm-up it drives starts "
             "again)", name, counters[name] + 1, path_prefix,
+        )
+
+
+def _check_path_prefix(path_prefix: Any) -> None:
+    if not isinstance(path_prefix, (str, os.PathLike)):
+        raise TypeError(
+            f"path_prefix must be a str (what was passed to paddle.static.save), got {path_prefix!r} of "
+            f"type {type(path_prefix).__name__}"
+        )
+
+
+def _check_counts(state: dict[str, Any], step: str, debias: str, path_prefix: str,
+                  plan: Any | None = None) -> None:
+    """Raise a ValueError if an EMA's step count and bias correction in a checkpoint are not ones
+    training can produce (see :func:`paddle_ema.schedule.bias_correction_problem`)."""
+    updates = int(np.asarray(state[step]).reshape(-1)[0])
+    correction = float(np.asarray(state[debias]).reshape(-1)[0])
+    problem = schedule.bias_correction_problem(updates, correction, plan)
+    if problem is not None:
+        raise ValueError(
+            f"the checkpoint {path_prefix!r} holds {step!r} = {updates} and {debias!r} = {correction!r}: "
+            f"the bias correction is {problem}; it was edited or is not this EMA's (nothing was loaded)"
         )
 
 
@@ -221,11 +263,15 @@ def _unstacked_averages(
     own = {key for key in averages if key in params}
     pieces = {param: averages[param] for param in own}
     for stack in averages.keys() - own:
-        start = 0
-        for member in _stack_members(params, averages[stack], stack, own):
-            rows = params[member].shape[0]
-            pieces[member] = averages[stack][start:start + rows]
-            start += rows
+        members = _stack_members(params, averages[stack], stack, own)
+        rows = [params[member].shape[0] for member in members]
+        if sum(rows) != averages[stack].shape[0]:
+            raise ValueError(
+                f"{prefix}.{stack}.average has {averages[stack].shape[0]} rows, its members "
+                f"{_select.some_names(members)} {sum(rows)}; the checkpoint was edited or is damaged"
+            )
+        for member, start, count in zip(members, itertools.accumulate([0, *rows]), rows):
+            pieces[member] = averages[stack][start:start + count]
     return pieces
 
 
@@ -307,8 +353,10 @@ def _stack_members(
         if members and f"stack_{_graph.stack_digest(members)}" == stack:
             return members
     raise ValueError(
-        f"cannot tell which parameters share the stacked average {stack} (some parameters of the same "
-        "shape were left out of the EMA); build the program and use ExponentialMovingAverage.apply"
+        f"cannot tell which parameters share the stacked average {stack} ({average.dtype}"
+        f"{list(average.shape)}): no set of the checkpoint's parameters of its trailing shape and "
+        "dtype has its name (some parameters of the same shape were left out of the EMA, or the "
+        "checkpoint was edited); build the program and use ExponentialMovingAverage.apply"
     )
 
 
@@ -339,9 +387,13 @@ def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
             weights = paddle_ema.load_averages("ckpt/model")
             np.save("fc1_w_ema.npy", weights["fc1.w"])
     """
+    _check_path_prefix(path_prefix)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str (the EMA's name= or state prefix), got {name!r}")
     params, others = _read_checkpoint(path_prefix)
     prefix = _ema_prefix(others, name)
     pieces = _unstacked_averages(params, others, prefix)
+    _check_counts(others, f"{prefix}.step", f"{prefix}.bias_correction", path_prefix)
     correction = float(others[f"{prefix}.bias_correction"].reshape(-1)[0])
     if correction == 0.0:
         return {param: _ir.as_numpy_dtype(params[param]) for param in pieces}

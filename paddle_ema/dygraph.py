@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import warnings
 from typing import Any, Iterator, Sequence
@@ -701,16 +700,11 @@ def _counts(state: dict[str, Any], plan: schedule.Schedule) -> tuple[int, int, f
             f"the state's counts do not fit together (num_updates {updates}, update_calls {calls}: "
             "0 <= num_updates <= update_calls < 2**63); pass what ModelEMA.state_dict() returned"
         )
-    # Every decay is at most `decay`, so after u updates c = 1 - prod(d_i) >= 1 - decay ** u. A
-    # smaller c would blow the applied averages up by 1 / c. The slack of 1e-6 relative lets a value
-    # through that was stored rounded to float32.
-    lowest = 0.0 if updates == 0 else -math.expm1(updates * math.log1p(-plan.weight_bounds[0])) * (1 - 1e-6)
-    if updates == 0 and bias_correction != 0.0 or not lowest <= bias_correction <= 1.0:
-        reach = "0 before the first update" if updates == 0 else f"in [{lowest:.6g}, 1]"
+    problem = schedule.bias_correction_problem(updates, bias_correction, plan)
+    if problem is not None:
         raise ValueError(
-            f"the state's bias_correction {bias_correction!r} is not one that {updates} update(s) of "
-            f"this ModelEMA (decay {plan.decay}) can reach ({reach}); pass what ModelEMA.state_dict() "
-            "returned, from a ModelEMA with the same decay"
+            f"the state's bias_correction is {problem}; pass what ModelEMA.state_dict() returned, from "
+            "a ModelEMA with the same decay"
         )
     return updates, calls, bias_correction
 

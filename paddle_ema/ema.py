@@ -389,6 +389,15 @@ class ExponentialMovingAverage:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        namesakes = [e for e in list(_UPDATED) if e._name == self._name and e._program is not self._program]
+        if namesakes:
+            _logger.warning(
+                "%s: a live ExponentialMovingAverage of another program has the same name (made "
+                "under another paddle.utils.unique_name.guard?), so their state has the same variable "
+                "names: running this program's startup program in the scope where the other trains "
+                "resets the other's state (as it does optimizer state of the same names); train them "
+                "in different scopes, or pass another name=", self._name,
+            )
         if found == "all":
             _logger.warning(
                 "%s carries on the state it finds in the current scope (step %d), kept from an "
@@ -590,7 +599,7 @@ class ExponentialMovingAverage:
             )
         _graph.swap_backups_in(applied)
         _APPLIED_STACK.remove(entry)
-        _graph.release_scratch(applied)
+        _graph.release_scratch(applied, results=False)
 
     @property
     def _applied(self) -> _graph.Scratch | None:

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import paddle
 
-__all__ = ["Schedule", "step_weight", "emit_step_weight", "next_bias_correction"]
+__all__ = [
+    "Schedule", "bias_correction_problem", "emit_step_weight", "next_bias_correction", "step_weight",
+]
 
 _WEIGHT_DTYPE = "float32"  # what the averages are updated with (cast where an average needs it)
 
@@ -193,6 +195,29 @@ def next_bias_correction(correction: float, weight: float) -> float:
     static graph keeps it in, as a lerp toward 1).
     """
     return correction + weight * (1.0 - correction)
+
+
+def bias_correction_problem(updates: int, correction: float, schedule: Schedule | None = None) -> str | None:
+    """Why ``correction`` cannot be the bias denominator after ``updates`` updates, or None if it can.
+
+    It is 0 before the first update; after ``u`` updates :math:`c = 1 - \\prod d_i` lies in
+    :math:`[1 - d^u, 1]`, ``d`` being the schedule's highest decay (every decay is at most that),
+    or in :math:`(0, 1]` when the schedule is not known. A smaller ``c`` would blow the applied
+    averages up by :math:`1 / c`. The lower bound has a relative slack of 1e-6, which lets through a
+    value stored rounded to float32.
+    """
+    if updates < 0:
+        return f"a negative update count ({updates})"
+    if updates == 0:
+        return None if correction == 0.0 else f"{correction!r} before the first update (it is 0 then)"
+    if schedule is None:
+        inside = 0.0 < correction <= 1.0
+        return None if inside else f"{correction!r} after {updates} update(s) (not in (0, 1])"
+    lowest = -math.expm1(updates * math.log1p(-schedule.weight_bounds[0])) * (1.0 - 1e-6)
+    if lowest <= correction <= 1.0:
+        return None
+    return (f"{correction!r}, which {updates} update(s) at decay {schedule.decay} cannot reach (it "
+            f"lies in [{lowest:.6g}, 1])")
 
 
 def _float64(value: float) -> Any:

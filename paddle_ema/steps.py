@@ -6,6 +6,7 @@ with ``create_global_var``); this is the same idea built on paddle_ema's IR adap
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import paddle
@@ -15,16 +16,17 @@ from paddle_ema import _ir
 
 __all__ = ["global_step_counter", "counter_start"]
 
-# Every counter made here, by variable name, with the value its startup program gives it: what
+# Every counter made here, per program and variable name (two programs built under their own
+# unique_name.guard both have a global_step_0), with the value its startup program gives it: what
 # paddle_ema.load sets it to when a checkpoint does not hold it (the counter then starts afresh with
 # the EMA it schedules).
-_STARTS: dict[str, int] = {}
+_STARTS: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
 
 
-def counter_start(name: str) -> int | None:
-    """The value the startup program gives counter ``name`` made by :func:`global_step_counter`
-    (``begin - 1``), or None if no such counter was made."""
-    return _STARTS.get(name)
+def counter_start(program: Any, name: str) -> int | None:
+    """The value the startup program gives counter ``name`` of ``program`` made by
+    :func:`global_step_counter` (``begin - 1``), or None if no such counter was made."""
+    return _STARTS.get(program, {}).get(name)
 
 
 def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
@@ -55,9 +57,11 @@ def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
     """
     if isinstance(begin, bool) or not isinstance(begin, int):
         raise TypeError(f"begin must be an int, got {begin!r} of type {type(begin).__name__}")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"name must be a non-empty str or None, got {name!r} of type {type(name).__name__}")
     counter_name = unique_name.generate(name or "global_step")
     counter = _ir.create_state(counter_name, [1], "int64", begin - 1)
-    _STARTS[counter_name] = begin - 1
+    _STARTS.setdefault(paddle.static.default_main_program(), {})[counter_name] = begin - 1
     # Marked as a learning-rate-schedule op, so a legacy clone(for_test=True) leaves it out:
     # evaluating must not move the step that schedules training.
     program = paddle.static.default_main_program()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import paddle
 import pytest
 from nets import batch, build_net, read_all, state_names, train_with_ema
 from oracle import EmaOracle
@@ -146,23 +145,15 @@ def test_training_while_applied_trains_the_averages_and_restore_puts_back_the_we
 
 def test_backups_hold_memory_only_between_apply_and_restore(trained, exe):
     net, ema = trained
-    scope = paddle.static.global_scope()
-    backups = [slot.backup for slot in ema._plan.slots]
-
-    def allocated():
-        return [scope.find_var(n) is not None and scope.find_var(n).get_tensor()._is_initialized()
-                for n in backups]
-
     trained_values = read_all(ema.parameter_names)
-    assert not any(allocated())
     for _ in range(2):
         with ema.apply(exe):
-            assert all(allocated())
-            backed_up = read_all(backups)
-            for slot in ema._plan.slots:
-                np.testing.assert_array_equal(backed_up[slot.backup], trained_values[slot.param],
+            backups = ema._applied.backups
+            assert all(b._is_initialized() for b in backups)
+            for slot, backup in zip(ema._plan.slots, backups):
+                np.testing.assert_array_equal(np.array(backup), trained_values[slot.param],
                                               err_msg=f"backup of {slot.param}")
-        assert not any(allocated()), "backups must be freed after restore"
+        assert not any(b._is_initialized() for b in backups), "backups must be freed after restore"
 
 
 def test_apply_takes_effect_when_called_without_with(trained, exe):

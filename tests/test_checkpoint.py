@@ -484,3 +484,102 @@ def test_a_checkpoint_with_the_averages_stacked_otherwise_carries_on(exe, rng, t
         with new.apply(exe):
             for name, value in read_all(new.parameter_names).items():
                 np.testing.assert_array_equal(value, applied[name], err_msg=name)
+
+
+def _edit_checkpoint(prefix, edit):
+    """Apply ``edit`` to the checkpoint's non-parameter arrays (.pdopt) and write them back."""
+    with open(prefix + ".pdopt", "rb") as f:
+        others = pickle.load(f)
+    edit(others)
+    with open(prefix + ".pdopt", "wb") as f:
+        pickle.dump(others, f, protocol=2)
+
+
+def _stack_key(others):
+    return next(k for k in others if ".stack_" in k and k.endswith(".average"))
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda s: s.update({"ema_0.bias_correction": np.array([0.0])}), r"0\.0(, which| after) 3 update"),
+    (lambda s: s.update({"ema_0.bias_correction": np.array([1.5])}), r"1\.5(, which| after) 3 update"),
+    (lambda s: s.update({"ema_0.bias_correction": np.array([np.nan])}), r"nan(, which| after) 3 update"),
+    (lambda s: s.update({"ema_0.step": np.array([-7], np.int64)}), "negative update count"),
+    (lambda s: s.update({"ema_0.step": np.array([0], np.int64)}), "before the first update"),
+], ids=["c 0 after 3 steps", "c 1.5", "c NaN", "step -7", "step 0 with c"])
+def test_a_checkpoint_with_counts_no_training_makes_is_refused(exe, rng, tmp_path, edit, says):
+    prefix = str(tmp_path / "edited")
+    save_trained(exe, rng, prefix, with_ema=True)
+    _edit_checkpoint(prefix, edit)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        before = read_all(ema.parameter_names + state_names(ema))
+        with pytest.raises(ValueError, match=f"ema_0.bias_correction.*({says})"):
+            paddle_ema.load(main, prefix)
+        for name, value in read_all(before).items():
+            np.testing.assert_array_equal(value, before[name], err_msg=name)
+    with pytest.raises(ValueError, match=says):
+        paddle_ema.load_averages(prefix)
+
+
+def test_load_averages_refuses_a_stack_of_the_wrong_length(programs, exe, rng, tmp_path):
+    prefix = str(tmp_path / "longer")
+    save_trained(exe, rng, prefix, with_ema=True)
+    _edit_checkpoint(prefix, lambda s: s.update({_stack_key(s): np.append(s[_stack_key(s)], np.float32(1))}))
+    with pytest.raises(ValueError, match=r"stack_\w+\.average has 7 rows, its members .* 6"):
+        paddle_ema.load_averages(prefix)
+
+
+def test_load_into_another_program_while_an_ema_of_its_parameters_is_applied_raises(exe, rng, tmp_path):
+    prefix = str(tmp_path / "trained")
+    save_trained(exe, rng, prefix, with_ema=True)
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        paddle.static.load(main, prefix)
+        exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+        ema.apply(exe, need_restore=False)
+        evaluation = paddle.static.Program()
+        with paddle.static.program_guard(evaluation, paddle.static.Program()):
+            build_net(evaluation, optimizer="adam")  # the same parameters, no EMA
+        applied = read_all(ema.parameter_names)
+        with pytest.raises(RuntimeError, match="applied in the current scope; call ema.restore"):
+            paddle_ema.load(evaluation, prefix)
+        for name, value in read_all(ema.parameter_names).items():
+            np.testing.assert_array_equal(value, applied[name], err_msg=name)
+        ema.restore(exe)
+
+
+def test_counters_of_one_name_in_two_programs_restart_at_their_own_begin(exe, rng, tmp_path, caplog):
+    prefix = str(tmp_path / "no_counter")
+    save_trained(exe, rng, prefix, with_ema=False)
+    programs = {}
+    for begin in (5, 0):  # two programs, each under its own guard: both counters are global_step_0
+        stack, main, startup = fresh_world()
+        with stack:
+            net = build_net(main, optimizer="adam")
+            step = paddle_ema.global_step_counter(begin=begin)
+            ema = paddle_ema.ExponentialMovingAverage(0.99, thres_steps=step)
+            ema.update()
+        programs[begin] = (main, startup, net, step, ema)
+    main, startup, net, step, _ = programs[5]
+    with paddle.static.scope_guard(paddle.static.Scope()):
+        exe.run(startup)
+        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "global_step_0 starts at 5" in caplog.text
+        (value,) = exe.run(main, feed={"x": batch(rng)}, fetch_list=[step])
+        assert int(np.asarray(value).reshape(-1)[0]) == 5
+
+
+@pytest.mark.parametrize("call, error, says", [
+    (lambda p: paddle_ema.load(None, p), TypeError, "program must be a paddle.static.Program"),
+    (lambda p: paddle_ema.load(paddle.static.default_main_program(), None), TypeError,
+     "path_prefix must be a str"),
+    (lambda p: paddle_ema.load_averages(None), TypeError, "path_prefix must be a str"),
+    (lambda p: paddle_ema.load_averages(p, name=5), TypeError, "name must be a non-empty str"),
+    (lambda p: paddle_ema.global_step_counter(name=3), TypeError, "name must be a non-empty str"),
+], ids=["load program", "load path", "load_averages path", "load_averages name", "counter name"])
+def test_checkpoint_functions_name_a_bad_argument(exe, rng, tmp_path, call, error, says):
+    prefix = str(tmp_path / "ok")
+    save_trained(exe, rng, prefix, with_ema=True)
+    with pytest.raises(error, match=says):
+        call(prefix)

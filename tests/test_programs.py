@@ -4,6 +4,8 @@ flow, and parameters= given things that are not this program's parameters."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import paddle
 import pytest
@@ -219,3 +221,11 @@ def test_need_restore_takes_numpy_bools(programs, exe, rng):
     ema.restore(exe)
     with pytest.raises(TypeError, match="need_restore must be a bool"):
         ema.apply(exe, need_restore="False")
+
+
+def test_a_namesake_ema_of_another_live_program_is_logged(exe, rng, caplog):
+    first = _paddle_test_ema_model(exe, rng, steps=1)
+    with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+        *_, second = _detection_model()
+    assert second._name == first._name
+    assert "a live ExponentialMovingAverage of another program has the same name" in caplog.text
