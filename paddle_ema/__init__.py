@@ -6,6 +6,7 @@
 
 import logging
 
+from paddle_ema import callbacks, compat
 from paddle_ema._version import __version__
 from paddle_ema.checkpoint import load, load_averages
 from paddle_ema.dygraph import ModelEMA
@@ -13,7 +14,8 @@ from paddle_ema.ema import ExponentialMovingAverage
 from paddle_ema.steps import global_step_counter
 
 __all__ = [
-    "ExponentialMovingAverage", "ModelEMA", "__version__", "global_step_counter", "load", "load_averages",
+    "ExponentialMovingAverage", "ModelEMA", "__version__", "callbacks", "compat", "global_step_counter",
+    "load", "load_averages",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import numbers
 import warnings
@@ -17,7 +18,9 @@ __all__ = ["ModelEMA"]
 
 _logger = logging.getLogger(__name__)
 
-_WARMUPS = (None, "threshold", "power")
+_WARMUPS = (None, "threshold", "power", "exponential")
+_INITS = ("zeros", "weights")
+_FROZEN = ("average", "copy", "exclude")
 _DEFAULT_POWER = 2 / 3
 
 # Every applied ModelEMA, in the order they were applied (one append and one remove each). A ModelEMA
@@ -42,6 +45,12 @@ def _named_tensors(model: Any, buffers: bool) -> dict[str, Any]:
         seen.add(id(tensor))
         found[name] = tensor
     return found
+
+
+def _frozen_names(layer: Any) -> set[str]:
+    """The structured names of ``layer``'s parameters that do not train (``stop_gradient``), batch-norm
+    statistics among them."""
+    return {name for name, p in layer.named_parameters() if p.stop_gradient}
 
 
 def _holds_non_finite(tensor: Any) -> bool:
@@ -86,8 +95,16 @@ class ModelEMA:
     The decay :math:`d_t` of the ``t``-th update (from 0): 0 for the first ``start_step`` updates;
     then ``decay`` (``warmup=None``), :math:`\\min(\\text{decay}, (1 + t) / (10 + t))`
     (``warmup="threshold"``, PaddleDetection's default and the static class's ``thres_steps`` rule
-    with ``t`` the update count) or :math:`1 - (1 + t' / \\gamma)^{-p}` with :math:`t'` counted from
-    ``start_step`` (``warmup="power"``); clipped to ``[min_decay, decay]``.
+    with ``t`` the update count), :math:`1 - (1 + t' / \\gamma)^{-p}` with :math:`t'` counted from
+    ``start_step`` (``warmup="power"``) or :math:`\\text{decay} \\cdot (1 - e^{-(t' + 1) / \\tau})`
+    (``warmup="exponential"``, PaddleDetection's type of that name); clipped to
+    ``[min_decay, decay]``.
+
+    With ``init="weights"`` the averages start as a copy of the weights instead of zeros and are
+    applied as they are, with no bias correction (PaddleClas, PaddleSeg, ppdiffusers and timm do
+    this). The copy stands for update 0, which a zero-started average takes with decay 0, so the
+    first :meth:`update` is update 1 of the schedule: ``warmup="power"`` then gives ppdiffusers'
+    ``EMAModel`` decays exactly, and ``power=1`` PaddleSeg's ``t / (t + 1)``.
 
     The EMA follows the model as it changes: a tensor the model binds to a name in place of another
     (``self.count = self.count + 1`` in ``forward``) is averaged on; a model cast with
@@ -116,7 +133,14 @@ class ModelEMA:
             default: every floating-point parameter (and buffer, see ``buffers``).
         exclude: Names or regular expressions (``re.fullmatch``) to leave out; each must match.
         buffers: Whether floating-point buffers (``register_buffer``) are averaged too. Batch-norm
-            statistics are parameters in Paddle and are averaged either way.
+            statistics are parameters in Paddle and are averaged either way (see ``frozen``).
+        init: ``"zeros"`` (bias-corrected averages from zero) or ``"weights"`` (see above).
+        frozen: What happens to parameters that do not train (``stop_gradient=True``, batch-norm
+            statistics among them): ``"average"`` them like the others, ``"copy"`` them (not
+            averaged; :meth:`averages`, :meth:`averaged_model` and the applied model carry their
+            current value, as ppdiffusers does) or ``"exclude"`` them (left out, as with
+            ``exclude``). Decided when the EMA is built, and for tensors the model gains later.
+        tau: The exponential warm-up's time scale (only with ``warmup="exponential"``).
 
     Raises:
         TypeError: ``model`` is not a ``paddle.nn.Layer``, or an option has the wrong type.
@@ -158,6 +182,9 @@ class ModelEMA:
         parameters: Sequence[Any] | None = None,
         exclude: Sequence[str] | None = None,
         buffers: bool = True,
+        init: str = "zeros",
+        frozen: str = "average",
+        tau: float = 2000.0,
     ) -> None:
         if not paddle.in_dynamic_mode():
             raise RuntimeError(
@@ -169,7 +196,16 @@ class ModelEMA:
                 f"model must be a paddle.nn.Layer, got {model!r} of type {type(model).__name__}"
             )
         if warmup not in _WARMUPS:
-            raise ValueError(f"warmup must be None, 'threshold' or 'power', got {warmup!r}")
+            raise ValueError(f"warmup must be None, 'threshold', 'power' or 'exponential', got {warmup!r}")
+        if init not in _INITS:
+            raise ValueError(f"init must be 'zeros' or 'weights', got {init!r}")
+        if frozen not in _FROZEN:
+            raise ValueError(f"frozen must be 'average', 'copy' or 'exclude', got {frozen!r}")
+        if warmup != "exponential" and tau != 2000.0:
+            raise ValueError(
+                f"tau shapes warmup='exponential' only (warmup is {warmup!r}); pass "
+                "warmup='exponential', or leave it at its default"
+            )
         if warmup != "power" and (inv_gamma != 1.0 or power != _DEFAULT_POWER):
             raise ValueError(
                 f"inv_gamma and power shape warmup='power' only (warmup is {warmup!r}); pass "
@@ -184,8 +220,16 @@ class ModelEMA:
         self._schedule = schedule.Schedule.make(
             decay, threshold=warmup == "threshold", start_step=start_step,
             power=power if warmup == "power" else None, inv_gamma=inv_gamma, min_decay=min_decay,
+            tau=tau if warmup == "exponential" else None,
         )
         candidates = _named_tensors(model, buffers)
+        self._frozen = frozen
+        # Parameters that do not train (stop_gradient; batch-norm statistics among them) under
+        # frozen="copy"/"exclude": not averaged; "copy" ones are carried at their current value.
+        layer = model._layers if isinstance(model, paddle.DataParallel) else model
+        held_back = [] if frozen == "average" else [n for n in candidates if n in _frozen_names(layer)]
+        self._copied = held_back if frozen == "copy" else []
+        candidates = {n: t for n, t in candidates.items() if n not in held_back}
         by_id = {id(t): n for n, t in candidates.items()}
         names = _select.choose(list(candidates), list(candidates), parameters, exclude,
                                name_of=lambda item: by_id.get(id(item)), where="the model")
@@ -205,13 +249,12 @@ class ModelEMA:
         self._weights: dict[str, tuple[Any, Any]] = {}
         self._non_finite: set[str] = set()  # names whose tensors held an inf or NaN when looked at
         self._failed: str | None = None  # why an update failed half-way (see update)
+        self._init = init
         for name in names:
-            self._start_average(name, paddle.zeros_like)
+            self._start_average(name, self._initial_average)
         self._pair_for_updates()
         self._update_every = update_every
-        self._calls = 0  # update() calls, for update_every
-        self._updates = 0  # averaging updates: the schedule's count
-        self._bias_correction = 0.0  # 1 - prod(d_i), float64
+        self._start_counting()
         # The state: ready, or applied (self._backups is not None and self is on _APPLIED).
         self._backups: dict[str, Any] | None = None
         _logger.debug("ModelEMA averages %d tensors", len(self._tensors))
@@ -258,7 +301,8 @@ class ModelEMA:
         if self._calls % self._update_every:
             return
         self._follow_model()
-        weight = schedule.step_weight(self._schedule, self._updates, steps=self._updates)
+        count = self._updates + self._schedule_offset
+        weight = schedule.step_weight(self._schedule, count, steps=count)
         with paddle.no_grad():
             for positive, negative in self._weights.values():
                 positive.fill_(weight)
@@ -281,13 +325,15 @@ class ModelEMA:
                 ) from error
         self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
         self._updates += 1
+        self._last_weight = weight
 
     def averages(self) -> dict[str, Any]:
         """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.
 
         Returns:
-            ``{name: Tensor}`` in each tensor's dtype; before the first update, copies of the
-            current weights (there is no average yet).
+            ``{name: Tensor}`` in each tensor's dtype; before the first update (with
+            ``init="zeros"``), copies of the current weights (there is no average yet). With
+            ``frozen="copy"``, the frozen parameters too, as copies of their current value.
 
         Raises:
             RuntimeError: the model no longer has an averaged tensor, or holds one of another shape
@@ -296,7 +342,11 @@ class ModelEMA:
         self._check_not_failed()
         self._follow_model()
         with paddle.no_grad():
-            return dict(self._corrected())
+            values = dict(self._corrected())
+            if self._copied:
+                params = dict(self._layer.named_parameters())
+                values.update((n, params[n].clone()) for n in self._copied if n in params)
+            return values
 
     def apply(self, need_restore: bool = True) -> Restorer:
         """Swap the bias-corrected averages into the model, setting the trained weights aside first.
@@ -331,7 +381,7 @@ class ModelEMA:
         if self._backups is not None:
             raise RuntimeError("the averages are already applied; call ema.restore() before applying again")
         self._check_not_failed()
-        if self._updates == 0:
+        if self._bias_correction == 0.0:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
         self._follow_model()
@@ -441,7 +491,7 @@ class ModelEMA:
             )
         for name, value in averages.items():
             _check_average(name, value, self._averages[name])
-        updates, calls, bias_correction = _counts(state, self._schedule)
+        updates, calls, bias_correction = _counts(state, self._schedule, self._init)
         with paddle.no_grad():
             # Every conversion before the first write: nothing is changed if one fails.
             values = {
@@ -456,6 +506,66 @@ class ModelEMA:
         for name in self._averages:
             self._look_for_non_finite(name)
         self._pair_for_updates()
+
+    def _initial_average(self, tensor: Any, dtype: str) -> Any:
+        """A new average of ``tensor`` as ``init`` says: zeros, or a copy of its value."""
+        if self._init == "zeros":
+            return paddle.zeros_like(tensor, dtype=dtype)
+        return tensor.astype(dtype).clone()
+
+    def _start_counting(self) -> None:
+        self._calls = 0  # update() calls, for update_every
+        self._updates = 0  # averaging updates
+        # With init="weights" the copy stands for update 0 (decay 0): the schedule's count is one on.
+        self._schedule_offset = 1 if self._init == "weights" else 0
+        # 1 - prod(d_i), float64; 1 from the start with init="weights" (and it stays 1: the average
+        # of weights that start at the weights needs no correction).
+        self._bias_correction = 1.0 if self._init == "weights" else 0.0
+        self._last_weight: float | None = None
+
+    @property
+    def current_decay(self) -> float | None:
+        """The decay the most recent averaging :meth:`update` used (None before the first)."""
+        return None if self._last_weight is None else 1.0 - self._last_weight
+
+    def reset(self) -> None:
+        """Start over from now: no update counted, every average started again as ``init`` says.
+
+        Raises:
+            RuntimeError: the averages are applied (restore first), or the model changed in a way
+                that cannot be followed (see :meth:`update`). Nothing is changed then.
+        """
+        if self._backups is not None:
+            raise RuntimeError("reset() while the averages are applied; call ema.restore() first")
+        self._follow_model()
+        for name in list(self._averages):
+            self._start_average(name, self._initial_average)
+        self._pair_for_updates()
+        self._start_counting()
+        self._failed = None
+
+    def averaged_model(self) -> paddle.nn.Layer:
+        """A new Layer of the model's class and structure holding the averages in its own tensors.
+
+        The averages are what :meth:`apply` would swap in (bias-corrected; with ``frozen="copy"``
+        the frozen parameters at their current value); every other tensor is a copy of the model's.
+        The model is not touched, so training can go on while the copy is evaluated, exported or run
+        as a teacher. A ``paddle.DataParallel`` wrapper is left out: the copy is the inner Layer.
+
+        Returns:
+            The copy (``copy.deepcopy`` of the model, in the model's train/eval mode).
+
+        Raises:
+            RuntimeError: as :meth:`averages`.
+        """
+        averages = self.averages()
+        twin = copy.deepcopy(self._layer)
+        held = dict(twin.named_parameters())
+        held.update((n, b) for n, b in twin.named_buffers() if b is not None)
+        with paddle.no_grad():
+            for name, value in averages.items():
+                held[name].set_value(value)
+        return twin
 
     def _check_not_failed(self) -> None:
         if self._failed is not None:
@@ -598,8 +708,13 @@ class ModelEMA:
             return {}
         averaged = {id(t) for t in self._tensors.values()}
         gained = {}
+        frozen = set() if self._frozen == "average" else _frozen_names(self._layer)
         for name, tensor in held.items():
             if name in self._tensors or id(tensor) in averaged or not paddle.is_floating_point(tensor):
+                continue
+            if name in frozen:  # frozen="copy"/"exclude": held back, as at construction
+                if self._frozen == "copy" and name not in self._copied:
+                    self._copied.append(name)
                 continue
             if not _select.matches_any(name, self._exclude):
                 averaged.add(id(tensor))
@@ -680,7 +795,7 @@ def _check_average(name: str, value: Any, average: Any) -> None:
                          f"{list(average.shape)}")
 
 
-def _counts(state: dict[str, Any], plan: schedule.Schedule) -> tuple[int, int, float]:
+def _counts(state: dict[str, Any], plan: schedule.Schedule, init: str) -> tuple[int, int, float]:
     """``num_updates``, ``update_calls`` and ``bias_correction`` of a state dict, checked."""
     updates, calls, bias_correction = state["num_updates"], state["update_calls"], state["bias_correction"]
     for key, value in (("num_updates", updates), ("update_calls", calls)):
@@ -700,7 +815,10 @@ def _counts(state: dict[str, Any], plan: schedule.Schedule) -> tuple[int, int, f
             f"the state's counts do not fit together (num_updates {updates}, update_calls {calls}: "
             "0 <= num_updates <= update_calls < 2**63); pass what ModelEMA.state_dict() returned"
         )
-    problem = schedule.bias_correction_problem(updates, bias_correction, plan)
+    if init == "weights":  # the average started at the weights: no correction, ever
+        problem = None if bias_correction == 1.0 else f"{bias_correction!r} (with init='weights' it is 1)"
+    else:
+        problem = schedule.bias_correction_problem(updates, bias_correction, plan)
     if problem is not None:
         raise ValueError(
             f"the state's bias_correction is {problem}; pass what ModelEMA.state_dict() returned, from "

@@ -10,7 +10,8 @@ them). For update number :math:`u = 0, 1, 2, \\dots`:
   :math:`\\min(\\text{decay}, (1 + s) / (10 + s))` for a threshold warm-up driven by a step value
   :math:`s` (``thres_steps``; a negative or NaN :math:`s` counts as 0), or
   :math:`1 - (1 + t / \\gamma)^{-p}` for the power warm-up (``power`` :math:`p`, ``inv_gamma``
-  :math:`\\gamma`);
+  :math:`\\gamma`), or :math:`\\text{decay} \\cdot (1 - e^{-(t + 1) / \\tau})` for the exponential
+  warm-up of PaddleDetection (``tau`` :math:`\\tau`; dygraph only);
 * every schedule's decay is clipped to ``[min_decay, decay]``.
 
 Only the weight :math:`w_t` enters the update :math:`a \\leftarrow a + w_t(\\theta - a)`, so it is
@@ -71,6 +72,7 @@ class Schedule:
         power: The power warm-up's exponent, or None.
         inv_gamma: The power warm-up's time scale.
         min_decay: The lower bound of the decay.
+        tau: The exponential warm-up's time scale, or None for none.
     """
 
     decay: float
@@ -79,10 +81,11 @@ class Schedule:
     power: float | None = None
     inv_gamma: float = 1.0
     min_decay: float = 0.0
+    tau: float | None = None
 
     @classmethod
     def make(cls, decay: Any, *, threshold: bool = False, start_step: Any = 0, power: Any = None,
-             inv_gamma: Any = 1.0, min_decay: Any = 0.0) -> Schedule:
+             inv_gamma: Any = 1.0, min_decay: Any = 0.0, tau: Any = None) -> Schedule:
         """A checked schedule, from the options of :class:`paddle_ema.ExponentialMovingAverage`.
 
         Args:
@@ -93,6 +96,7 @@ class Schedule:
             power: The power warm-up's exponent (positive), or None. Excludes ``threshold``.
             inv_gamma: The power warm-up's time scale (positive); only with ``power``.
             min_decay: The lower bound of the decay, in [0, decay].
+            tau: The exponential warm-up's time scale (positive), or None. Excludes the others.
 
         Returns:
             The schedule.
@@ -132,12 +136,18 @@ class Schedule:
             raise ValueError(
                 f"min_decay must be in [0, decay] = [0, {decay}], got {min_decay!r}; e.g. min_decay=0.0"
             )
-        return cls(decay, bool(threshold), int(start_step), power, inv_gamma_value, min_decay_value)
+        if tau is not None:
+            if threshold or power is not None:
+                raise ValueError("the exponential warm-up (tau) excludes the threshold and power warm-ups")
+            tau = _real(tau, "tau", "tau=2000.0")
+            if not (0.0 < tau < math.inf):
+                raise ValueError(f"tau must be positive and finite, got {tau!r}; e.g. tau=2000.0")
+        return cls(decay, bool(threshold), int(start_step), power, inv_gamma_value, min_decay_value, tau)
 
     @property
     def is_constant(self) -> bool:
         """Whether every update uses ``decay`` itself."""
-        return not self.threshold and self.power is None and self.start_step == 0
+        return not self.threshold and self.power is None and self.tau is None and self.start_step == 0
 
     @property
     def weight_bounds(self) -> tuple[float, float]:
@@ -179,6 +189,10 @@ def step_weight(schedule: Schedule, update: int, steps: float | None = None) -> 
     if schedule.power is not None:
         t = update - schedule.start_step
         weight = (1.0 + t / schedule.inv_gamma) ** -schedule.power
+    elif schedule.tau is not None:
+        t = update - schedule.start_step
+        # 1 - decay * (1 - e), summed so that a tiny weight keeps its relative precision.
+        weight = (1.0 - schedule.decay) + schedule.decay * math.exp(-(t + 1) / schedule.tau)
     elif schedule.threshold:
         s = float(steps) if steps is not None and steps > 0 else 0.0  # also 0 for NaN
         weight = float(np.float32(np.float32(9.0) / np.float32(s + 10.0)))
@@ -233,6 +247,8 @@ def emit_step_weight(schedule: Schedule, update: Any, thres_steps: Any | None = 
             incremented). Not read by a constant schedule.
         thres_steps: The threshold warm-up's step value (a tensor holding one number), if any.
     """
+    if schedule.tau is not None:
+        raise NotImplementedError("the exponential warm-up is ModelEMA's (dygraph) only")
     lowest, highest = schedule.weight_bounds
     constant = paddle.full([1], lowest, _WEIGHT_DTYPE)
     if schedule.is_constant:

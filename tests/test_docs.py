@@ -28,16 +28,17 @@ def test_readme_set_up_commands(readme):
     assert "docs/digits_ema.png" in text and (ROOT / "docs" / "digits_ema.png").exists()
 
 
-@pytest.mark.parametrize("cls", ["ExponentialMovingAverage", "ModelEMA"])
+@pytest.mark.parametrize("cls", ["ExponentialMovingAverage", "ModelEMA", "callbacks.EMACallback"])
 def test_class_docstring_example_runs(tmp_path, cls):
     """The Example of each class's docstring is a complete program: run it as one."""
+    import functools
     import inspect
     import subprocess
     import textwrap
 
     import paddle_ema
 
-    doc = inspect.getdoc(getattr(paddle_ema, cls))
+    doc = inspect.getdoc(functools.reduce(getattr, cls.split("."), paddle_ema))
     code = textwrap.dedent(doc.split(".. code-block:: python")[1].split("\nReferences:")[0])
     script = tmp_path / "docstring_example.py"
     script.write_text(code)

@@ -238,7 +238,7 @@ def test_out_of_order_restore_raises_and_changes_nothing(dygraph, rng):
 
 @pytest.mark.parametrize("options, error, says", [
     (dict(decay=1.0), ValueError, r"decay must be in \[0, 1\)"),
-    (dict(warmup="cosine"), ValueError, "warmup must be None, 'threshold' or 'power'"),
+    (dict(warmup="cosine"), ValueError, "warmup must be None, 'threshold', 'power' or 'exponential'"),
     (dict(power=0.75), ValueError, "inv_gamma and power shape warmup='power' only"),
     (dict(warmup="power", power=-1.0), ValueError, "power must be positive"),
     (dict(update_every=0), ValueError, "update_every must be an int of at least 1"),

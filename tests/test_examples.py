@@ -136,3 +136,14 @@ def test_schedules_example(tmp_path):
                                atol=6e-5)
     assert "head only EMA applied" in done.stdout and "(averages ['head.w'])" in done.stdout
     assert "head.w average read without applying: shape [32, 1]" in done.stdout
+
+
+def test_hapi_fit_example_prints_raw_and_averaged_accuracy(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hapi_fit.py"), "--epochs", "2", "--save-dir", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(rows) == 2 and all("raw accuracy" in r and "averaged accuracy" in r for r in rows), done.stdout
+    assert (tmp_path / "final_ema.pdparams").exists()

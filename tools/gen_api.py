@@ -39,6 +39,13 @@ def _entries():
         ("ModelEMA.averages", paddle_ema.ModelEMA.averages, paddle_ema.ModelEMA.averages),
         ("ModelEMA.state_dict", paddle_ema.ModelEMA.state_dict, paddle_ema.ModelEMA.state_dict),
         ("ModelEMA.set_state_dict", paddle_ema.ModelEMA.set_state_dict, paddle_ema.ModelEMA.set_state_dict),
+        ("ModelEMA.reset", paddle_ema.ModelEMA.reset, paddle_ema.ModelEMA.reset),
+        ("ModelEMA.averaged_model", paddle_ema.ModelEMA.averaged_model, paddle_ema.ModelEMA.averaged_model),
+        ("ModelEMA.current_decay", paddle_ema.ModelEMA.current_decay, lambda self: None),
+        ("paddle_ema.callbacks.EMACallback", paddle_ema.callbacks.EMACallback,
+         paddle_ema.callbacks.EMACallback.__init__),
+        ("paddle_ema.compat.load", paddle_ema.compat.load, paddle_ema.compat.load),
+        ("paddle_ema.compat.save", paddle_ema.compat.save, paddle_ema.compat.save),
         ("paddle_ema.schedule.Schedule.make", schedule.Schedule.make, schedule.Schedule.make),
         ("paddle_ema.schedule.step_weight", schedule.step_weight, schedule.step_weight),
     ]
