@@ -297,10 +297,10 @@ class ModelEMA:
                 "would average the averages; call ema.restore() (or leave the `with ema.apply():` "
                 "block) before training on"
             )
+        self._follow_model()  # (before counting the call: a model it cannot follow changes nothing)
         self._calls += 1
         if self._calls % self._update_every:
             return
-        self._follow_model()
         count = self._updates + self._schedule_offset
         weight = schedule.step_weight(self._schedule, count, steps=count)
         with paddle.no_grad():

@@ -50,6 +50,17 @@ def programs(fresh_static_world):
 
 
 @pytest.fixture
+def dygraph():
+    """Dygraph mode (with a fixed seed) for one test; the other tests build static programs."""
+    paddle.disable_static()
+    paddle.seed(7)
+    try:
+        yield
+    finally:
+        paddle.enable_static()
+
+
+@pytest.fixture
 def exe():
     return paddle.static.Executor(paddle.CPUPlace())
 

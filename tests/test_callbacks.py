@@ -13,16 +13,6 @@ import paddle_ema
 from paddle_ema.callbacks import EMACallback
 
 
-@pytest.fixture
-def dygraph():
-    paddle.disable_static()
-    paddle.seed(17)
-    try:
-        yield
-    finally:
-        paddle.enable_static()
-
-
 class Points(paddle.io.Dataset):
     def __init__(self, n=48, seed=0):
         rng = np.random.default_rng(seed)

@@ -328,18 +328,24 @@ def test_paddle_class_state_of_two_names_starts_fresh_and_says_which(exe, rng, t
             assert not np.any(read(name)), name
 
 
+def assert_load_refused(exe, prefix, loaded, error, match):
+    """paddle_ema.load of ``loaded`` into the model that ``prefix`` was saved from (started up)
+    raises ``error`` matching ``match`` and changes no parameter or EMA state."""
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        before = read_all(ema.parameter_names + state_names(ema))
+        with pytest.raises(error, match=match):
+            paddle_ema.load(main, loaded)
+        for name, value in read_all(before).items():
+            np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
 @pytest.mark.parametrize("where", ["mistyped prefix", "a directory"])
 def test_load_of_a_path_without_a_checkpoint_names_it(exe, rng, tmp_path, where):
     prefix = str(tmp_path / "model")
     save_trained(exe, rng, prefix, with_ema=True)
     wrong = str(tmp_path / "modle") if where == "mistyped prefix" else str(tmp_path)
-    stack, main, net, ema = resume(exe, prefix)
-    with stack:
-        before = read_all(ema.parameter_names + state_names(ema))
-        with pytest.raises(FileNotFoundError, match=f"no checkpoint at '{wrong}'"):
-            paddle_ema.load(main, wrong)
-        for name, value in read_all(before).items():
-            np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert_load_refused(exe, prefix, wrong, FileNotFoundError, f"no checkpoint at '{wrong}'")
 
 
 def test_a_global_step_counter_new_with_the_ema_starts_with_it(exe, rng, tmp_path, caplog):
@@ -510,13 +516,7 @@ def test_a_checkpoint_with_counts_no_training_makes_is_refused(exe, rng, tmp_pat
     prefix = str(tmp_path / "edited")
     save_trained(exe, rng, prefix, with_ema=True)
     _edit_checkpoint(prefix, edit)
-    stack, main, net, ema = resume(exe, prefix)
-    with stack:
-        before = read_all(ema.parameter_names + state_names(ema))
-        with pytest.raises(ValueError, match=f"ema_0.bias_correction.*({says})"):
-            paddle_ema.load(main, prefix)
-        for name, value in read_all(before).items():
-            np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert_load_refused(exe, prefix, prefix, ValueError, f"ema_0.bias_correction.*({says})")
     with pytest.raises(ValueError, match=says):
         paddle_ema.load_averages(prefix)
 

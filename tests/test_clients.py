@@ -18,15 +18,6 @@ RTOL = 1e-5
 STEPS = 30
 
 
-@pytest.fixture
-def dygraph():
-    paddle.disable_static()
-    paddle.seed(13)
-    try:
-        yield
-    finally:
-        paddle.enable_static()
-
 
 class Net(paddle.nn.Layer):
     """fc -> BatchNorm1D -> fc, and a float buffer the training moves."""

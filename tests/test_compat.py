@@ -17,15 +17,6 @@ from paddle_ema import compat
 K, M = 5, 4  # steps before the checkpoint, and after the resume
 
 
-@pytest.fixture
-def dygraph():
-    paddle.disable_static()
-    paddle.seed(19)
-    try:
-        yield
-    finally:
-        paddle.enable_static()
-
 
 def trained(rng, client_step, shadow, steps, model=None, opt=None):
     model = model or Net()

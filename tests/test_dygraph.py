@@ -14,15 +14,6 @@ import paddle_ema
 RTOL, ATOL = 1e-5, 1e-7
 
 
-@pytest.fixture
-def dygraph():
-    paddle.disable_static()
-    paddle.seed(7)
-    try:
-        yield
-    finally:
-        paddle.enable_static()
-
 
 class Net(paddle.nn.Layer):
     """fc(4) -> BatchNorm1D -> fc(2), and a float buffer; fc2 shares nothing."""

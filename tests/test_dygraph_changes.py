@@ -16,15 +16,6 @@ import paddle_ema
 RTOL, ATOL = 1e-5, 1e-7
 
 
-@pytest.fixture
-def dygraph():
-    paddle.disable_static()
-    paddle.seed(11)
-    try:
-        yield
-    finally:
-        paddle.enable_static()
-
 
 class Seen(paddle.nn.Layer):
     """A layer whose forward counts what it has seen by re-binding its buffers (`x = x + n`): a
@@ -409,7 +400,8 @@ def test_a_tensor_cast_in_place_is_followed(dygraph, rng):
         oracle.step({"weight": model.weight.numpy()})
     value = ema.averages()["weight"]
     assert value.dtype == paddle.float64
-    np.testing.assert_allclose(value.numpy(), oracle.debiased("weight"), rtol=1e-7)
+    # (the first update was averaged in float32: its rounding, ~1e-8, stays in the history)
+    np.testing.assert_allclose(value.numpy(), oracle.debiased("weight"), rtol=1e-7, atol=1e-7)
 
 
 def test_a_float_buffer_re_bound_to_an_int_tensor_is_refused(dygraph):

@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 import pytest
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from test_dygraph_changes import Seen
 from test_stateful import EmaUser
 
 import paddle_ema
@@ -25,17 +26,11 @@ import paddle_ema
 DECAY = 0.8
 
 
-class Counting(paddle.nn.Layer):
-    def __init__(self):
-        super().__init__()
-        self.fc = paddle.nn.Linear(3, 2)
-        self.register_buffer("seen", paddle.zeros([1]))
-        self.register_buffer("calls", paddle.zeros([1], "int64"))
+class Counting(Seen):
+    """Seen, and an adapter once one is added."""
 
     def forward(self, x):
-        self.seen = self.seen + x.shape[0]
-        self.calls = self.calls + 1
-        y = self.fc(x)
+        y = super().forward(x)
         return y + self.adapter(x) if "adapter" in self._sub_layers else y
 
 

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import paddle
 import pytest
-from nets import batch, build_net, read_all, state_names
+from nets import batch, build_net, read_all, state_names, train_with_ema
 from oracle import EmaOracle
 
 import paddle_ema
@@ -72,12 +72,7 @@ def test_a_second_model_trained_in_a_new_scope_gets_its_own_ema(exe, rng):
 def test_after_a_refused_update_another_ema_builds_and_trains(programs, exe, rng):
     """A refused update() appends nothing and takes no temporary name: an EMA under another name,
     in the same scope and unique_name generator, builds and averages exactly."""
-    main, startup = programs
-    net = build_net(main)
-    first = paddle_ema.ExponentialMovingAverage(0.9)
-    first.update()
-    exe.run(startup)
-    exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    train_with_ema(programs, exe, rng, steps=1)
     main2, startup2 = paddle.static.Program(), paddle.static.Program()
     with paddle.static.program_guard(main2, startup2), paddle.utils.unique_name.guard():
         net2 = build_net(main2)
@@ -205,12 +200,7 @@ def test_an_activation_in_parameters_is_refused_naming_the_argument(programs):
 
 
 def test_need_restore_takes_numpy_bools(programs, exe, rng):
-    main, startup = programs
-    net = build_net(main)
-    ema = paddle_ema.ExponentialMovingAverage(0.9)
-    ema.update()
-    exe.run(startup)
-    exe.run(main, feed={"x": batch(rng)}, fetch_list=[net.loss])
+    net, ema = train_with_ema(programs, exe, rng, steps=1)
     trained = read_all(ema.parameter_names)
     with ema.apply(exe, need_restore=np.bool_(True)):
         pass
