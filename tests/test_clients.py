@@ -256,3 +256,35 @@ def test_set_state_dict_of_an_init_weights_ema_keeps_no_correction(dygraph, rng)
     ema.set_state_dict(state)
     with pytest.raises(ValueError, match="with init='weights' it is 1"):
         ema.set_state_dict(dict(state, bias_correction=0.5))
+
+
+def test_paddledetection_filter_no_grad_recipe(dygraph, rng):
+    """ppdet ModelEMA(ema_filter_no_grad=True): stop_gradient parameters are black-listed (apply()
+    gives their live value) except the running statistics of BatchNorm2D/SyncBatchNorm, which are
+    averaged. README's recipe: exclude the frozen names that are not batch-norm statistics."""
+    import re
+
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(2, 3, 1), paddle.nn.BatchNorm2D(3),
+                                 paddle.nn.Conv2D(3, 1, 1))
+    model[0].weight.stop_gradient = True  # a frozen weight
+    frozen = [n for n, p in model.named_parameters()
+              if p.stop_gradient and not n.endswith(("._mean", "._variance"))]
+    ema = paddle_ema.ModelEMA(model, 0.9, exclude=[re.escape(n) for n in frozen])
+    black = set(frozen)
+    state = {k: np.zeros_like(v) for k, v in floats(model).items()}
+    opt = paddle.optimizer.SGD(0.1, parameters=[p for p in model.parameters() if not p.stop_gradient])
+    for _ in range(5):
+        model.train()
+        x = paddle.to_tensor(rng.standard_normal((2, 2, 3, 3)).astype("float32"))
+        model(x).square().mean().backward()
+        opt.step()
+        opt.clear_grad()
+        ema.update()
+        for k, v in floats(model).items():
+            state[k] = 0.9 * state[k] + 0.1 * v
+    live = floats(model)
+    applied = {k: live[k] if k in black else v / (1 - 0.9 ** 5) for k, v in state.items()}
+    assert "1._mean" in ema.names and "0.weight" not in ema.names
+    with ema.apply():
+        for name, value in floats(model).items():
+            np.testing.assert_allclose(value, applied[name], rtol=RTOL, atol=1e-6, err_msg=name)
