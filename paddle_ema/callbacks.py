@@ -40,6 +40,9 @@ class EMACallback(paddle.callbacks.Callback):
     as ``{save_dir}/{epoch}_ema.pdparams`` and ``final_ema.pdparams`` (the keys of the network's
     ``state_dict``), which ``model.load(f"{save_dir}/final_ema")`` reads.
 
+    ``fit(accumulate_grad_batches=k)`` steps the optimizer every ``k`` batches; no callback is told
+    which, so pass ``update_every=k`` to average once per optimizer step.
+
     Dygraph only: ``paddle.Model`` in static mode keeps its weights in a static scope, which
     ``on_train_begin`` refuses to average (build the network with
     :class:`paddle_ema.ExponentialMovingAverage` there).
