@@ -93,10 +93,8 @@ def load(program: Any, path_prefix: str) -> None:
     fresh = [e for e in emas if not set(_graph.state_names(e._plan)) <= state.keys()]
     ema_names = {name for e in emas for name in _graph.state_names(e._plan)}
     # The paddle_ema.global_step_counter an EMA's warm-up reads restarts with the EMA if absent.
-    counters = {
-        e._counter: steps.counter_start(program, e._counter) for e in emas
-        if e._counter is not None and steps.counter_start(program, e._counter) is not None
-    }
+    starts = {e._counter: steps.counter_start(program, e._counter) for e in emas if e._counter is not None}
+    counters = {name: start for name, start in starts.items() if start is not None}
     restarted = sorted(set(counters) - state.keys())
     missing = sorted(_ir.persistable_names(program) - ema_names - set(counters) - state.keys())
     if missing:

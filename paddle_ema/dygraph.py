@@ -226,8 +226,9 @@ class ModelEMA:
         self._frozen = frozen
         # Parameters that do not train (stop_gradient; batch-norm statistics among them) under
         # frozen="copy"/"exclude": not averaged; "copy" ones are carried at their current value.
-        layer = model._layers if isinstance(model, paddle.DataParallel) else model
-        held_back = [] if frozen == "average" else [n for n in candidates if n in _frozen_names(layer)]
+        self._layer = model._layers if isinstance(model, paddle.DataParallel) else model
+        frozen_names = set() if frozen == "average" else _frozen_names(self._layer)
+        held_back = [n for n in candidates if n in frozen_names]
         self._copied = held_back if frozen == "copy" else []
         candidates = {n: t for n, t in candidates.items() if n not in held_back}
         by_id = {id(t): n for n, t in candidates.items()}
@@ -237,7 +238,6 @@ class ModelEMA:
             raise ValueError(
                 "the model has no floating-point parameter to average (none, or all excluded)"
             )
-        self._layer = model._layers if isinstance(model, paddle.DataParallel) else model
         self._buffers_too = buffers
         # How tensors the model gains later are chosen (see _follow_model): by the same rule.
         self._chosen_by_name = parameters is not None
@@ -297,10 +297,11 @@ class ModelEMA:
                 "would average the averages; call ema.restore() (or leave the `with ema.apply():` "
                 "block) before training on"
             )
+        if (self._calls + 1) % self._update_every:
+            self._calls += 1
+            return
         self._follow_model()  # (before counting the call: a model it cannot follow changes nothing)
         self._calls += 1
-        if self._calls % self._update_every:
-            return
         count = self._updates + self._schedule_offset
         weight = schedule.step_weight(self._schedule, count, steps=count)
         with paddle.no_grad():

@@ -75,6 +75,18 @@ def test_a_checkpoint_written_without_the_ema_resumes_with_a_fresh_ema(exe, rng,
             assert_applied_matches(ema, exe, oracle, "EMA started fresh on a loaded checkpoint")
 
 
+def assert_loads_fresh(exe, prefix, caplog, why):
+    """paddle_ema.load of ``prefix`` into the model with an EMA starts the EMA fresh (every state tensor
+    zero) and the warning says so, and ``why``."""
+    stack, main, net, ema = resume(exe, prefix)
+    with stack:
+        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
+            paddle_ema.load(main, prefix)
+        assert "ema_0 starts fresh" in caplog.text and why in caplog.text
+        for name in state_names(ema):
+            assert not np.any(read(name)), f"{name} must start at zero"
+
+
 def test_a_checkpoint_with_the_ema_resumes_it_bit_exactly(exe, rng, tmp_path):
     prefix = str(tmp_path / "with_ema")
     save_trained(exe, rng, prefix, with_ema=True)
@@ -98,13 +110,7 @@ def test_a_checkpoint_with_part_of_the_ema_state_starts_it_fresh(exe, rng, tmp_p
     del saved["ema_0.bias_correction"]
     with open(prefix + ".pdopt", "wb") as f:
         pickle.dump(saved, f, protocol=2)
-    stack, main, net, ema = resume(exe, prefix)
-    with stack:
-        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
-            paddle_ema.load(main, prefix)
-        assert "ema_0 starts fresh" in caplog.text and "ema_0.bias_correction" in caplog.text
-        for name in state_names(ema):
-            assert not np.any(read(name)), f"{name} must start at zero, not from a partial checkpoint"
+    assert_loads_fresh(exe, prefix, caplog, "ema_0.bias_correction")
 
 
 def test_a_checkpoint_of_another_model_is_refused_before_loading_anything(exe, rng, tmp_path):
@@ -304,14 +310,7 @@ def test_paddle_class_state_with_another_decay_starts_fresh_and_says_why(exe, rn
     prefix = str(tmp_path / "warmed_up")
     params = save_trained(exe, rng, prefix, with_ema=False)
     add_paddle_class_state(prefix, params, 0.5, 7, rng)  # e.g. a thres_steps warm-up's last decay
-    stack, main, net, ema = resume(exe, prefix)
-    with stack:
-        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
-            paddle_ema.load(main, prefix)
-        assert "ema_0 starts fresh" in caplog.text
-        assert "bias correction, is not in the checkpoint" in caplog.text
-        for name in state_names(ema):
-            assert not np.any(read(name)), name
+    assert_loads_fresh(exe, prefix, caplog, "bias correction, is not in the checkpoint")
 
 
 def test_paddle_class_state_of_two_names_starts_fresh_and_says_which(exe, rng, tmp_path, caplog):
@@ -319,13 +318,7 @@ def test_paddle_class_state_of_two_names_starts_fresh_and_says_which(exe, rng, t
     params = save_trained(exe, rng, prefix, with_ema=False)
     add_paddle_class_state(prefix, params, 0.9, 7, rng)
     add_paddle_class_state(prefix, params, 0.9, 7, rng, name="ema")
-    stack, main, net, ema = resume(exe, prefix)
-    with stack:
-        with caplog.at_level(logging.WARNING, logger="paddle_ema"):
-            paddle_ema.load(main, prefix)
-        assert "ema_0 starts fresh" in caplog.text and "several ('', 'ema') name prefix" in caplog.text
-        for name in state_names(ema):
-            assert not np.any(read(name)), name
+    assert_loads_fresh(exe, prefix, caplog, "several ('', 'ema') name prefix")
 
 
 def assert_load_refused(exe, prefix, loaded, error, match):
