@@ -101,6 +101,22 @@ def test_every_page_block_is_found():
     assert fences == sum(len(python_blocks(page)) for page in PAGES) > 0
 
 
+def test_api_page_documents_every_public_name():
+    """docs/api.md has an autodoc entry for every name paddle_ema exports (a module by its own
+    entries), so a new public name cannot be left out of the reference."""
+    import inspect
+
+    import paddle_ema
+
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\.\. auto(?:class|function|module):: ([\w.]+)", page, re.M))
+    missing = [name for name in paddle_ema.__all__ if name != "__version__"
+               and not any(entry == f"paddle_ema.{name}" or (inspect.ismodule(getattr(paddle_ema, name))
+                                                           and entry.startswith(f"paddle_ema.{name}."))
+                           for entry in documented)]
+    assert not missing, f"docs/api.md lacks {missing}"
+
+
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: p.name)
 def test_readme_set_up_commands(readme):
     """README's two set-up commands are the ones CI and the demo test use."""
