@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from paddle_ema import _graph, _ir, _select, ema, schedule, steps
+from paddle_ema import _apply, _graph, _ir, _select, ema, schedule, steps
 
 __all__ = ["load", "load_averages"]
 
@@ -71,9 +71,7 @@ def load(program: Any, path_prefix: str) -> None:
     emas = ema.updated_emas(program)
     scope = paddle.static.global_scope()
     names = _ir.persistable_names(program)
-    if any(e._applied is not None for e in emas) or any(
-        applied.scope is scope and names & set(e.parameter_names) for e, applied in ema._APPLIED_STACK
-    ):
+    if any(e._applied is not None for e in emas) or _apply.overlapping(_apply.ScopeSwap("", scope, names)):
         raise RuntimeError(
             "an ExponentialMovingAverage over parameters of this program is applied in the current "
             "scope; call ema.restore(executor) before loading a checkpoint, or the restore would "

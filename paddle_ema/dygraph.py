@@ -11,8 +11,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import paddle
 
-from paddle_ema import _graph, _ir, _select, schedule
-from paddle_ema._restorer import Restorer
+from paddle_ema import _apply, _graph, _ir, _select, schedule
 
 __all__ = ["ModelEMA"]
 
@@ -22,12 +21,6 @@ _WARMUPS = (None, "threshold", "power", "exponential")
 _INITS = ("zeros", "weights")
 _FROZEN = ("average", "copy", "exclude")
 _DEFAULT_POWER = 2 / 3
-
-# Every applied ModelEMA, in the order they were applied (one append and one remove each). A ModelEMA
-# restoring under a later one that shares tensors with it would put the raw weights back, and the
-# later one's restore would then write the first one's averages over them: restores go in reverse.
-_APPLIED: list[ModelEMA] = []
-
 
 def _named_tensors(model: Any, buffers: bool) -> dict[str, Any]:
     """The model's floating-point parameters (batch-norm statistics included: Paddle makes them
@@ -255,8 +248,7 @@ class ModelEMA:
         self._pair_for_updates()
         self._update_every = update_every
         self._start_counting()
-        # The state: ready, or applied (self._backups is not None and self is on _APPLIED).
-        self._backups: dict[str, Any] | None = None
+        # The state: ready, or applied (self._applied is not None: on _apply's record).
         _logger.debug("ModelEMA averages %d tensors", len(self._tensors))
 
     @property
@@ -291,7 +283,7 @@ class ModelEMA:
                 kernel failed half-way, in this call or an earlier one (see above).
         """
         self._check_not_failed()
-        if any(self._shares_tensors_with(other) for other in _APPLIED):
+        if _apply.overlapping(self._swap_probe()):
             raise RuntimeError(
                 "update() while averages are applied to the model (by this ModelEMA or another) "
                 "would average the averages; call ema.restore() (or leave the `with ema.apply():` "
@@ -349,7 +341,7 @@ class ModelEMA:
                 values.update((n, params[n].clone()) for n in self._copied if n in params)
             return values
 
-    def apply(self, need_restore: bool = True) -> Restorer:
+    def apply(self, need_restore: bool = True) -> _apply.Restorer:
         """Swap the bias-corrected averages into the model, setting the trained weights aside first.
 
         Takes effect when called. The averages are computed into new tensors and the model's
@@ -375,35 +367,23 @@ class ModelEMA:
                 tensor or holds one of another shape or kind under its name (see
                 :meth:`update`; nothing is changed).
         """
-        if not isinstance(need_restore, (bool, np.bool_)):
-            raise TypeError(
-                f"need_restore must be a bool, got {need_restore!r} of type {type(need_restore).__name__}"
-            )
-        if self._backups is not None:
+        need_restore = _apply.check_need_restore(need_restore)
+        if self._applied is not None:
             raise RuntimeError("the averages are already applied; call ema.restore() before applying again")
         self._check_not_failed()
         if self._bias_correction == 0.0:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
         self._follow_model()
-        with paddle.no_grad():
-            # New tensors holding the averages (the one pass apply makes), and backups that take over
-            # the trained tensors themselves (no copy). No weight changes here.
-            results = dict(self._corrected())
-            backups = {name: _ir.eager_set_aside(tensor) for name, tensor in self._tensors.items()}
-        # Every weight is recoverable from here: the state says applied before one is swapped. What
-        # the model holds under each name is kept too: a forward run while applied may bind a new
-        # tensor to a name (`self.seen = self.seen + n`), and restore binds the old one back.
-        self._applied_bindings = _ir.LayerBindings.of(self._layer)
-        self._backups = backups
-        _APPLIED.append(self)
-        try:
-            for name, result in results.items():
-                _ir.eager_swap_in(self._tensors[name], result)
-        except BaseException:
-            self.restore()
-            raise
-        return Restorer(self.restore, bool(need_restore))
+
+        def prepare() -> _apply.EagerSwap:
+            with paddle.no_grad():
+                # New tensors holding the averages (the one pass apply makes); the trained tensors
+                # are set aside as they are (no copy).
+                results = dict(self._corrected())
+                return _apply.EagerSwap.of(self._label(), self._layer, self._tensors, results)
+
+        return _apply.apply(self, prepare, self.restore, need_restore)
 
     def restore(self) -> None:
         """Put back the weights that :meth:`apply` backed up. Does nothing (logs a warning) if
@@ -413,26 +393,20 @@ class ModelEMA:
             RuntimeError: another ModelEMA over some of the same tensors was applied after this one
                 and is not restored yet (nothing is changed).
         """
-        if self._backups is None:
+        if not _apply.restore(self):
             _logger.warning("restore() called with no applied averages; weights left unchanged")
-            return
-        later = [e for e in _APPLIED[_APPLIED.index(self) + 1:] if self._shares_tensors_with(e)]
-        if later:
-            raise RuntimeError(
-                "another ModelEMA over the same weights was applied after this one and is not "
-                "restored yet; restore them in the reverse order of apply (nothing was changed)"
-            )
-        # Idempotent both: an interrupted restore can rerun.
-        undone = self._applied_bindings.put_back()
-        for name, backup in self._backups.items():
-            _ir.eager_swap_in(self._tensors[name], backup)
-        if undone:
-            _logger.warning(
-                "ModelEMA.restore() put the model back as apply() found it, undoing what changed "
-                "while the averages were applied: %s", _select.some_names(undone),
-            )
-        _APPLIED.remove(self)
-        self._backups = None
+
+    @property
+    def _applied(self) -> _apply.EagerSwap | None:
+        """This EMA's swap while applied (set from before a weight is written), else None."""
+        return _apply.applied(self)
+
+    def _label(self) -> str:
+        return f"ModelEMA of {type(self._layer).__name__} at {id(self._layer):#x}"
+
+    def _swap_probe(self) -> _apply.EagerSwap:
+        """What an apply would swap now, to ask the record of applied EMAs what overlaps it."""
+        return _apply.EagerSwap(self._label(), self._layer, self._tensors)
 
     def state_dict(self) -> dict[str, Any]:
         """The EMA's state for ``paddle.save``: averages (not bias-corrected), counts, bias denominator.
@@ -467,7 +441,7 @@ class ModelEMA:
                 ``[1 - decay ** num_updates, 1]``, 0 with no update). Nothing is changed then.
             RuntimeError: the averages are applied; restore first.
         """
-        if self._backups is not None:
+        if self._applied is not None:
             raise RuntimeError("set_state_dict() while the averages are applied; call ema.restore() first")
         self._follow_model()  # the averages as the model is now (its dtypes, tensors it gained)
         if not isinstance(state, dict):
@@ -536,7 +510,7 @@ class ModelEMA:
             RuntimeError: the averages are applied (restore first), or the model changed in a way
                 that cannot be followed (see :meth:`update`). Nothing is changed then.
         """
-        if self._backups is not None:
+        if self._applied is not None:
             raise RuntimeError("reset() while the averages are applied; call ema.restore() first")
         self._follow_model()
         for name in list(self._averages):
@@ -644,7 +618,7 @@ class ModelEMA:
                 one, or moved between the parameters and the buffers (``weight_norm``/
                 ``spectral_norm`` applied after the EMA was built). Nothing is changed then.
         """
-        if self._backups is not None or self._model_unchanged():
+        if self._applied is not None or self._model_unchanged():
             return  # (while applied, restore binds back what apply saw)
         params = dict(self._layer.named_parameters())
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
@@ -721,14 +695,6 @@ class ModelEMA:
                 averaged.add(id(tensor))
                 gained[name] = tensor
         return gained
-
-    def _shares_tensors_with(self, other: ModelEMA) -> bool:
-        """Whether ``other`` averages this EMA's model or some of its tensors (as each last saw
-        them: two EMAs of one model share it whatever changed since)."""
-        if other is self or other._layer is self._layer:
-            return True
-        mine = {id(t) for t in self._tensors.values()}
-        return bool(mine & {id(t) for t in other._tensors.values()})
 
     def _corrected(self) -> Iterator[tuple[str, Any]]:
         """Each name with its bias-corrected average in its tensor's dtype (the weights before the

@@ -13,8 +13,7 @@ import numpy as np
 import paddle
 from paddle.utils import unique_name
 
-from paddle_ema import _graph, _ir, _select, schedule
-from paddle_ema._restorer import Restorer
+from paddle_ema import _apply, _graph, _ir, _select, schedule
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -149,14 +148,6 @@ def _compiled_programs_of(program: Any) -> bool:
         isinstance(obj, compiled) and getattr(obj, "_program", None) is program
         for obj in gc.get_objects()
     )
-
-
-# Every applied EMA with what its restore needs, in the order they were applied: the one record of
-# which EMAs are applied (one append and one remove, so an interrupt cannot leave it half-updated).
-# One EMA restoring under another that shares parameters with it would put its own backup (the raw
-# weights) back, then the other's restore would put the first EMA's averages over them: restores must
-# come in reverse order.
-_APPLIED_STACK: list[tuple[ExponentialMovingAverage, _graph.Scratch]] = []
 
 
 # Every EMA whose ops are in a program, so that paddle_ema.load can tell EMA state from the rest.
@@ -294,7 +285,7 @@ class ExponentialMovingAverage:
         self._name = unique_name.generate(prefix)
         self._plan = _graph.EmaPlan.for_params(self._name, self._params)
         # The states: new (self._state is None: update() not called yet) -> ready (the EMA ops are in
-        # the training program) <-> applied (this EMA is on _APPLIED_STACK: its averages are written,
+        # the training program) <-> applied (this EMA is on _apply's record: its averages are written,
         # or about to be, with every parameter backed up in that entry's scope). apply() moves ready to
         # applied, restore() back; a failure in either leaves a state from which restore() recovers.
         self._state: _graph.StateHandles | None = None
@@ -438,7 +429,7 @@ class ExponentialMovingAverage:
                 stacklevel=3,
             )
 
-    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> Restorer:
+    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> _apply.Restorer:
         """Write the bias-corrected averages into the parameters, backing the parameters up first.
 
         It takes effect when called. Use it as a context manager: leaving the ``with`` block (also
@@ -483,20 +474,18 @@ class ExponentialMovingAverage:
                 ema.restore(exe)
         """
         _check_executor(executor, "apply")
-        if not isinstance(need_restore, (bool, np.bool_)):
-            raise TypeError(
-                f"need_restore must be a bool, got {need_restore!r} of type "
-                f"{type(need_restore).__name__}; pass need_restore=False to restore yourself later"
-            )
+        need_restore = _apply.check_need_restore(need_restore)
         if self._state is None:
             raise RuntimeError("apply() needs the EMA ops: call ema.update() after optimizer.minimize()")
-        if self._applied is not None:
+        if _apply.applied(self) is not None:
             raise RuntimeError(
                 "the averages are already applied and the trained parameters are backed up; call "
                 "ema.restore(executor) before applying again"
             )
         self._say_if_written_after_update()
         scope = paddle.static.global_scope()
+        label = f"EMA {self._name!r}"
+        restore = functools.partial(self.restore, executor)
         if _graph.debias_value(self._plan, scope) == 0.0:
             warnings.warn(
                 "ExponentialMovingAverage.apply(): no update step has run yet, so there is no average "
@@ -506,26 +495,23 @@ class ExponentialMovingAverage:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self._push(_graph.Scratch(scope))  # nothing to swap back
-            return Restorer(functools.partial(self.restore, executor), bool(need_restore))
-        handles = _graph.scratch(self._plan, scope)
-        try:
-            # The averages go into result tensors and the backups share the parameters' memory: no
-            # parameter is written yet, so a failure or interrupt here changes nothing.
-            executor.run(self._write_program, scope=scope)
-            _graph.share_backups(handles)
-        except BaseException:
-            _graph.release_scratch(handles)
-            raise
-        # From here every trained value is held by a backup, so the state says applied before the
-        # first parameter is swapped: restore() works whatever happens next.
-        self._push(handles)
-        try:
-            _graph.swap_results_in(handles)
-        except BaseException:
-            self.restore(executor)
-            raise
-        return Restorer(functools.partial(self.restore, executor), bool(need_restore))
+            # Applied with nothing to swap: restore() then has nothing to do, as the user expects.
+            return _apply.apply(
+                self, lambda: _apply.ScopeSwap(label, scope, self.parameter_names), restore, need_restore
+            )
+
+        def prepare() -> _apply.ScopeSwap:
+            swap = _apply.ScopeSwap.of(label, scope, self._plan.slots)
+            try:
+                # The averages go into result tensors and the backups share the parameters' memory.
+                executor.run(self._write_program, scope=scope)
+                swap.set_aside()
+            except BaseException:
+                swap.release(results=True)
+                raise
+            return swap
+
+        return _apply.apply(self, prepare, restore, need_restore)
 
     def averages(self, executor: paddle.static.Executor) -> dict[str, np.ndarray]:
         """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.
@@ -581,31 +567,10 @@ class ExponentialMovingAverage:
                 applied after it and is not restored yet; restore that one first.
         """
         _check_executor(executor, "restore")
-        applied = self._applied
-        if applied is None:
+        if not _apply.restore(self):
             _logger.warning("restore() called with no applied averages; parameters left unchanged")
-            return
-        entry = (self, applied)
-        later = [
-            other for other, other_applied in _APPLIED_STACK[_APPLIED_STACK.index(entry) + 1:]
-            if other_applied.scope is applied.scope
-            and set(other.parameter_names) & set(self.parameter_names)
-        ]
-        if later:
-            raise RuntimeError(
-                f"EMA {later[-1]._name!r} was applied after EMA {self._name!r} over the same parameters "
-                "and is not restored yet; restore the EMAs in the reverse order of apply (nothing was "
-                "changed)"
-            )
-        _graph.swap_backups_in(applied)
-        _APPLIED_STACK.remove(entry)
-        _graph.release_scratch(applied, results=False)
 
     @property
-    def _applied(self) -> _graph.Scratch | None:
-        """Where this EMA's averages are applied, or None: set from before a parameter is written."""
-        return next((applied for ema, applied in _APPLIED_STACK if ema is self), None)
-
-    def _push(self, applied: _graph.Scratch) -> None:
-        _APPLIED_STACK.append((self, applied))
-
+    def _applied(self) -> _apply.ScopeSwap | None:
+        """This EMA's swap while applied (set from before a parameter is written), else None."""
+        return _apply.applied(self)

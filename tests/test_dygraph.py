@@ -334,7 +334,7 @@ def test_a_tensor_rebound_with_another_shape_raises_before_averaging(dygraph, rn
     for call in (ema.update, ema.apply, ema.averages):
         with pytest.raises(RuntimeError, match=r"'count' now holds a float32\[5\] tensor"):
             call()
-    assert ema.num_updates == 1 and ema._backups is None
+    assert ema.num_updates == 1 and ema._applied is None
     for name, value in ema._averages.items():
         np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=name)
 
