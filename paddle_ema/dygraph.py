@@ -294,8 +294,7 @@ class ModelEMA:
             return
         self._follow_model()  # (before counting the call: a model it cannot follow changes nothing)
         self._calls += 1
-        count = self._updates + self._schedule_offset
-        weight = schedule.step_weight(self._schedule, count, steps=count)
+        weight = self._next_weight()
         with paddle.no_grad():
             for positive, negative in self._weights.values():
                 positive.fill_(weight)
@@ -481,6 +480,11 @@ class ModelEMA:
         for name in self._averages:
             self._look_for_non_finite(name)
         self._pair_for_updates()
+
+    def _next_weight(self) -> float:
+        """The weight :math:`1 - d` of the averaging update under way (``self._calls`` counts it)."""
+        count = self._updates + self._schedule_offset
+        return schedule.step_weight(self._schedule, count, steps=count)
 
     def _initial_average(self, tensor: Any, dtype: str) -> Any:
         """A new average of ``tensor`` as ``init`` says: zeros, or a copy of its value."""

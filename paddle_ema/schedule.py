@@ -227,7 +227,8 @@ def bias_correction_problem(updates: int, correction: float, schedule: Schedule 
     if schedule is None:
         inside = 0.0 < correction <= 1.0
         return None if inside else f"{correction!r} after {updates} update(s) (not in (0, 1])"
-    lowest = -math.expm1(updates * math.log1p(-schedule.weight_bounds[0])) * (1.0 - 1e-6)
+    weight = schedule.weight_bounds[0]  # 1 at decay 0: every update copies, and c is 1
+    lowest = (1.0 if weight >= 1.0 else -math.expm1(updates * math.log1p(-weight))) * (1.0 - 1e-6)
     if lowest <= correction <= 1.0:
         return None
     return (f"{correction!r}, which {updates} update(s) at decay {schedule.decay} cannot reach (it "

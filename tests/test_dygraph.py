@@ -370,3 +370,15 @@ def test_a_to_static_model_is_averaged_like_an_eager_one(dygraph, rng):
             ema._tensors[name].set_value(value)
     np.testing.assert_array_equal(swapped, copied)
     assert not np.allclose(swapped, model(x).numpy(), atol=1e-6)  # and the raw weights differ
+
+
+def test_decay_zero_state_round_trips(dygraph):
+    """decay=0 copies the weights each update (c = 1): its state loads (log1p(-1) once raised)."""
+    model = paddle.nn.Linear(3, 2)
+    ema = paddle_ema.ModelEMA(model, 0.0)
+    for _ in range(3):
+        ema.update()
+    twin = paddle_ema.ModelEMA(model, 0.0)
+    twin.set_state_dict(ema.state_dict())
+    for name, value in twin.averages().items():
+        np.testing.assert_array_equal(value.numpy(), model.state_dict()[name].numpy(), err_msg=name)
