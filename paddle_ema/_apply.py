@@ -167,6 +167,11 @@ class ScopeSwap(Swap):
         self.label = label
         self.scope = scope  # the scope apply worked on, whatever scope is current at restore
         self.names = frozenset(names)  # every parameter the EMA averages, swapped or not
+        # Each name's variable as the scope resolves it (its own or an ancestor's), to tell two
+        # applies that reach the same parameter from different scopes (a parent and its child).
+        # Kept alive here: the bindings return one Python object per live variable, so identity
+        # compares variables without touching a scope that may be gone by restore time.
+        self.variables = {name: _ir.find_scope_variable(name, scope) for name in self.names}
         self.slots = tuple(slots)
         self.params: tuple[Any, ...] = ()
         self.backups: tuple[Any, ...] = ()
@@ -231,7 +236,12 @@ class ScopeSwap(Swap):
                 _ir.release(result)
 
     def overlaps(self, other: Swap) -> bool:
-        return isinstance(other, ScopeSwap) and other.scope is self.scope and bool(self.names & other.names)
+        if not isinstance(other, ScopeSwap):
+            return False
+        common = self.names & other.names
+        if other.scope is self.scope:
+            return bool(common)
+        return any(self.variables[n] is not None and self.variables[n] is other.variables[n] for n in common)
 
 
 class EagerSwap(Swap):

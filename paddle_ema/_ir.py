@@ -31,6 +31,7 @@ __all__ = [
     "eager_swap_in",
     "fill_scope_tensor",
     "find_scope_tensor",
+    "find_scope_variable",
     "in_pir_mode",
     "initialized_place",
     "is_graph_variable",
@@ -347,6 +348,11 @@ def detached_tensor() -> Any:
     from paddle.base import core
 
     return (getattr(core, "DenseTensor", None) or core.LoDTensor)()  # (2.6 names it LoDTensor)
+
+
+def find_scope_variable(name: str, scope: Any) -> Any | None:
+    """Variable ``name`` as ``scope`` resolves it (its own or an ancestor's), or None."""
+    return scope.find_var(name)
 
 
 def find_scope_tensor(name: str, scope: Any) -> Any | None:
