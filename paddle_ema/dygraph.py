@@ -292,9 +292,9 @@ class ModelEMA:
         if (self._calls + 1) % self._update_every:
             self._calls += 1
             return
-        self._follow_model()  # (before counting the call: a model it cannot follow changes nothing)
-        self._calls += 1
-        weight = self._next_weight()
+        self._follow_model()  # (a model it cannot follow changes nothing)
+        call = self._calls + 1  # counted once every average took it
+        weight = self._next_weight(call)
         with paddle.no_grad():
             for positive, negative in self._weights.values():
                 positive.fill_(weight)
@@ -315,6 +315,7 @@ class ModelEMA:
                     f"ModelEMA.update() failed half-way ({self._failed}); the averages are no longer "
                     "consistent: set_state_dict() a saved state, or build a new ModelEMA"
                 ) from error
+        self._calls = self._last_update_call = call
         self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
         self._updates += 1
         self._last_weight = weight
@@ -401,7 +402,7 @@ class ModelEMA:
         return _apply.applied(self)
 
     def _label(self) -> str:
-        return f"ModelEMA of {type(self._layer).__name__} at {id(self._layer):#x}"
+        return f"{type(self).__name__} of {type(self._layer).__name__} at {id(self._layer):#x}"
 
     def _swap_probe(self) -> _apply.EagerSwap:
         """What an apply would swap now, to ask the record of applied EMAs what overlaps it."""
@@ -447,6 +448,10 @@ class ModelEMA:
             raise ValueError(
                 f"state must be the dict ModelEMA.state_dict() returned, got {type(state).__name__}"
             )
+        if "gamma" in state and not hasattr(self, "_gamma"):
+            raise ValueError(
+                "the state is a PowerEMA's (it has a 'gamma'); load it into a paddle_ema.PowerEMA"
+            )
         fields = ("averages", "num_updates", "update_calls", "bias_correction")
         missing = [k for k in fields if k not in state]
         if missing:
@@ -476,13 +481,14 @@ class ModelEMA:
             for name, value in values.items():
                 self._averages[name].set_value(value)
         self._updates, self._calls, self._bias_correction = updates, calls, bias_correction
+        self._last_update_call = calls  # (PowerEMA, whose weights depend on it, sets it from its state)
         self._failed = None
         for name in self._averages:
             self._look_for_non_finite(name)
         self._pair_for_updates()
 
-    def _next_weight(self) -> float:
-        """The weight :math:`1 - d` of the averaging update under way (``self._calls`` counts it)."""
+    def _next_weight(self, call: int) -> float:
+        """The weight :math:`1 - d` of the averaging update at :meth:`update` call number ``call``."""
         count = self._updates + self._schedule_offset
         return schedule.step_weight(self._schedule, count, steps=count)
 
@@ -494,6 +500,7 @@ class ModelEMA:
 
     def _start_counting(self) -> None:
         self._calls = 0  # update() calls, for update_every
+        self._last_update_call = 0  # the call that last averaged
         self._updates = 0  # averaging updates
         # With init="weights" the copy stands for update 0 (decay 0): the schedule's count is one on.
         self._schedule_offset = 1 if self._init == "weights" else 0
@@ -622,8 +629,10 @@ class ModelEMA:
                 one, or moved between the parameters and the buffers (``weight_norm``/
                 ``spectral_norm`` applied after the EMA was built). Nothing is changed then.
         """
-        if self._applied is not None or self._model_unchanged():
-            return  # (while applied, restore binds back what apply saw)
+        if self._applied is not None or _apply.overlapping(self._swap_probe()) or self._model_unchanged():
+            # While averages (this EMA's or another's) are applied, restore binds back what apply
+            # saw: following what a forward bound meanwhile would adopt what restore then removes.
+            return
         params = dict(self._layer.named_parameters())
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
         held = {**params, **buffers} if self._buffers_too else params

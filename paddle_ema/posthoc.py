@@ -12,27 +12,20 @@ import logging
 import math
 import numbers
 import os
-import re
+import uuid
 from typing import Any, Sequence
 
 import numpy as np
 import paddle
 
-from paddle_ema import _apply, power
+from paddle_ema import _apply, _snapshots, power
 from paddle_ema.dygraph import ModelEMA
 
 __all__ = ["PostHocEMA", "PowerEMA", "snapshots", "synthesize"]
 
 _logger = logging.getLogger(__name__)
 
-# A snapshot file: phema-<sigma_rel to 6 decimals>-<step, 10 digits>.pdparams
-_SNAPSHOT = re.compile(r"phema-(\d+\.\d{6})-(\d{10})\.pdparams")
-_FORMAT = "paddle_ema.posthoc/1"
 _SNAPSHOT_DTYPES = ("float32", "float64")
-
-
-def _snapshot_name(sigma_rel: float, step: int) -> str:
-    return f"phema-{sigma_rel:.6f}-{step:010d}.pdparams"
 
 
 def _exponent(sigma_rel: Any, gamma: Any) -> float:
@@ -136,9 +129,12 @@ class PowerEMA(ModelEMA):
         return self._calls
 
     def state_dict(self) -> dict[str, Any]:
-        """As :meth:`ModelEMA.state_dict`, with the exponent ``gamma``."""
+        """As :meth:`ModelEMA.state_dict`, with the exponent ``gamma`` and the call that last averaged
+        (the next update's :math:`\\Delta` counts from it, whatever ``update_every`` the run resumes
+        with)."""
         state = super().state_dict()
         state["gamma"] = self._gamma
+        state["last_update_call"] = self._last_update_call
         return state
 
     def set_state_dict(self, state: dict[str, Any]) -> None:
@@ -157,24 +153,46 @@ class PowerEMA(ModelEMA):
                 f"the state is of a PowerEMA with gamma {saved!r}, this one's is {self._gamma!r}; build "
                 "the PowerEMA with the sigma_rel (or gamma) of the run that saved it"
             )
+        last = state.get("last_update_call")
+        calls, updates = state.get("update_calls"), state.get("num_updates")
+        counted = isinstance(calls, numbers.Integral) and not isinstance(last, bool)
+        if (not counted or not isinstance(last, numbers.Integral) or not 0 <= last <= calls
+                or (last == 0) != (updates == 0)):
+            raise ValueError(
+                f"the state's last_update_call must be an int in [1, update_calls] after an update (0 "
+                f"before), got {last!r}; pass what PowerEMA.state_dict() returned"
+            )
         super().set_state_dict(state)
+        self._last_update_call = int(last)
 
-    def _next_weight(self) -> float:
-        return float(np.float32(power.step_weight(self._gamma, self._calls, self._update_every)))
+    def _next_weight(self, call: int) -> float:
+        # The update covers the calls since the last one that averaged: update_every of them, or
+        # other than that after a resume with another update_every.
+        return float(np.float32(power.step_weight(self._gamma, call, call - self._last_update_call)))
 
 
 class PostHocEMA:
     """Power-function EMAs of a few widths and their snapshots, to choose the EMA after training.
 
     Tracks one :class:`PowerEMA` per ``sigma_rels`` entry and, every ``snapshot_every`` training
-    steps (calls of :meth:`update`), writes each one's averages to ``snapshot_dir`` (one file per width
-    and step, ``phema-<sigma_rel>-<step>.pdparams``, written whole or not at all). After (or during)
-    training, :meth:`synthesize` or :func:`synthesize` combine the snapshots into the EMA of any
-    ``sigma_rel`` at any snapshot step, by EDM2's least-squares fit of the power-function profiles.
+    steps (calls of :meth:`update`), writes each one's averages to ``snapshot_dir``
+    (``phema-<sigma_rel>-<step>.pdparams``, each written whole or not at all) and lists them in the
+    run's manifest ``phema-run.json``. After (or during) training, :meth:`synthesize`,
+    :meth:`apply` or :func:`synthesize` combine the snapshots into the EMA of any ``sigma_rel`` at
+    any snapshot step, by EDM2's least-squares fit of the power-function profiles. Widths far outside
+    the tracked ones extrapolate (large coefficients of both signs): a synthesized value that no
+    snapshot could have (a negative batch-norm variance) is logged as a warning.
+
+    A snapshot directory belongs to one run: :meth:`update` refuses to write into a directory that
+    holds another run's snapshots (start in an empty one, or :meth:`set_state_dict` that run's state
+    to resume it). A resumed run moves the snapshots the replaced run took after the resumed step into
+    ``snapshot_dir/replaced/``. If writing a snapshot fails (a full disk), :meth:`update` raises and
+    keeps it, and the next :meth:`update` writes it before anything else.
 
     Args:
         model: The ``paddle.nn.Layer`` to average.
-        sigma_rels: The widths to track, distinct, each in (0, 0.2887); EDM2's are (0.05, 0.10).
+        sigma_rels: The widths to track, each in (0, 0.2887), at least 10% apart; EDM2's are
+            (0.05, 0.10).
         snapshot_dir: Where snapshots go (created if missing).
         snapshot_every: Training steps between snapshots; a multiple of ``update_every``.
         update_every: Average on every ``update_every``-th call only.
@@ -225,8 +243,7 @@ class PostHocEMA:
                 f"sigma_rels must be a non-empty sequence of floats, e.g. (0.05, 0.10); got {sigma_rels!r}"
             )
         gammas = [power.sigma_rel_to_gamma(s) for s in sigma_rels]
-        if len(set(round(float(s), 6) for s in sigma_rels)) != len(sigma_rels):
-            raise ValueError(f"sigma_rels must be distinct (to 6 decimals), got {list(sigma_rels)}")
+        _snapshots.check_distinct([float(s) for s in sigma_rels])
         for argument, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{argument} must be an int, got {value!r}")
@@ -243,6 +260,7 @@ class PostHocEMA:
             raise TypeError(f"snapshot_dir must be a path, got {snapshot_dir!r}")
         if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
             raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} is a file; pass a directory")
+        found = _snapshots.Manifest.read(os.fspath(snapshot_dir)) if os.path.isdir(snapshot_dir) else None
         self._emas = [
             PowerEMA(model, gamma=g, update_every=update_every, parameters=parameters, exclude=exclude,
                      buffers=buffers, sigma_rel=None)
@@ -252,6 +270,10 @@ class PostHocEMA:
         self._dir = os.fspath(snapshot_dir)
         self._every = snapshot_every
         self._dtype = snapshot_dtype
+        self._manifest = _snapshots.Manifest(uuid.uuid4().hex)
+        # Another run's manifest: update() refuses to write here unless set_state_dict resumes it.
+        self._foreign = found
+        self._unwritten: list[tuple[float, PowerEMA, int, dict[str, np.ndarray]]] = []
         os.makedirs(self._dir, exist_ok=True)
 
     @property
@@ -274,45 +296,74 @@ class PostHocEMA:
         call, write their snapshots.
 
         Raises:
-            RuntimeError: as :meth:`ModelEMA.update` (averages applied, the model changed).
+            ValueError: ``snapshot_dir`` holds another run's snapshots (nothing changed).
+            RuntimeError: as :meth:`ModelEMA.update` (averages applied, the model changed); the
+                tracked EMAs are at different steps (an earlier update was interrupted between them:
+                :meth:`set_state_dict` a saved state); or a snapshot could not be written (it is kept
+                and written by the next call).
         """
+        if self._foreign is not None:
+            raise ValueError(
+                f"snapshot_dir {self._dir!r} holds the snapshots of another run "
+                f"({len(self._foreign.entries)} listed in its phema-run.json); start this run in an empty "
+                "directory, or set_state_dict() that run's state to resume it"
+            )
+        self._write_unwritten()
+        steps = {ema.step for ema in self._emas}
+        if len(steps) > 1:
+            raise RuntimeError(
+                f"the tracked EMAs are at different steps {sorted(steps)} (an update() was interrupted "
+                "between them); set_state_dict() a saved state"
+            )
         for ema in self._emas:
             ema.update()
         if self.step % self._every == 0:
-            self._write_snapshots()
+            self._take_snapshots()
 
     def synthesize(self, sigma_rel: float, step: int | None = None) -> dict[str, paddle.Tensor]:
-        """The EMA of width ``sigma_rel`` at snapshot step ``step`` (default: the latest snapshot up to
-        now), from this run's snapshots. See :func:`synthesize`."""
-        return synthesize(self._dir, sigma_rel, self._snapshot_step(step))
+        """The EMA of width ``sigma_rel`` at snapshot step ``step`` (default: this run's latest
+        snapshot), from this run's snapshots. See :func:`synthesize`."""
+        totals, dtype = _snapshots.combine(self._dir, self._manifest, sigma_rel, step)
+        return {name: paddle.to_tensor(total.astype(dtype)) for name, total in totals.items()}
 
     def apply(self, sigma_rel: float, step: int | None = None, need_restore: bool = True) -> _apply.Restorer:
-        """Swap the synthesized EMA of width ``sigma_rel`` at ``step`` into the model; leaving the
-        ``with`` block restores the trained weights bit-exactly (as :meth:`ModelEMA.apply`).
+        """Swap the synthesized EMA of width ``sigma_rel`` at snapshot ``step`` into the model; leaving
+        the ``with`` block restores the trained weights bit-exactly (as :meth:`ModelEMA.apply`).
+        Tensors the model gained after ``step`` keep their current value (logged).
 
         Raises:
-            ValueError: as :func:`synthesize`.
+            ValueError: as :func:`synthesize`, or the snapshots hold a tensor at another shape than
+                the model's.
             RuntimeError: averages are already applied, or the model changed so that it can no
                 longer be averaged (nothing is changed).
         """
         need_restore = _apply.check_need_restore(need_restore)
         if _apply.applied(self) is not None:
             raise RuntimeError("a synthesized EMA is already applied; call restore() before applying again")
-        ema = self._emas[0]
-        ema._follow_model()
-        values = _combine(self._dir, sigma_rel, self._snapshot_step(step))
-        missing = sorted(set(ema._tensors) - set(values))
-        if missing:
-            raise ValueError(f"the snapshots lack {missing[:5]}: they were written for another model")
+        for ema in self._emas:
+            ema._follow_model()
+        tensors = self._emas[0]._tensors
+        totals, _ = _snapshots.combine(self._dir, self._manifest, sigma_rel, step)
+        for name, total in totals.items():
+            if name in tensors and list(total.shape) != list(tensors[name].shape):
+                raise ValueError(
+                    f"the snapshots hold {name!r} as {list(total.shape)}, the model as "
+                    f"{list(tensors[name].shape)}; synthesize at a step after the change"
+                )
+        kept = sorted(set(tensors) - set(totals))
+        if kept:
+            _logger.info("PostHocEMA.apply(): %s are not in the snapshots of that step and keep their "
+                         "current value", kept[:5])
+        swapped = {name: tensor for name, tensor in tensors.items() if name in totals}
 
         def prepare() -> _apply.EagerSwap:
             with paddle.no_grad():
                 results = {
-                    name: paddle.to_tensor(values[name].astype(np.float32), place=tensor.place)
-                    .astype(tensor.dtype) for name, tensor in ema._tensors.items()
+                    name: paddle.to_tensor(totals[name], place=tensor.place).astype(tensor.dtype)
+                    for name, tensor in swapped.items()
                 }
-                return _apply.EagerSwap.of(f"PostHocEMA of {type(ema._layer).__name__}", ema._layer,
-                                           ema._tensors, results)
+                return _apply.EagerSwap.of(f"PostHocEMA of {type(self._emas[0]._layer).__name__}",
+                                           self._emas[0]._layer, swapped, results)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
 
@@ -322,130 +373,137 @@ class PostHocEMA:
             _logger.warning("restore() called with no applied averages; weights left unchanged")
 
     def state_dict(self) -> dict[str, Any]:
-        """The tracked EMAs' states and the snapshot options, for ``paddle.save``."""
+        """The tracked EMAs' states, the run's id and the snapshot options, for ``paddle.save``."""
         return {
+            "run": self._manifest.run,
             "sigma_rels": list(self._sigma_rels),
             "snapshot_every": self._every,
             "emas": [ema.state_dict() for ema in self._emas],
         }
 
     def set_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: the snapshots written up to its step stay and are used;
-        later ones (of the run being replaced) are overwritten as training reaches their steps.
+        """Resume the run of ``state``: its EMAs, and its snapshots in ``snapshot_dir`` up to the
+        state's step (later ones, of the run being replaced, move to ``snapshot_dir/replaced/``).
 
         Raises:
             ValueError: the state is not a PostHocEMA's with these ``sigma_rels`` and
-                ``snapshot_every``, or an EMA's state does not fit (nothing is changed).
+                ``snapshot_every``, an EMA's state does not fit, or ``snapshot_dir`` holds another
+                run's snapshots. Nothing is changed then.
         """
-        if not isinstance(state, dict) or not {"sigma_rels", "snapshot_every", "emas"} <= state.keys():
-            raise ValueError("pass what PostHocEMA.state_dict() returned")
-        if [round(float(s), 6) for s in state["sigma_rels"]] != [round(s, 6) for s in self._sigma_rels]:
-            raise ValueError(
-                f"the state tracks sigma_rels {state['sigma_rels']}, this one {self._sigma_rels}"
-            )
+        keys = {"run", "sigma_rels", "snapshot_every", "emas"}
+        if not isinstance(state, dict) or not keys <= state.keys():
+            raise ValueError(f"the state must be what PostHocEMA.state_dict() returned (keys {sorted(keys)})")
+        run, sigma_rels, emas = state["run"], state["sigma_rels"], state["emas"]
+        if not isinstance(run, str) or not isinstance(emas, (list, tuple)) or len(emas) != len(self._emas):
+            raise ValueError(f"the state's run or emas do not fit {len(self._emas)} tracked widths")
+        if (not isinstance(sigma_rels, (list, tuple)) or len(sigma_rels) != len(self._sigma_rels)
+                or not all(isinstance(s, numbers.Real) and math.isclose(s, t, rel_tol=1e-9)
+                           for s, t in zip(sigma_rels, self._sigma_rels))):
+            raise ValueError(f"the state tracks sigma_rels {sigma_rels!r}, this one {self._sigma_rels}")
         if state["snapshot_every"] != self._every:
             raise ValueError(
-                f"the state took snapshots every {state['snapshot_every']} steps, this one {self._every}"
+                f"the state took snapshots every {state['snapshot_every']!r} steps, this one {self._every}"
             )
-        saved = [ema.state_dict() for ema in self._emas]
+        found = self._foreign if self._foreign is not None else _snapshots.Manifest.read(self._dir)
+        if found is not None and found.run != run:
+            raise ValueError(
+                f"snapshot_dir {self._dir!r} holds the snapshots of another run than the state's; pass the "
+                "directory the state's run wrote"
+            )
+        # Every EMA's state, checked and set, or none (an EMA that failed half-way has no state to
+        # put back, and stays failed).
+        saved = [None if ema._failed else ema.state_dict() for ema in self._emas]
         try:
-            for ema, ema_state in zip(self._emas, state["emas"]):
+            for ema, ema_state in zip(self._emas, emas):
                 ema.set_state_dict(ema_state)
+            if len({ema.step for ema in self._emas}) > 1:
+                raise ValueError(
+                    "the state's EMAs are at different steps; pass what PostHocEMA.state_dict() returned"
+                )
         except BaseException:
-            for ema, ema_state in zip(self._emas, saved):  # all or nothing
-                ema.set_state_dict(ema_state)
+            for ema, ema_state in zip(self._emas, saved):
+                if ema_state is not None:
+                    ema.set_state_dict(ema_state)
             raise
+        manifest = found or _snapshots.Manifest(run)
+        moved = _snapshots.replace_later_than(self._dir, manifest, self.step)
+        if moved:
+            _logger.info("%d snapshots after step %d, of the run being replaced, moved to %s", len(moved),
+                         self.step, os.path.join(self._dir, "replaced"))
+        self._manifest, self._foreign, self._unwritten = manifest, None, []
 
-    def _snapshot_step(self, step: int | None) -> int:
-        if step is None:
-            step = self.step - self.step % self._every
-        if step > self.step:
-            raise ValueError(f"step {step} is after the current training step {self.step}")
-        return step
-
-    def _write_snapshots(self) -> None:
+    def _take_snapshots(self) -> None:
+        """Copy every EMA's averages now and write them (see :meth:`_write_unwritten`)."""
         for sigma_rel, ema in zip(self._sigma_rels, self._emas):
             with paddle.no_grad():
                 averages = {name: a.astype(self._dtype).numpy() for name, a in ema._averages.items()}
-            content = {"format": _FORMAT, "sigma_rel": sigma_rel, "gamma": ema.gamma, "step": ema.step,
-                       "averages": averages}
-            path = os.path.join(self._dir, _snapshot_name(sigma_rel, ema.step))
-            partial = path + ".partial"
-            paddle.save(content, partial)
-            os.replace(partial, path)  # whole or not at all
+            self._unwritten.append((sigma_rel, ema, ema.step, averages))
+        self._write_unwritten()
+
+    def _write_unwritten(self) -> None:
+        """Write the snapshots taken but not yet written, then list them in the manifest.
+
+        Raises:
+            RuntimeError: a write failed; the snapshot stays in memory for the next call.
+        """
+        while self._unwritten:
+            sigma_rel, ema, step, averages = self._unwritten[0]
+            name = _snapshots.write_snapshot(self._dir, self._manifest.run, sigma_rel, ema.gamma, step,
+                                             averages)
+            layout = self._manifest.layout_of({n: list(v.shape) for n, v in averages.items()})
+            entry = _snapshots.Entry(name, step, sigma_rel, ema.gamma, layout)
+            self._manifest.entries = [e for e in self._manifest.entries if e.file != name] + [entry]
+            self._manifest.write(self._dir)
+            self._unwritten.pop(0)
 
 
 def snapshots(snapshot_dir: str | os.PathLike) -> list[tuple[float, int, str]]:
-    """The snapshots in ``snapshot_dir`` as ``(sigma_rel, step, path)``, by step then width."""
-    found = []
-    for entry in os.listdir(snapshot_dir):
-        match = _SNAPSHOT.fullmatch(entry)
-        if match:
-            found.append((float(match.group(1)), int(match.group(2)), os.path.join(snapshot_dir, entry)))
+    """The snapshots of the run in ``snapshot_dir`` as ``(sigma_rel, step, path)``, by step then width.
+
+    Raises:
+        FileNotFoundError: the directory holds no PostHocEMA run.
+        ValueError: its manifest is not readable.
+    """
+    manifest = _read_run(snapshot_dir)
+    folder = os.fspath(snapshot_dir)
+    found = [(e.sigma_rel, e.step, os.path.join(folder, e.file)) for e in manifest.entries]
     return sorted(found, key=lambda s: (s[1], s[0]))
 
 
 def synthesize(
     snapshot_dir: str | os.PathLike, sigma_rel: float, step: int | None = None,
 ) -> dict[str, paddle.Tensor]:
-    """The EMA of width ``sigma_rel`` at training step ``step``, from a run's snapshots.
+    """The EMA of width ``sigma_rel`` at snapshot step ``step``, from a run's snapshots.
 
-    Uses every snapshot of ``snapshot_dir`` taken at a step in ``(0, step]``; the coefficients come
-    from :func:`paddle_ema.power.posthoc_coefficients` (float64, summing to 1) and the snapshots are
-    combined in float64.
+    Uses every snapshot of the run taken at a step in ``(0, step]``; the coefficients come from
+    :func:`paddle_ema.power.posthoc_coefficients` (float64, summing to 1) and the snapshots are
+    combined in float64, then rounded to the snapshots' dtype. A tensor the model gained during the
+    run is combined from the snapshots that hold it.
 
     Args:
         snapshot_dir: The ``snapshot_dir`` of a :class:`PostHocEMA`.
         sigma_rel: The width to synthesize, in (0, 0.2887).
-        step: The training step to synthesize at (default: the latest snapshot's).
+        step: A snapshot step to synthesize at (default: the last).
 
     Returns:
-        ``{name: float32 Tensor}`` (on the CPU).
+        ``{name: Tensor}`` on the CPU, in the snapshots' dtype (float32 unless the run wrote
+        float64).
 
     Raises:
-        FileNotFoundError: ``snapshot_dir`` holds no snapshot.
-        ValueError: ``sigma_rel`` out of range, ``step`` before the first snapshot, or snapshots that
-            do not fit together (other tensors, a snapshot not of this format).
+        FileNotFoundError: ``snapshot_dir`` holds no PostHocEMA run (no ``phema-run.json``).
+        TypeError: ``step`` is not an int.
+        ValueError: ``sigma_rel`` out of range, ``step`` not a snapshot step, or a snapshot that does
+            not match the run's manifest (a hand-edited or foreign file; named).
     """
-    return {name: paddle.to_tensor(total.astype(np.float32))
-            for name, total in _combine(snapshot_dir, sigma_rel, step).items()}
+    totals, dtype = _snapshots.combine(os.fspath(snapshot_dir), _read_run(snapshot_dir), sigma_rel, step)
+    return {name: paddle.to_tensor(total.astype(dtype)) for name, total in totals.items()}
 
 
-def _combine(snapshot_dir: str | os.PathLike, sigma_rel: float, step: int | None) -> dict[str, np.ndarray]:
-    """:func:`synthesize` in float64 numpy arrays."""
-    gamma = power.sigma_rel_to_gamma(sigma_rel)
-    if not os.path.isdir(snapshot_dir):
-        raise FileNotFoundError(f"no snapshot directory {os.fspath(snapshot_dir)!r}")
-    found = snapshots(snapshot_dir)
-    if not found:
+def _read_run(snapshot_dir: str | os.PathLike) -> _snapshots.Manifest:
+    folder = os.fspath(snapshot_dir)
+    manifest = _snapshots.Manifest.read(folder) if os.path.isdir(folder) else None
+    if manifest is None:
         raise FileNotFoundError(
-            f"{os.fspath(snapshot_dir)!r} holds no PostHocEMA snapshot (phema-*.pdparams)"
+            f"{folder!r} holds no PostHocEMA run (no {_snapshots.MANIFEST}); pass a PostHocEMA's snapshot_dir"
         )
-    target = found[-1][1] if step is None else step
-    if isinstance(target, bool) or not isinstance(target, numbers.Integral):
-        raise TypeError(f"step must be an int, got {step!r}")
-    used = [s for s in found if 0 < s[1] <= target]
-    if not used:
-        raise ValueError(
-            f"no snapshot at or before step {target} (the first is at step {found[0][1]}); pass a later step"
-        )
-    # The widths from the file names (written from the sigma_rel the run was given) decide the
-    # coefficients, so each snapshot is read once, streaming; its content must agree.
-    gammas = [power.sigma_rel_to_gamma(sigma) for sigma, _, _ in used]
-    coefficients = power.posthoc_coefficients([s[1] for s in used], gammas, float(target), gamma)
-    totals: dict[str, np.ndarray] = {}
-    for (sigma, taken, path), snapshot_gamma, coefficient in zip(used, gammas, coefficients):
-        content = paddle.load(path, return_numpy=True)
-        if not (isinstance(content, dict) and content.get("format") == _FORMAT
-                and content.get("step") == taken
-                and math.isclose(content.get("gamma", math.nan), snapshot_gamma, rel_tol=1e-6)):
-            raise ValueError(f"{path!r} is not a PostHocEMA snapshot of sigma_rel {sigma} at step {taken}")
-        if totals and set(content["averages"]) != set(totals):
-            raise ValueError(f"{path!r} holds other tensors than {used[0][2]!r}: snapshots of two models?")
-        for name, value in content["averages"].items():
-            weighted = coefficient * np.asarray(value, dtype=np.float64)
-            if name in totals:
-                totals[name] += weighted
-            else:
-                totals[name] = weighted
-    return totals
+    return manifest

@@ -31,12 +31,15 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = [
-    "MAX_SIGMA_REL", "correlation", "gamma_to_sigma_rel", "posthoc_coefficients", "sigma_rel_to_gamma",
-    "step_weight",
+    "MAX_GAMMA", "MAX_SIGMA_REL", "MIN_SIGMA_REL", "correlation", "gamma_to_sigma_rel",
+    "posthoc_coefficients", "sigma_rel_to_gamma", "step_weight",
 ]
 
-# sigma_rel(gamma) falls from sqrt(1/12) at gamma -> -1 (a flat profile) toward 0 as gamma grows.
+# sigma_rel(gamma) is sqrt(1/12) at gamma = 0 (a flat profile) and falls toward 0 as gamma grows.
 MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+# Narrower profiles are copies of the last weights in all but name, and their cubic overflows.
+MAX_GAMMA = 1e6
+MIN_SIGMA_REL = math.sqrt((MAX_GAMMA + 1.0) / ((MAX_GAMMA + 2.0) ** 2 * (MAX_GAMMA + 3.0)))  # ~1e-6
 
 
 def _number(value: Any, argument: str) -> float:
@@ -52,7 +55,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     \\sigma^{-2}) = 0` (EDM2, equation 126).
 
     Args:
-        sigma_rel: The relative width, in :math:`(0, \\sqrt{1/12})` (0.2887).
+        sigma_rel: The relative width, in :math:`(0, \\sqrt{1/12})` (0.2887), at least
+            ``MIN_SIGMA_REL`` (1e-6).
 
     Returns:
         :math:`\\gamma`, positive.
@@ -69,10 +73,10 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
             print(round(paddle_ema.sigma_rel_to_gamma(0.10), 4))  # 6.9372
     """
     sigma = _number(sigma_rel, "sigma_rel")
-    if not 0.0 < sigma < MAX_SIGMA_REL:  # also False for NaN
+    if not MIN_SIGMA_REL <= sigma < MAX_SIGMA_REL:  # also False for NaN
         raise ValueError(
-            f"sigma_rel must be in (0, sqrt(1/12) = {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}; EDM2 uses "
-            "e.g. 0.05 and 0.10"
+            f"sigma_rel must be in (0, sqrt(1/12) = {MAX_SIGMA_REL:.4f}) (at least {MIN_SIGMA_REL:g}), got "
+            f"{sigma_rel!r}; EDM2 uses e.g. 0.05 and 0.10"
         )
     inv = sigma ** -2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
@@ -92,7 +96,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     that is the range used here.
 
     Args:
-        gamma: The exponent, positive.
+        gamma: The exponent, positive, at most ``MAX_GAMMA`` (1e6).
 
     Returns:
         :math:`\\sqrt{(\\gamma + 1) / ((\\gamma + 2)^2 (\\gamma + 3))}`.
@@ -102,8 +106,11 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         ValueError: ``gamma`` is not a finite positive number.
     """
     value = _number(gamma, "gamma")
-    if not 0.0 < value < math.inf:
-        raise ValueError(f"gamma must be a finite positive number, got {gamma!r}; EDM2 uses e.g. 6.94")
+    if not 0.0 < value <= MAX_GAMMA * (1.0 + 1e-9):  # (the slack: MIN_SIGMA_REL's exponent, rounded)
+        raise ValueError(
+            f"gamma must be a finite positive number (at most {MAX_GAMMA:g}), got {gamma!r}; EDM2 uses "
+            "e.g. 6.94"
+        )
     return math.sqrt((value + 1.0) / ((value + 2.0) ** 2 * (value + 3.0)))
 
 

@@ -11,7 +11,7 @@ import paddle
 import pytest
 
 import paddle_ema
-from paddle_ema import power
+from paddle_ema import _snapshots, power
 
 # EDM2's Algorithm 2 target values (sigma_rel -> gamma, 4 decimals), as the issue lists them.
 CONVERSIONS = {0.05: 16.9722, 0.10: 6.9372, 0.15: 3.5579, 0.28: 0.1693}
@@ -60,9 +60,9 @@ def numpy_power_ema(trajectory, gamma, every=1, snapshot_steps=()):
 class Holder(paddle.nn.Layer):
     """One float32 parameter of ``n`` values, set from a trajectory each step."""
 
-    def __init__(self, n):
+    def __init__(self, n, dtype="float32"):
         super().__init__()
-        self.w = self.create_parameter([n], dtype="float32")
+        self.w = self.create_parameter([n], dtype=dtype)
 
 
 def trajectory(rng, steps, n):
@@ -245,9 +245,11 @@ def test_posthoc_reconstruction_matches_float64_and_improves_with_snapshots(dygr
         chosen = sorted(snapshot_steps)[80 // count - 1::80 // count]
         folder = tmp_path / f"n{count}"
         folder.mkdir()
-        for _, step, file in paddle_ema.posthoc.snapshots(run):
-            if step in chosen:
-                shutil.copy(file, folder)
+        subset = _snapshots.Manifest.read(str(run))  # the run's manifest, listing the chosen steps only
+        subset.entries = [e for e in subset.entries if e.step in chosen]
+        subset.write(str(folder))
+        for entry in subset.entries:
+            shutil.copy(run / entry.file, folder)
         for target in (0.03, 0.07, 0.15):
             got = paddle_ema.posthoc.synthesize(folder, target)["w"].numpy()
             ins = [(t, s) for t in chosen for s in (0.05, 0.10)]
@@ -293,7 +295,12 @@ def test_posthoc_resume_neither_loses_nor_duplicates_snapshots(dygraph, rng, tmp
     train(second, model, 71, steps)
     assert [s[:2] for s in paddle_ema.posthoc.snapshots(tmp_path / "split")] == [
         s[:2] for s in paddle_ema.posthoc.snapshots(tmp_path / "whole")]
-    assert len(os.listdir(tmp_path / "split")) == 12  # 6 steps x 2 widths, nothing partial
+    files = sorted(os.listdir(tmp_path / "split"))
+    assert sum(f.endswith(".pdparams") for f in files) == 12, files  # 6 steps x 2 widths
+    assert not any(f.endswith(".partial") for f in files), files
+    # the dead run's step-80 snapshots, replaced on resume, were moved aside
+    assert sorted(os.listdir(tmp_path / "split" / "replaced")) == [
+        "phema-0.05-0000000080.pdparams", "phema-0.1-0000000080.pdparams"]
     for target in (0.04, 0.12):
         for step in (60, 120):
             a = paddle_ema.posthoc.synthesize(tmp_path / "whole", target, step)["w"].numpy()
@@ -328,20 +335,20 @@ def test_posthoc_refuses_bad_arguments_and_targets(dygraph, tmp_path):
     model = paddle.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="multiple of update_every"):
         paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=5, update_every=2)
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="within 10%"):
         paddle_ema.PostHocEMA(model, (0.05, 0.05), snapshot_dir=tmp_path, snapshot_every=5)
     with pytest.raises(ValueError, match="sigma_rel must be in"):
         paddle_ema.PostHocEMA(model, (0.05, 0.3), snapshot_dir=tmp_path, snapshot_every=5)
-    with pytest.raises(FileNotFoundError, match="no PostHocEMA snapshot"):
+    with pytest.raises(FileNotFoundError, match="holds no PostHocEMA run"):
         paddle_ema.posthoc.synthesize(tmp_path, 0.1)
     ema = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=5)
     for _ in range(10):
         ema.update()
-    with pytest.raises(ValueError, match="no snapshot at or before step 4"):
+    with pytest.raises(ValueError, match="step 4 is not a snapshot step"):
         paddle_ema.posthoc.synthesize(tmp_path, 0.1, step=4)
     with pytest.raises(ValueError, match="sigma_rel must be in"):
         ema.synthesize(0.29)
-    with pytest.raises(ValueError, match="after the current training step"):
+    with pytest.raises(ValueError, match="step 15 is not a snapshot step"):
         ema.synthesize(0.1, step=15)
 
 
@@ -350,8 +357,10 @@ def run_example(tmp_path, *args):
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "posthoc.py")
+    # (the library the tests import, also where it is not installed)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(paddle_ema.__file__))}
     return subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def test_the_posthoc_example_sweeps_widths_after_training(tmp_path):
@@ -380,3 +389,262 @@ def test_the_posthoc_example_refuses_bad_flags(tmp_path, args, says):
 def test_the_posthoc_example_prints_help(tmp_path):
     done = run_example(tmp_path, "--help")
     assert done.returncode == 0 and "--steps" in done.stdout and not (tmp_path / "out_posthoc").exists()
+
+
+# ------------------------------------------------------------------ what a hostile user does to it
+
+
+def run_posthoc(tmp_path, steps=40, every=10, folder="run", model=None, **options):
+    model = model or Holder(4)
+    ema = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path / folder, snapshot_every=every, **options)
+    for t in range(1, steps + 1):
+        model.w.set_value(np.full([4], t, "float32"))
+        ema.update()
+    return ema, model
+
+
+def test_a_directory_belongs_to_one_run(dygraph, tmp_path):
+    first, _ = run_posthoc(tmp_path)
+    second = paddle_ema.PostHocEMA(Holder(4), snapshot_dir=tmp_path / "run", snapshot_every=5)
+    with pytest.raises(ValueError, match="holds the snapshots of another run"):
+        second.update()
+    assert second.step == 0 and len(paddle_ema.posthoc.snapshots(tmp_path / "run")) == 8
+    stranger = paddle_ema.PostHocEMA(Holder(4), snapshot_dir=tmp_path / "run", snapshot_every=10)
+    with pytest.raises(ValueError, match="another run than the state's"):
+        stranger.set_state_dict(run_posthoc(tmp_path, folder="other")[0].state_dict())
+    resumed = paddle_ema.PostHocEMA(Holder(4), snapshot_dir=tmp_path / "run", snapshot_every=10)
+    resumed.set_state_dict(first.state_dict())
+    resumed.update()  # the same run, resumed: allowed
+    assert resumed.step == 41
+
+
+def test_widths_with_many_decimals_and_the_exact_exponents(dygraph, tmp_path):
+    ema, _ = run_posthoc(tmp_path, sigma_rels=(1 / 15, 0.1234567891))
+    got = ema.synthesize(0.09)["w"].numpy()
+    np.testing.assert_allclose(got, paddle_ema.posthoc.synthesize(tmp_path / "run", 0.09)["w"].numpy())
+    for sigma, _, path in paddle_ema.posthoc.snapshots(tmp_path / "run"):
+        assert paddle.load(path)["gamma"] == power.sigma_rel_to_gamma(sigma)
+
+
+def test_only_snapshot_steps_can_be_synthesized(dygraph, tmp_path):
+    ema, _ = run_posthoc(tmp_path)
+    for step in (9, 11, 45, 0, -10):
+        with pytest.raises(ValueError, match=f"step {step} is not a snapshot step"):
+            ema.synthesize(0.07, step)
+    with pytest.raises(TypeError, match="step must be an int"):
+        ema.synthesize(0.07, "40")
+    assert ema.synthesize(0.07, np.int64(30))["w"].shape == [4]
+
+
+def test_snapshots_that_do_not_match_the_manifest_are_refused_by_name(dygraph, tmp_path):
+    run_posthoc(tmp_path)
+    (_, _, path), *_ = paddle_ema.posthoc.snapshots(tmp_path / "run")
+    content = paddle.load(path)
+    content["averages"]["w"] = np.zeros([4, 2], "float32")
+    paddle.save(content, path)
+    with pytest.raises(ValueError, match=f"{os.path.basename(path)}.*names or shapes"):
+        paddle_ema.posthoc.synthesize(tmp_path / "run", 0.07)
+    with open(path, "wb"):
+        pass  # emptied
+    with pytest.raises(ValueError, match="cannot read the snapshot"):
+        paddle_ema.posthoc.synthesize(tmp_path / "run", 0.07)
+    with open(tmp_path / "run" / _snapshots.MANIFEST, "w") as manifest:
+        manifest.write('{"format": "paddle_ema.posthoc/1", "run": 3}')
+    with pytest.raises(ValueError, match="is not a PostHocEMA manifest"):
+        paddle_ema.posthoc.synthesize(tmp_path / "run", 0.07)
+
+
+def test_a_failed_snapshot_write_is_kept_and_written_next_time(dygraph, tmp_path, monkeypatch):
+    model = Holder(4)
+    ema = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path / "run", snapshot_every=5)
+    blocked = tmp_path / "run" / _snapshots.file_name(0.05, 5)
+    blocked.mkdir(parents=True)
+    for _ in range(4):
+        ema.update()
+    with pytest.raises(RuntimeError, match="could not write .*phema-0.05-0000000005.pdparams"):
+        ema.update()
+    with pytest.raises(RuntimeError, match="could not write"):
+        ema.update()  # still in the way: nothing else happens
+    assert ema.step == 5
+    blocked.rmdir()
+    ema.update()
+    assert [s[:2] for s in paddle_ema.posthoc.snapshots(tmp_path / "run")] == [(0.05, 5), (0.1, 5)]
+    assert ema.step == 6 and not [f for f in os.listdir(tmp_path / "run") if f.endswith(".partial")]
+
+
+def test_an_interrupted_update_is_refused_until_a_state_is_set(dygraph, tmp_path, monkeypatch):
+    ema, model = run_posthoc(tmp_path, steps=10)
+    saved = ema.state_dict()
+    calls = []
+    original = paddle_ema.PowerEMA.update
+
+    def interrupted(self):
+        calls.append(self)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(paddle_ema.PowerEMA, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ema.update()
+    monkeypatch.setattr(paddle_ema.PowerEMA, "update", original)
+    with pytest.raises(RuntimeError, match="different steps"):
+        ema.update()
+    ema.set_state_dict(saved)
+    ema.update()
+    assert [e.step for e in ema.emas] == [11, 11]
+
+
+def test_an_interrupted_power_ema_update_does_not_count_the_step(dygraph, monkeypatch):
+    model = Holder(4)
+    ema = paddle_ema.PowerEMA(model, 0.1)
+    ema.update()
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paddle_ema.dygraph._ir, "sgd_lerp_", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ema.update()
+    assert ema.step == 1 and ema.num_updates == 1
+
+
+def test_power_ema_resumed_with_another_update_every_uses_the_steps_it_covers(dygraph, rng):
+    path = rng.normal(size=(10, 4))
+    model = Holder(4)
+    ema = paddle_ema.PowerEMA(model, 0.1)
+    for t in range(1, 8):
+        model.w.set_value(path[t - 1].astype("float32"))
+        ema.update()
+    resumed = paddle_ema.PowerEMA(model, 0.1, update_every=5)
+    resumed.set_state_dict(ema.state_dict())
+    for t in range(8, 11):
+        model.w.set_value(path[t - 1].astype("float32"))
+        resumed.update()
+    gamma, average = power.sigma_rel_to_gamma(0.1), np.zeros(4)
+    for t in list(range(1, 8)) + [10]:  # the resumed run averages at call 10, covering 3 steps
+        beta = (1.0 - (3 if t == 10 else 1) / t) ** (gamma + 1.0)
+        average = beta * average + (1.0 - beta) * path[t - 1].astype("float32")
+    np.testing.assert_allclose(resumed.averages()["w"].numpy(), average, rtol=1e-6)
+
+
+def test_set_state_dict_recovers_a_run_whose_update_failed(dygraph, tmp_path, monkeypatch):
+    ema, _ = run_posthoc(tmp_path, steps=10)
+    saved = ema.state_dict()
+
+    def failing(*args):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(paddle_ema.dygraph._ir, "sgd_lerp_", failing)
+    with pytest.raises(RuntimeError, match="failed half-way"):
+        ema.update()
+    monkeypatch.undo()
+    ema.set_state_dict(saved)
+    ema.update()
+    assert ema.step == 11
+
+
+@pytest.mark.parametrize("break_it, says", [
+    (lambda s: s.update(emas=None), "do not fit"),
+    (lambda s: s.update(emas=s["emas"][:1]), "do not fit"),
+    (lambda s: s.update(sigma_rels=None), "tracks sigma_rels"),
+    (lambda s: s.update(run=3), "do not fit"),
+    (lambda s: s["emas"][1].update(last_update_call=-1), "last_update_call"),
+])
+def test_hand_edited_states_are_refused_and_change_nothing(dygraph, tmp_path, break_it, says):
+    ema, _ = run_posthoc(tmp_path, steps=10)
+    state = ema.state_dict()
+    before = {k: v.numpy() for k, v in ema.emas[1].averages().items()}
+    break_it(state)
+    with pytest.raises(ValueError, match=says):
+        ema.set_state_dict(state)
+    for name, value in ema.emas[1].averages().items():
+        np.testing.assert_array_equal(value.numpy(), before[name])
+    assert [e.step for e in ema.emas] == [10, 10]
+
+
+def test_model_that_gains_a_layer_mid_run(dygraph, tmp_path):
+    class Growing(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.a = paddle.nn.Linear(2, 2)
+
+    model = Growing()
+    ema = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=5)
+    for t in range(20):
+        if t == 10:
+            model.b = paddle.nn.Linear(2, 2)
+        ema.update()
+    after = ema.synthesize(0.07, 20)
+    assert sorted(after) == ["a.bias", "a.weight", "b.bias", "b.weight"]
+    np.testing.assert_allclose(after["b.weight"].numpy(), model.b.weight.numpy(), rtol=1e-6)  # never moved
+    before = model.b.weight.numpy().copy()
+    with ema.apply(0.07, step=10):
+        np.testing.assert_array_equal(model.b.weight.numpy(), before)  # not in that step's snapshots
+    np.testing.assert_array_equal(model.b.weight.numpy(), before)
+
+
+def test_a_failed_apply_leaves_every_tracked_ema_as_it_was(dygraph, tmp_path):
+    """A ModelEMA applied while a forward registers a buffer: neither the PowerEMAs nor the
+    PostHocEMA adopt what restore will remove."""
+    class Caching(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.lin = paddle.nn.Linear(2, 2)
+
+        def forward(self, x):
+            if "cache" not in self._buffers:
+                self.register_buffer("cache", paddle.ones([2]))
+            return self.lin(x)
+
+    model = Caching()
+    ema = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=5)
+    plain = paddle_ema.ModelEMA(model)
+    for _ in range(10):
+        ema.update()
+        plain.update()
+    with plain.apply():
+        model(paddle.ones([1, 2]))
+        with pytest.raises(RuntimeError, match="reverse order"):
+            with ema.apply(0.07):
+                plain.restore()
+    assert [e.names for e in ema.emas] == [["lin.weight", "lin.bias"]] * 2
+    ema.update()  # the model is back as the EMAs know it
+
+
+def test_negative_synthesized_statistics_are_logged(dygraph, tmp_path, caplog):
+    model = Holder(4)
+    ema = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=10)
+    for t in range(1, 201):
+        model.w.set_value(np.full([4], 100.0 if t < 185 else 1e-4, "float32"))
+        ema.update()
+    with caplog.at_level("WARNING", logger="paddle_ema"):
+        value = ema.synthesize(0.01)["w"].numpy()
+    assert value.min() < 0 and "negative values in ['w']" in caplog.text
+
+
+def test_float64_runs_keep_float64(dygraph, tmp_path):
+    model = Holder(4, "float64")
+    ema = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path, snapshot_every=5, snapshot_dtype="float64")
+    for t in range(1, 11):
+        model.w.set_value(np.full([4], 1.0 + t * 1e-9))
+        ema.update()
+    value = ema.synthesize(0.07)["w"]
+    assert value.dtype == paddle.float64
+    with ema.apply(0.07):
+        np.testing.assert_array_equal(model.w.numpy(), value.numpy())
+
+
+def test_power_ema_states_and_edge_arguments(dygraph):
+    model = Holder(2)
+    power_ema = paddle_ema.PowerEMA(model, 0.1)
+    power_ema.update()
+    with pytest.raises(ValueError, match="PowerEMA's"):
+        paddle_ema.ModelEMA(model, 0.9).set_state_dict(power_ema.state_dict())
+    for bad in (1e155, float("inf")):
+        with pytest.raises(ValueError, match="gamma must be"):
+            paddle_ema.PowerEMA(model, gamma=bad)
+    for bad in (5e-324, 1e-9):
+        with pytest.raises(ValueError, match="sigma_rel must be"):
+            paddle_ema.PowerEMA(model, bad)
+    with pytest.raises(ValueError, match="within 10%"):
+        paddle_ema.PostHocEMA(model, (0.05, 0.052), snapshot_dir="unused", snapshot_every=5)
