@@ -542,7 +542,7 @@ class ExponentialMovingAverage:
             raise RuntimeError("averages() needs the EMA ops: call ema.update() after optimizer.minimize()")
         self._say_if_written_after_update()
         scope = paddle.static.global_scope()
-        if _graph.debias_value(self._plan, scope) == 0.0:
+        if _graph.debias_value(self._plan, scope, "averages") == 0.0:
             return {name: _ir.read_array(name, scope) for name in self.parameter_names}
         names = list(self._read_fetches)
         values = executor.run(

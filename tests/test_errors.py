@@ -107,12 +107,21 @@ def test_apply_before_startup_raises(programs, exe):
     build_net(main)
     ema = paddle_ema.ExponentialMovingAverage(0.9)
     ema.update()
-    with pytest.raises(RuntimeError, match="run the startup program"):
+    with pytest.raises(RuntimeError, match=r"startup program .* before ExponentialMovingAverage\.apply\(\)"):
         with ema.apply(exe):
             pass
     with pytest.raises(RuntimeError, match="run the startup program"):  # and nothing was left applied
         with ema.apply(exe):
             pass
+
+
+def test_averages_before_startup_names_averages(programs, exe):
+    main, _ = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    with pytest.raises(RuntimeError, match=r"startup program .* ExponentialMovingAverage\.averages\(\)"):
+        ema.averages(exe)
 
 
 def program_sizes(programs):
