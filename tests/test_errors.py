@@ -311,3 +311,46 @@ def test_parameters_written_after_update_are_named_once(programs, exe, rng):
         warnings.simplefilter("error")  # said once
         with ema.apply(exe):
             pass
+
+
+# A user value shown in an error is cut short: a list of parameters or a big array once printed whole.
+BIG = np.arange(100_000, dtype="float32")
+
+
+def assert_short(info, says):
+    message = str(info.value)
+    assert says in message, message
+    assert "\n" not in message and len(message) < 500, f"{len(message)} characters: {message[:300]}"
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(decay=BIG), "decay must be a float in [0, 1), got array("),
+    (dict(name=[BIG]), "name must be a non-empty str"),
+    (dict(thres_steps=BIG), "thres_steps must be a"),
+    (dict(parameters=BIG), "parameters must be a list"),
+    (dict(parameters=[BIG]), "parameters must hold"),
+    (dict(exclude=[BIG]), "exclude must hold str"),
+    (dict(start_step=BIG), "start_step must be an int"),
+    (dict(power=BIG), "power must be a number"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_huge_bad_option_is_shown_short(programs, options, says):
+    build_net(programs[0])
+    with pytest.raises(TypeError) as info:
+        paddle_ema.ExponentialMovingAverage(**{"decay": 0.9, **options})
+    assert_short(info, says)
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(begin=list(range(100_000))), "begin must be an int"),
+    (dict(name=BIG), "name must be a non-empty str"),
+])
+def test_a_huge_bad_counter_option_is_shown_short(programs, options, says):
+    with pytest.raises(TypeError) as info:
+        paddle_ema.global_step_counter(**options)
+    assert_short(info, says)
+
+
+def test_a_huge_executor_is_shown_short(trained):
+    with pytest.raises(TypeError) as info:
+        trained.averages(BIG)
+    assert_short(info, "averages(executor) needs a paddle.static.Executor, got array(")
