@@ -272,8 +272,14 @@ class ModelEMA:
 
     @property
     def names(self) -> list[str]:
-        """The structured names of the averaged tensors, in the model's order."""
+        """The structured names of the averaged tensors (parameters and buffers), in the model's order."""
         return list(self._tensors)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Alias of :attr:`names`, the same list (buffers included), as
+        :attr:`ExponentialMovingAverage.parameter_names`."""
+        return self.names
 
     @property
     def num_updates(self) -> int:

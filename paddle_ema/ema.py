@@ -305,9 +305,14 @@ class ExponentialMovingAverage:
         return self._schedule.decay
 
     @property
-    def parameter_names(self) -> list[str]:
-        """Names of the parameters this EMA averages, in program order."""
+    def names(self) -> list[str]:
+        """Names of the parameters this EMA averages, in program order (as :attr:`ModelEMA.names`)."""
         return [slot.param for slot in self._plan.slots]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Alias of :attr:`names`, the same list, kept so that code written for earlier releases runs."""
+        return self.names
 
     def update(self) -> None:
         """Append the EMA ops to the default main program.

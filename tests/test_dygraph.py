@@ -243,6 +243,17 @@ def test_bad_options_raise(dygraph, options, error, says):
         paddle_ema.ModelEMA(Net(), **options)
 
 
+def test_names_and_their_alias_parameter_names_list_parameters_and_buffers(dygraph):
+    model = Net()
+    ema = paddle_ema.ModelEMA(model, 0.9, exclude=["fc2.bias"])
+    expected = [n for n, t in model.state_dict().items() if n != "fc2.bias"]
+    names = ema.names
+    assert sorted(names) == sorted(expected) and "scale" in expected and "bn._mean" in expected
+    assert ema.parameter_names == names
+    ema.parameter_names.append("x")  # a copy each time
+    assert ema.parameter_names == ema.names == names
+
+
 def test_a_list_of_parameters_for_model_is_named_in_one_line(dygraph):
     model = paddle.nn.Sequential(*[paddle.nn.Linear(64, 64) for _ in range(8)])
     with pytest.raises(TypeError) as info:
