@@ -354,3 +354,15 @@ def test_a_huge_executor_is_shown_short(trained):
     with pytest.raises(TypeError) as info:
         trained.averages(BIG)
     assert_short(info, "averages(executor) needs a paddle.static.Executor, got array(")
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda: paddle_ema.load(BIG, "ckpt"), "program must be a paddle.static.Program"),
+    (lambda: paddle_ema.load(paddle.static.default_main_program(), BIG), "path_prefix must be a str"),
+    (lambda: paddle_ema.load_averages(BIG), "path_prefix must be a str"),
+    (lambda: paddle_ema.load_averages("ckpt", name=[BIG]), "name must be a non-empty str"),
+], ids=["load program", "load path", "load_averages path", "load_averages name"])
+def test_a_huge_bad_checkpoint_argument_is_shown_short(programs, call, says):
+    with pytest.raises(TypeError) as info:
+        call()
+    assert_short(info, says)
