@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 
 from paddle_ema import _apply, power
+from paddle_ema._select import short_repr
 from paddle_ema.dygraph import ModelEMA
 
 __all__ = ["PostHocEMA", "PowerEMA", "snapshots", "synthesize"]
@@ -222,14 +223,15 @@ class PostHocEMA:
     ) -> None:
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
             raise TypeError(
-                f"sigma_rels must be a non-empty sequence of floats, e.g. (0.05, 0.10); got {sigma_rels!r}"
+                f"sigma_rels must be a non-empty sequence of floats, e.g. (0.05, 0.10); got "
+                f"{short_repr(sigma_rels)}"
             )
         gammas = [power.sigma_rel_to_gamma(s) for s in sigma_rels]
         if len(set(round(float(s), 6) for s in sigma_rels)) != len(sigma_rels):
             raise ValueError(f"sigma_rels must be distinct (to 6 decimals), got {list(sigma_rels)}")
         for argument, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{argument} must be an int, got {value!r}")
+                raise TypeError(f"{argument} must be an int, got {short_repr(value)}")
             if value < 1:
                 raise ValueError(f"{argument} must be at least 1, got {value!r}")
         if snapshot_every % update_every:
@@ -238,9 +240,11 @@ class PostHocEMA:
                 "so every snapshot is taken right after an averaging update"
             )
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
-            raise ValueError(f"snapshot_dtype must be 'float32' or 'float64', got {snapshot_dtype!r}")
+            raise ValueError(
+                f"snapshot_dtype must be 'float32' or 'float64', got {short_repr(snapshot_dtype)}"
+            )
         if not isinstance(snapshot_dir, (str, os.PathLike)):
-            raise TypeError(f"snapshot_dir must be a path, got {snapshot_dir!r}")
+            raise TypeError(f"snapshot_dir must be a path, got {short_repr(snapshot_dir)}")
         if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
             raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} is a file; pass a directory")
         self._emas = [
@@ -423,7 +427,7 @@ def _combine(snapshot_dir: str | os.PathLike, sigma_rel: float, step: int | None
         )
     target = found[-1][1] if step is None else step
     if isinstance(target, bool) or not isinstance(target, numbers.Integral):
-        raise TypeError(f"step must be an int, got {step!r}")
+        raise TypeError(f"step must be an int, got {short_repr(step)}")
     used = [s for s in found if 0 < s[1] <= target]
     if not used:
         raise ValueError(

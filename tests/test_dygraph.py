@@ -285,6 +285,27 @@ def test_a_huge_bad_option_is_shown_short(dygraph, options, says):
     assert "\n" not in message and len(message) < 500, message
 
 
+@pytest.mark.parametrize("options, says", [
+    (dict(sigma_rel=BIG), "sigma_rel must be a number, got array("),
+    (dict(gamma=BIG, sigma_rel=None), "gamma must be a number, got array("),
+    (dict(sigma_rels=BIG), "sigma_rels must be a non-empty sequence of floats"),
+    (dict(snapshot_every=BIG), "snapshot_every must be an int"),
+    (dict(snapshot_dtype="x" * 100_000), "snapshot_dtype must be 'float32' or 'float64'"),
+    (dict(snapshot_dir=BIG), "snapshot_dir must be a path"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_huge_bad_power_option_is_shown_short(dygraph, tmp_path, options, says):
+    if "sigma_rel" in options:
+        make = paddle_ema.PowerEMA
+    else:
+        options = {"snapshot_dir": str(tmp_path), "snapshot_every": 10, **options}
+        make = paddle_ema.PostHocEMA
+    with pytest.raises((TypeError, ValueError)) as info:
+        make(Net(), **options)
+    message = str(info.value)
+    assert says in message, message
+    assert "\n" not in message and len(message) < 500, message
+
+
 @pytest.mark.parametrize("key", ["num_updates", "bias_correction"])
 def test_a_huge_bad_state_value_is_shown_short(dygraph, key):
     ema = paddle_ema.ModelEMA(Net(), 0.9)
