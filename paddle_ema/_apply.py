@@ -94,7 +94,7 @@ def check_need_restore(need_restore: Any) -> bool:
     """``need_restore`` as a bool, or a TypeError (a numpy bool is one)."""
     if not isinstance(need_restore, (bool, np.bool_)):
         raise TypeError(
-            f"need_restore must be a bool, got {need_restore!r} of type "
+            f"need_restore must be a bool, got {_select.short_repr(need_restore)} of type "
             f"{type(need_restore).__name__}; pass need_restore=False to restore yourself later"
         )
     return bool(need_restore)

@@ -396,8 +396,13 @@ def build_read_program(plan: EmaPlan) -> tuple[paddle.static.Program, dict[str, 
     return program, fetches
 
 
-def debias_value(plan: EmaPlan, scope: Any) -> float:
+def debias_value(plan: EmaPlan, scope: Any, method: str = "apply") -> float:
     """The current bias denominator :math:`1 - \\prod d_i` in ``scope``; 0 before the first update step.
+
+    Args:
+        plan: The names of the EMA's state.
+        scope: The scope that holds it.
+        method: The ExponentialMovingAverage method that asks, named in the error.
 
     Raises:
         RuntimeError: the state is not initialised (the startup program has not run).
@@ -406,6 +411,6 @@ def debias_value(plan: EmaPlan, scope: Any) -> float:
     if value is None:
         raise RuntimeError(
             f"the EMA state {plan.debias!r} is not initialised in the current scope; run the startup "
-            "program (or load a checkpoint) before ExponentialMovingAverage.apply()"
+            f"program (or load a checkpoint) before ExponentialMovingAverage.{method}()"
         )
     return value

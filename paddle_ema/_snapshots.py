@@ -23,6 +23,7 @@ import numpy as np
 import paddle
 
 from paddle_ema import power
+from paddle_ema._select import short_repr
 
 __all__ = [
     "MANIFEST", "Entry", "Manifest", "check_distinct", "combine", "file_name", "replace_later_than",
@@ -179,7 +180,7 @@ def combine(
         raise ValueError(f"the run in {folder!r} has written no snapshot yet")
     target = steps[-1] if step is None else step
     if isinstance(target, bool) or not isinstance(target, numbers.Integral):
-        raise TypeError(f"step must be an int (a snapshot step), got {step!r}")
+        raise TypeError(f"step must be an int (a snapshot step), got {short_repr(step)}")
     target = int(target)
     if target not in steps:
         before = [s for s in steps if s < target][-1:]
@@ -244,7 +245,7 @@ def _load_checked(path: str, manifest: Manifest, entry: Entry) -> dict[str, Any]
     if not isinstance(content, dict) or content.get("format") != _FORMAT:
         problem = "it is not a PostHocEMA snapshot"
     elif content.get("run") != manifest.run:
-        problem = f"it is of run {content.get('run')!r}, the manifest's is {manifest.run!r}"
+        problem = f"it is of run {short_repr(content.get('run'))}, the manifest's is {manifest.run!r}"
     elif content.get("step") != entry.step or content.get("gamma") != entry.gamma:
         problem = (f"it holds step {content.get('step')!r} and gamma {content.get('gamma')!r}, the manifest "
                    f"says {entry.step} and {entry.gamma}")

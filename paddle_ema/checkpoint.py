@@ -64,8 +64,8 @@ def load(program: Any, path_prefix: str) -> None:
     """
     if not isinstance(program, (paddle.static.Program, getattr(getattr(paddle, "pir", None), "Program", ()))):
         raise TypeError(
-            f"program must be a paddle.static.Program (the training program), got {program!r} of type "
-            f"{type(program).__name__}"
+            f"program must be a paddle.static.Program (the training program), got "
+            f"{_select.short_repr(program)} of type {type(program).__name__}"
         )
     _check_path_prefix(path_prefix)
     emas = ema.updated_emas(program)
@@ -142,8 +142,8 @@ def load(program: Any, path_prefix: str) -> None:
 def _check_path_prefix(path_prefix: Any) -> None:
     if not isinstance(path_prefix, (str, os.PathLike)):
         raise TypeError(
-            f"path_prefix must be a str (what was passed to paddle.static.save), got {path_prefix!r} of "
-            f"type {type(path_prefix).__name__}"
+            f"path_prefix must be a str (what was passed to paddle.static.save), got "
+            f"{_select.short_repr(path_prefix)} of type {type(path_prefix).__name__}"
         )
 
 
@@ -385,7 +385,8 @@ def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
     """
     _check_path_prefix(path_prefix)
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str (the EMA's name= or state prefix), got {name!r}")
+        raise TypeError(f"name must be a non-empty str (the EMA's name= or state prefix), got "
+                        f"{_select.short_repr(name)}")
     params, others = _read_checkpoint(path_prefix)
     prefix = _ema_prefix(others, name)
     pieces = _unstacked_averages(params, others, prefix)

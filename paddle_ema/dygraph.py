@@ -12,6 +12,7 @@ import numpy as np
 import paddle
 
 from paddle_ema import _apply, _graph, _ir, _select, schedule
+from paddle_ema._select import short_repr
 
 __all__ = ["ModelEMA"]
 
@@ -68,6 +69,17 @@ def _update_keeping_infinities(average: Any, target: Any, weight: float, positiv
         kept = paddle.scale(average, 1.0 - weight) + paddle.scale(target, weight)
     _ir.sgd_lerp_(average, target, positive, negative)
     paddle.assign(paddle.where(infinite, kept, average), output=average)
+
+
+def _not_a_layer(model: Any) -> str:
+    """What ``model`` is and what to pass instead, for the error that it is not a Layer."""
+    if isinstance(model, (list, tuple)):  # e.g. model.parameters(): its repr prints every tensor
+        kind = "parameters" if model and all(isinstance(t, paddle.Tensor) for t in model) else "items"
+        return (
+            f"a {type(model).__name__} of {len(model)} {kind}; pass the model (a paddle.nn.Layer) "
+            "itself: ModelEMA finds its parameters and buffers (parameters=[...] picks some)"
+        )
+    return f"{short_repr(model)} of type {type(model).__name__}"
 
 
 class ModelEMA:
@@ -185,15 +197,15 @@ class ModelEMA:
                 "paddle_ema.ExponentialMovingAverage (or call paddle.disable_static() first)"
             )
         if not isinstance(model, paddle.nn.Layer):
-            raise TypeError(
-                f"model must be a paddle.nn.Layer, got {model!r} of type {type(model).__name__}"
-            )
+            raise TypeError(f"model must be a paddle.nn.Layer, got {_not_a_layer(model)}")
         if warmup not in _WARMUPS:
-            raise ValueError(f"warmup must be None, 'threshold', 'power' or 'exponential', got {warmup!r}")
+            raise ValueError(
+                f"warmup must be None, 'threshold', 'power' or 'exponential', got {short_repr(warmup)}"
+            )
         if init not in _INITS:
-            raise ValueError(f"init must be 'zeros' or 'weights', got {init!r}")
+            raise ValueError(f"init must be 'zeros' or 'weights', got {short_repr(init)}")
         if frozen not in _FROZEN:
-            raise ValueError(f"frozen must be 'average', 'copy' or 'exclude', got {frozen!r}")
+            raise ValueError(f"frozen must be 'average', 'copy' or 'exclude', got {short_repr(frozen)}")
         if warmup != "exponential" and tau != 2000.0:
             raise ValueError(
                 f"tau shapes warmup='exponential' only (warmup is {warmup!r}); pass "
@@ -205,11 +217,13 @@ class ModelEMA:
                 "warmup='power', or leave them at their defaults"
             )
         if isinstance(update_every, bool) or not isinstance(update_every, int):
-            raise TypeError(f"update_every must be an int (average on every k-th call), got {update_every!r}")
+            raise TypeError(
+                f"update_every must be an int (average on every k-th call), got {short_repr(update_every)}"
+            )
         if update_every < 1:
-            raise ValueError(f"update_every must be an int of at least 1, got {update_every!r}")
+            raise ValueError(f"update_every must be an int of at least 1, got {short_repr(update_every)}")
         if not isinstance(buffers, bool):
-            raise TypeError(f"buffers must be a bool, got {buffers!r}")
+            raise TypeError(f"buffers must be a bool, got {short_repr(buffers)}")
         self._schedule = schedule.Schedule.make(
             decay, threshold=warmup == "threshold", start_step=start_step,
             power=power if warmup == "power" else None, inv_gamma=inv_gamma, min_decay=min_decay,
@@ -258,8 +272,14 @@ class ModelEMA:
 
     @property
     def names(self) -> list[str]:
-        """The structured names of the averaged tensors, in the model's order."""
+        """The structured names of the averaged tensors (parameters and buffers), in the model's order."""
         return list(self._tensors)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Alias of :attr:`names`, the same list (buffers included), as
+        :attr:`ExponentialMovingAverage.parameter_names`."""
+        return self.names
 
     @property
     def num_updates(self) -> int:
@@ -781,12 +801,12 @@ def _counts(state: dict[str, Any], plan: schedule.Schedule, init: str) -> tuple[
     for key, value in (("num_updates", updates), ("update_calls", calls)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise ValueError(
-                f"the state's {key} must be an int, got {value!r} of type {type(value).__name__}; pass "
-                "what ModelEMA.state_dict() returned"
+                f"the state's {key} must be an int, got {short_repr(value)} of type "
+                f"{type(value).__name__}; pass what ModelEMA.state_dict() returned"
             )
     if isinstance(bias_correction, (bool, np.bool_)) or not isinstance(bias_correction, numbers.Real):
         raise ValueError(
-            f"the state's bias_correction must be a float, got {bias_correction!r} of type "
+            f"the state's bias_correction must be a float, got {short_repr(bias_correction)} of type "
             f"{type(bias_correction).__name__}; pass what ModelEMA.state_dict() returned"
         )
     updates, calls, bias_correction = int(updates), int(calls), float(bias_correction)

@@ -14,6 +14,7 @@ import paddle
 from paddle.utils import unique_name
 
 from paddle_ema import _apply, _graph, _ir, _select, schedule
+from paddle_ema._select import short_repr
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -27,7 +28,7 @@ def _check_thres_steps(thres_steps: Any, program: Any) -> Any:
         raise TypeError(
             "thres_steps must be a static-graph Variable/Value holding the step count (e.g. "
             "paddle_ema.global_step_counter() or paddle.static.data('step', [1], 'int64')), got "
-            f"{thres_steps!r} of type {type(thres_steps).__name__}; for a fixed decay leave it None"
+            f"{short_repr(thres_steps)} of type {type(thres_steps).__name__}; for a fixed decay leave it None"
         )
     dtype = _ir.dtype_name(thres_steps)
     if dtype not in ("int32", "int64", "float16", "float32", "float64"):
@@ -51,7 +52,7 @@ def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise TypeError(
             f"name must be a non-empty str (the prefix of the EMA's variable names) or None, got "
-            f"{name!r} of type {type(name).__name__}; pass e.g. name='ema'"
+            f"{short_repr(name)} of type {type(name).__name__}; pass e.g. name='ema'"
         )
     return name
 
@@ -59,7 +60,7 @@ def _check_name(name: Any) -> str:
 def _check_executor(executor: Any, method: str) -> None:
     if not isinstance(executor, paddle.static.Executor):
         raise TypeError(
-            f"{method}(executor) needs a paddle.static.Executor, got {executor!r} of type "
+            f"{method}(executor) needs a paddle.static.Executor, got {short_repr(executor)} of type "
             f"{type(executor).__name__}; pass the Executor that runs your training program"
         )
 
@@ -127,7 +128,7 @@ def _parameter_name(item: Any, program: Any) -> str | None:
         return getattr(item, "name", None)
     if _ir.program_of(item) is not program:
         raise ValueError(
-            f"parameters: {item!r} belongs to another program than the default main program this "
+            f"parameters: {short_repr(item)} belongs to another program than the default main program this "
             "ExponentialMovingAverage averages; pass this program's parameters, or their names"
         )
     try:
@@ -304,9 +305,14 @@ class ExponentialMovingAverage:
         return self._schedule.decay
 
     @property
-    def parameter_names(self) -> list[str]:
-        """Names of the parameters this EMA averages, in program order."""
+    def names(self) -> list[str]:
+        """Names of the parameters this EMA averages, in program order (as :attr:`ModelEMA.names`)."""
         return [slot.param for slot in self._plan.slots]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Alias of :attr:`names`, the same list, kept so that code written for earlier releases runs."""
+        return self.names
 
     def update(self) -> None:
         """Append the EMA ops to the default main program.
@@ -542,7 +548,7 @@ class ExponentialMovingAverage:
             raise RuntimeError("averages() needs the EMA ops: call ema.update() after optimizer.minimize()")
         self._say_if_written_after_update()
         scope = paddle.static.global_scope()
-        if _graph.debias_value(self._plan, scope) == 0.0:
+        if _graph.debias_value(self._plan, scope, "averages") == 0.0:
             return {name: _ir.read_array(name, scope) for name in self.parameter_names}
         names = list(self._read_fetches)
         values = executor.run(

@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 
 from paddle_ema import _apply, _snapshots, power
+from paddle_ema._select import short_repr
 from paddle_ema.dygraph import ModelEMA
 
 __all__ = ["PostHocEMA", "PowerEMA", "snapshots", "synthesize"]
@@ -34,10 +35,10 @@ def _exponent(sigma_rel: Any, gamma: Any) -> float:
         if sigma_rel is None:
             raise ValueError("pass sigma_rel (e.g. 0.05) or gamma (e.g. 16.97)")
         return power.sigma_rel_to_gamma(sigma_rel)
-    if sigma_rel is not None and sigma_rel != 0.05:
+    if sigma_rel is not None and not (isinstance(sigma_rel, numbers.Real) and sigma_rel == 0.05):
         raise ValueError(
-            f"pass sigma_rel or gamma, not both (got sigma_rel={sigma_rel!r}, gamma={gamma!r}); "
-            "leave sigma_rel at its default (or None) when giving gamma"
+            f"pass sigma_rel or gamma, not both (got sigma_rel={short_repr(sigma_rel)}, "
+            f"gamma={short_repr(gamma)}); leave sigma_rel at its default (or None) when giving gamma"
         )
     power.gamma_to_sigma_rel(gamma)  # checks the range
     return float(gamma)
@@ -150,8 +151,8 @@ class PowerEMA(ModelEMA):
         if isinstance(saved, bool) or not isinstance(saved, numbers.Real) or not math.isclose(
                 float(saved), self._gamma, rel_tol=1e-12):
             raise ValueError(
-                f"the state is of a PowerEMA with gamma {saved!r}, this one's is {self._gamma!r}; build "
-                "the PowerEMA with the sigma_rel (or gamma) of the run that saved it"
+                f"the state is of a PowerEMA with gamma {short_repr(saved)}, this one's is "
+                f"{self._gamma!r}; build the PowerEMA with the sigma_rel (or gamma) of the run that saved it"
             )
         last = state.get("last_update_call")
         calls, updates = state.get("update_calls"), state.get("num_updates")
@@ -160,7 +161,7 @@ class PowerEMA(ModelEMA):
                 or (last == 0) != (updates == 0)):
             raise ValueError(
                 f"the state's last_update_call must be an int in [1, update_calls] after an update (0 "
-                f"before), got {last!r}; pass what PowerEMA.state_dict() returned"
+                f"before), got {short_repr(last)}; pass what PowerEMA.state_dict() returned"
             )
         super().set_state_dict(state)
         self._last_update_call = int(last)
@@ -240,13 +241,14 @@ class PostHocEMA:
     ) -> None:
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
             raise TypeError(
-                f"sigma_rels must be a non-empty sequence of floats, e.g. (0.05, 0.10); got {sigma_rels!r}"
+                f"sigma_rels must be a non-empty sequence of floats, e.g. (0.05, 0.10); got "
+                f"{short_repr(sigma_rels)}"
             )
         gammas = [power.sigma_rel_to_gamma(s) for s in sigma_rels]
         _snapshots.check_distinct([float(s) for s in sigma_rels])
         for argument, value in (("snapshot_every", snapshot_every), ("update_every", update_every)):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{argument} must be an int, got {value!r}")
+                raise TypeError(f"{argument} must be an int, got {short_repr(value)}")
             if value < 1:
                 raise ValueError(f"{argument} must be at least 1, got {value!r}")
         if snapshot_every % update_every:
@@ -255,9 +257,11 @@ class PostHocEMA:
                 "so every snapshot is taken right after an averaging update"
             )
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
-            raise ValueError(f"snapshot_dtype must be 'float32' or 'float64', got {snapshot_dtype!r}")
+            raise ValueError(
+                f"snapshot_dtype must be 'float32' or 'float64', got {short_repr(snapshot_dtype)}"
+            )
         if not isinstance(snapshot_dir, (str, os.PathLike)):
-            raise TypeError(f"snapshot_dir must be a path, got {snapshot_dir!r}")
+            raise TypeError(f"snapshot_dir must be a path, got {short_repr(snapshot_dir)}")
         if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
             raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} is a file; pass a directory")
         found = _snapshots.Manifest.read(os.fspath(snapshot_dir)) if os.path.isdir(snapshot_dir) else None
@@ -399,10 +403,13 @@ class PostHocEMA:
         if (not isinstance(sigma_rels, (list, tuple)) or len(sigma_rels) != len(self._sigma_rels)
                 or not all(isinstance(s, numbers.Real) and math.isclose(s, t, rel_tol=1e-9)
                            for s, t in zip(sigma_rels, self._sigma_rels))):
-            raise ValueError(f"the state tracks sigma_rels {sigma_rels!r}, this one {self._sigma_rels}")
+            raise ValueError(
+                f"the state tracks sigma_rels {short_repr(sigma_rels)}, this one {self._sigma_rels}"
+            )
         if state["snapshot_every"] != self._every:
             raise ValueError(
-                f"the state took snapshots every {state['snapshot_every']!r} steps, this one {self._every}"
+                f"the state took snapshots every {short_repr(state['snapshot_every'])} steps, this one "
+                f"{self._every}"
             )
         found = self._foreign if self._foreign is not None else _snapshots.Manifest.read(self._dir)
         if found is not None and found.run != run:

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from paddle_ema._select import short_repr
+
 __all__ = [
     "MAX_GAMMA", "MAX_SIGMA_REL", "MIN_SIGMA_REL", "correlation", "gamma_to_sigma_rel",
     "posthoc_coefficients", "sigma_rel_to_gamma", "step_weight",
@@ -44,7 +46,9 @@ MIN_SIGMA_REL = math.sqrt((MAX_GAMMA + 1.0) / ((MAX_GAMMA + 2.0) ** 2 * (MAX_GAM
 
 def _number(value: Any, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{argument} must be a number, got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"{argument} must be a number, got {short_repr(value)} of type {type(value).__name__}"
+        )
     return float(value)
 
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import paddle
 
+from paddle_ema._select import short_repr
+
 __all__ = [
     "Schedule", "bias_correction_problem", "emit_step_weight", "next_bias_correction", "step_weight",
 ]
@@ -40,7 +42,8 @@ _WEIGHT_DTYPE = "float32"  # what the averages are updated with (cast where an a
 def _real(value: Any, argument: str, example: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"{argument} must be a number, got {value!r} of type {type(value).__name__}; pass e.g. {example}"
+            f"{argument} must be a number, got {short_repr(value)} of type {type(value).__name__}; "
+            f"pass e.g. {example}"
         )
     try:
         return float(value)
@@ -52,7 +55,7 @@ def check_decay(decay: Any) -> float:
     """``decay`` as a float in [0, 1), or a TypeError/ValueError that says so."""
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
         raise TypeError(
-            f"decay must be a float in [0, 1), got {decay!r} of type {type(decay).__name__}; "
+            f"decay must be a float in [0, 1), got {short_repr(decay)} of type {type(decay).__name__}; "
             "pass e.g. decay=0.999"
         )
     value = _real(decay, "decay", "decay=0.999")
@@ -110,7 +113,7 @@ class Schedule:
         if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral):
             raise TypeError(
                 f"start_step must be an int (updates that use decay 0 before the schedule starts), got "
-                f"{start_step!r} of type {type(start_step).__name__}; pass e.g. start_step=100"
+                f"{short_repr(start_step)} of type {type(start_step).__name__}; pass e.g. start_step=100"
             )
         if start_step < 0:
             raise ValueError(f"start_step must be at least 0, got {start_step}")
