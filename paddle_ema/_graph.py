@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import paddle
 
-from paddle_ema import _ir
+from paddle_ema import _ir, schedule
 
 # The step weight is a float32 scalar whatever the parameters' dtype (cast where an average needs it).
 _SCALAR_DTYPE = "float32"
@@ -323,17 +323,11 @@ def emit_update(plan: EmaPlan, params: Sequence[Any], state: StateHandles, weigh
     _ir.lerp_(state.debias, paddle.ones([1], _DEBIAS_DTYPE), weights.get(_DEBIAS_DTYPE))
 
 
-def _reciprocals(plan: EmaPlan) -> _ScalarVariants:
-    """:math:`1 / c_t`, computed in float64 and rounded once to each dtype that asks for it.
-
-    The debiased average is the average times this reciprocal, not its quotient by :math:`c_t`: within
-    one ulp of that quotient (one more rounding), but Paddle's CPU division by a one-element tensor
-    runs through a broadcast kernel at about half memory speed, while ``scale`` with a tensor factor
-    runs at full speed (64 tensors of 512x512: 16.5 ms against 9.7, in both IRs and on 2.6). Apply and
-    :meth:`~paddle_ema.ExponentialMovingAverage.averages` use the same factor, so they agree bit for bit.
-    """
+def _reciprocals(plan: EmaPlan) -> dict[str, Any]:
+    """The debias factor of each average dtype of ``plan`` (see
+    :func:`paddle_ema.schedule.debias_factor`), emitted in the current program."""
     debias = _ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE)
-    return _ScalarVariants(paddle.full([1], 1.0, _DEBIAS_DTYPE) / debias)
+    return schedule.emit_debias_factors(debias, [group.dtype for group in plan.groups])
 
 
 def _pieces(average: Any, slots: Sequence[Slot]) -> list[Any]:
@@ -351,7 +345,7 @@ def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
         average = _ir.bind_persistable(group.average, group.shape, group.dtype)
         slots = [plan.slots[i] for i in group.members]
         for slot, piece in zip(slots, _pieces(average, slots)):
-            yield slot, piece, reciprocals.get(group.dtype)
+            yield slot, piece, reciprocals[group.dtype]
 
 
 def build_write_program(plan: EmaPlan) -> paddle.static.Program:
@@ -368,7 +362,7 @@ def build_write_program(plan: EmaPlan) -> paddle.static.Program:
         for group in plan.groups:
             average = _ir.bind_persistable(group.average, group.shape, group.dtype)
             slots = [plan.slots[i] for i in group.members]
-            factor = reciprocals.get(group.dtype)
+            factor = reciprocals[group.dtype]
             if slots[0].shares_result:
                 _ir.scale_into(average, factor, slots[0].result, slots[0].dtype)
                 continue

@@ -176,9 +176,10 @@ def _check_shapes_and_dtypes(program: Any, state: dict[str, np.ndarray], path_pr
             continue
         shape, dtype = specs[name]
         value = np.asarray(value)
-        if value.shape != shape or _dtype_name(value) != dtype:
+        held = _ir.dtype_name(value)
+        if value.shape != shape or held != dtype:
             raise ValueError(
-                f"the checkpoint {path_prefix!r} holds {name!r} as {_dtype_name(value)}{list(value.shape)}, "
+                f"the checkpoint {path_prefix!r} holds {name!r} as {held}{list(value.shape)}, "
                 f"the program as {dtype}{list(shape)}; it was written by another model (nothing was loaded)"
             )
 
@@ -317,11 +318,6 @@ def _read_checkpoint(path_prefix: str) -> tuple[dict[str, np.ndarray], dict[str,
     return parts[0], parts[1]
 
 
-def _dtype_name(value: np.ndarray) -> str:
-    """numpy holds bfloat16 tensors as their uint16 bit patterns."""
-    return "bfloat16" if value.dtype == np.uint16 else str(value.dtype)
-
-
 def _ema_prefix(state: dict[str, np.ndarray], name: str) -> str:
     """The state prefix of the EMA called ``name`` (``"ema"`` finds ``"ema_0"``) in a checkpoint."""
     prefixes = sorted(k[: -len(".bias_correction")] for k in state if k.endswith(".bias_correction"))
@@ -346,7 +342,7 @@ def _stack_members(
             name for name, value in params.items()
             if name not in own and value.ndim >= 1 and value.size <= limit
             and value.shape[1:] == average.shape[1:]
-            and _graph.accumulator_dtype(_dtype_name(value)) == str(average.dtype)
+            and _graph.accumulator_dtype(_ir.dtype_name(value)) == str(average.dtype)
         )
         if members and f"stack_{_graph.stack_digest(members)}" == stack:
             return members
@@ -395,9 +391,9 @@ def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
     correction = float(others[f"{prefix}.bias_correction"].reshape(-1)[0])
     if correction == 0.0:
         return {param: _ir.as_numpy_dtype(params[param]) for param in pieces}
-    # apply multiplies, in the average's dtype, by the float64 reciprocal of the correction rounded
-    # to that dtype: the same roundings here.
+    # apply's roundings: the average times the factor, in the average's dtype.
     return {
-        param: (piece * piece.dtype.type(1.0 / correction)).astype(piece.dtype).reshape(params[param].shape)
+        param: (piece * piece.dtype.type(schedule.debias_factor(correction, piece.dtype)))
+        .astype(piece.dtype).reshape(params[param].shape)
         for param, piece in pieces.items()
     }
