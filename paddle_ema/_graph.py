@@ -21,14 +21,13 @@ when the decay varies.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import math
 from typing import Any, Iterator, Sequence
 
 import paddle
 
-from paddle_ema import _ir, schedule
+from paddle_ema import _ir, _names, schedule
 
 # The step weight is a float32 scalar whatever the parameters' dtype (cast where an average needs it).
 _SCALAR_DTYPE = "float32"
@@ -71,7 +70,7 @@ class Group:
     from their concatenation by one op instead of one op each: per-op overhead (3-15 us an op, more
     under PIR, which also spends an op per state tensor it refers to) dominates small tensors, while
     the concatenation costs one extra pass over them, into a buffer kept between steps. How small is
-    small: :func:`paddle_ema._ir.stack_max_numel`.
+    small: :func:`paddle_ema._names.stack_max_numel`.
     """
 
     average: str
@@ -83,31 +82,46 @@ class Group:
     stacked: str | None = None
 
 
-def _stack_key(shape: Sequence[int], dtype: str) -> tuple | None:
-    """Parameters with equal keys can share a stacked average; None: this one keeps its own."""
-    if len(shape) == 0 or math.prod(shape) > _ir.stack_max_numel():
+def _stack_key(shape: Sequence[int], dtype: str, limit: int | None = None) -> tuple | None:
+    """Parameters with equal keys can share a stacked average; None: this one keeps its own.
+
+    ``limit`` is the stacking limit (default :func:`paddle_ema._names.stack_max_numel`).
+    """
+    limit = _names.stack_max_numel() if limit is None else limit
+    if len(shape) == 0 or math.prod(shape) > limit:
         return None
     return (accumulator_dtype(dtype), tuple(shape[1:]))
 
 
-def _stack_name(members: Sequence[str]) -> str:
-    """``stack_<digest>``: one name per set of member parameters, whatever order they come in.
+def stack_members(
+    key: str, shape: Sequence[int], dtype: str, params: dict[str, tuple[tuple[int, ...], str]]
+) -> list[str] | None:
+    """The parameters a stacked average holds, in stacking order, found again by its name: None if
+    no set of ``params`` fits.
 
-    The digest is of the sorted member names, so a checkpoint's stack is found again under the same
-    model whatever order its parameters are listed in, and a stack whose members changed (a layer added)
-    gets a new name instead of another stack's.
+    Args:
+        key: The stack's :func:`paddle_ema._names.stack_name`.
+        shape: The stacked average's shape.
+        dtype: The stacked average's dtype name.
+        params: ``{name: (shape, dtype name)}`` of the candidates.
+
+    A stack holds every averaged parameter of one accumulator dtype and trailing shape up to the
+    stacking limit it was made under (see :class:`Group`), and its key is a digest of their sorted
+    names: the candidates that fit under each past limit are tried, and the digest confirms them.
     """
-    return f"stack_{stack_digest(members)}"
-
-
-def stack_digest(members: Sequence[str]) -> str:
-    """The digest in a stacked average's name: of its members' names, sorted."""
-    return hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()[:12]
+    for limit in _names.stack_limits():
+        members = sorted(
+            name for name, (param_shape, param_dtype) in params.items()
+            if _stack_key(param_shape, param_dtype, limit) == (dtype, tuple(shape[1:]))
+        )
+        if members and _names.stack_name(members) == key:
+            return members
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class EmaPlan:
-    """Names and layout of every tensor one EMA instance owns. The only place those names are made."""
+    """Names and layout of every tensor one EMA instance owns, named by :mod:`paddle_ema._names`."""
 
     step: str
     debias: str
@@ -131,11 +145,11 @@ class EmaPlan:
             members.sort(key=lambda i: params[i].name)
             first = members[0]
             if len(members) == 1:
-                average, stacked = f"{prefix}.{params[first].name}.average", None
+                average, stacked = _names.average(prefix, params[first].name), None
                 shape, rows = shapes[first], [None]
             else:
-                stack = _stack_name([params[i].name for i in members])
-                average, stacked = f"{prefix}.{stack}.average", f"{prefix}.{stack}.stacked"
+                stack = _names.stack_name([params[i].name for i in members])
+                average, stacked = _names.average(prefix, stack), _names.stacked(prefix, stack)
                 ends = list(itertools.accumulate(shapes[i][0] for i in members))
                 shape = (ends[-1], *shapes[first][1:])
                 rows = list(zip([0, *ends[:-1]], ends))
@@ -149,15 +163,11 @@ class EmaPlan:
                 name = params[index].name
                 slots[index] = Slot(
                     param=name, shape=shapes[index], dtype=dtypes[index],
-                    result=f"{prefix}.{stack}.applied" if one_result else f"{prefix}.{name}.applied",
+                    result=_names.applied(prefix, stack if one_result else name),
                     average=average, rows=row, shares_result=one_result,
                 )
-        # The float64 bias denominator is named ".bias_correction": paddle_ema 0.1 kept a float32 one
-        # as ".debias", and under PIR a float32 tensor loaded under the float64 one's name fails the
-        # first training step half-way (some averages updated, the denominator not). Under a new name,
-        # loading a 0.1 checkpoint fails in paddle.static.load instead, before training.
         return cls(
-            step=f"{prefix}.step", debias=f"{prefix}.bias_correction", slots=tuple(slots),
+            step=_names.step(prefix), debias=_names.bias_correction(prefix), slots=tuple(slots),
             groups=tuple(groups),
         )
 

@@ -54,7 +54,6 @@ __all__ = [
     "share_memory",
     "holds_memory",
     "sgd_lerp_",
-    "stack_max_numel",
     "tensor_spec",
     "update_role",
 ]
@@ -165,19 +164,6 @@ def sgd_lerp_(average: Any, target: Any, weight: Any, weight_neg: Any) -> None:
             outputs={"ParamOut": [average]},
             attrs={"multi_precision": False},
         )
-
-
-def stack_max_numel() -> int:
-    """Largest parameter (in elements) whose average is worth stacking with others (see _graph.Group).
-
-    Stacking trades one op per tensor for one concatenation pass over it (into a buffer that stays
-    allocated: see :func:`concat_into_buffer`). Measured with candidates side by side in one process
-    (EMA-only programs, 2 CPU cores, Paddle 3.3): under PIR, 32k elements cut the ops the EMA adds to
-    the 512-tensor fc64 *training* program from 524 to 22 and its EMA-only step from 4.1 to 3.0 ms
-    (1k: 0.2's limit); 256k doubles the fc512 step (1 MB tensors concatenated for nothing). In the
-    legacy IR 32k was already the best of 4k-256k.
-    """
-    return 32768
 
 
 def concat_into_buffer(members: Sequence[Any], name: str) -> Any:
