@@ -29,6 +29,14 @@ import paddle
 
 from paddle_ema import _ir, _names, schedule
 
+__all__ = [
+    "EmaPlan", "Group", "LERP_MAX_NUMEL", "Slot", "StateHandles", "accumulator_dtype",
+    "build_read_program", "build_write_program", "debias_value", "emit_state", "emit_update",
+    "parameters_live", "reset_state", "stack_members", "state_found", "state_names",
+    # apply's scratch tensors
+    "Scratch", "release_scratch", "scratch", "share_backups", "swap_backups_in", "swap_results_in",
+]
+
 # The step weight is a float32 scalar whatever the parameters' dtype (cast where an average needs it).
 _SCALAR_DTYPE = "float32"
 # The bias denominator c is one float64 number. In float32, c <- c + w (1 - c) stalls once w (1 - c)

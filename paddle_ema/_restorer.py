@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+__all__ = ["Restorer"]
+
 
 class Restorer:
     """Calls ``restore`` when a ``with`` block ends (also by an exception), if ``need_restore``.

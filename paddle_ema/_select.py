@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Sequence
 
+__all__ = ["choose", "matches_any", "some_names"]
+
 
 def some_names(names: Sequence[str]) -> str:
     """At most the first few of ``names``, for an error message."""

@@ -16,7 +16,7 @@ import paddle
 from paddle_ema import _graph, _ir, _names, _select, schedule
 from paddle_ema._restorer import Restorer
 
-__all__ = ["ExponentialMovingAverage"]
+__all__ = ["ExponentialMovingAverage", "updated_emas"]
 
 _logger = logging.getLogger(__name__)
 
