@@ -6,6 +6,8 @@ import re
 import reprlib
 from typing import Any, Callable, Sequence
 
+__all__ = ["choose", "matches_any", "short_repr", "some_names"]
+
 # A user value shown in an error can be huge: a list of parameters reprs every tensor (207 KB for
 # resnet18). reprlib shows a few items of a container and the ends of a long repr only.
 _SHORT = reprlib.Repr()

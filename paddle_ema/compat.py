@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import paddle
 
-from paddle_ema import schedule
+from paddle_ema import _ir, schedule
 from paddle_ema._select import short_repr
-from paddle_ema.dygraph import ModelEMA, _dtype_name
+from paddle_ema.dygraph import ModelEMA
 
 __all__ = ["FORMATS", "load", "save"]
 
@@ -88,7 +88,7 @@ def _from_applied(ema: ModelEMA, applied: dict[str, Any], updates: int, source: 
         value = _numpy(applied[name])
         if value.dtype not in (np.float16, np.float32, np.float64):
             raise ValueError(f"{source} holds {name!r} as {value.dtype}, not a floating-point array")
-        averages[name] = (value.astype(np.float64) * correction).astype(_dtype_name(ema._averages[name]))
+        averages[name] = (value.astype(np.float64) * correction).astype(_ir.dtype_name(ema._averages[name]))
     ema.set_state_dict({
         "averages": averages, "num_updates": int(updates), "update_calls": int(updates),
         "bias_correction": correction,

@@ -495,7 +495,7 @@ class ModelEMA:
             # Every conversion before the first write: nothing is changed if one fails.
             values = {
                 name: (value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)).astype(
-                    _dtype_name(self._averages[name]))
+                    _ir.dtype_name(self._averages[name]))
                 for name, value in averages.items()
             }
             for name, value in values.items():
@@ -584,7 +584,7 @@ class ModelEMA:
         """Make the average of ``self._tensors[name]``, beside it on its device: ``initial(tensor,
         dtype=accumulator dtype)``, and look at whether the tensor holds a non-finite value."""
         tensor = self._tensors[name]
-        dtype = _graph.accumulator_dtype(_dtype_name(tensor))
+        dtype = _graph.accumulator_dtype(_ir.dtype_name(tensor))
         with paddle.no_grad():
             self._averages[name] = initial(tensor, dtype=dtype)
             if dtype not in self._weights:
@@ -608,14 +608,14 @@ class ModelEMA:
                 average,
                 self._tensors[name],
                 self._tensors[name].dtype != average.dtype,
-                self._weights[_dtype_name(average)],
+                self._weights[_ir.dtype_name(average)],
                 name in self._non_finite,
             )
             for name, average in self._averages.items()
         ]
         parameters = {name for name, _ in self._layer.named_parameters()}
         self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
-        self._dtypes = {name: _dtype_name(t) for name, t in self._tensors.items()}
+        self._dtypes = {name: _ir.dtype_name(t) for name, t in self._tensors.items()}
         self._bindings = _ir.LayerBindings.of(self._layer)
         # A tensor reshaped or cast in place (paddle.assign(x, output=weight), weight.cast_(...)) is
         # the same object: its shape and element size tell (a float16/bfloat16 swap needs nothing).
@@ -680,13 +680,13 @@ class ModelEMA:
                 del current[name]
                 current[moved_to] = before
         for name, now in current.items():
-            changed = now is not self._tensors[name] or _dtype_name(now) != self._dtypes[name]
+            changed = now is not self._tensors[name] or _ir.dtype_name(now) != self._dtypes[name]
             if now is not self._tensors[name]:
                 _logger.debug("ModelEMA follows %s, re-bound by the model", name)
                 self._tensors[name] = now
             average = self._averages[name]
-            if _graph.accumulator_dtype(_dtype_name(now)) != _dtype_name(average):
-                _logger.debug("ModelEMA casts the average of %s to %s", name, _dtype_name(now))
+            if _graph.accumulator_dtype(_ir.dtype_name(now)) != _ir.dtype_name(average):
+                _logger.debug("ModelEMA casts the average of %s to %s", name, _ir.dtype_name(now))
                 self._start_average(name, lambda _, dtype, a=average: a.astype(dtype))
             elif changed:  # (a cast may have made a value infinite: -1e9 in float16)
                 self._look_for_non_finite(name)
@@ -736,15 +736,13 @@ class ModelEMA:
             for name, tensor in self._tensors.items():
                 yield name, tensor.clone()
             return
-        # Times the float64 reciprocal of the correction rounded once to the average's dtype, as the
-        # static class does: a scale kernel at memory speed (a division by a one-element tensor
-        # broadcasts at about half that), within an ulp of the quotient.
         reciprocals = {
-            dtype: paddle.full([1], 1.0 / self._bias_correction, dtype) for dtype in self._weights
+            dtype: paddle.full([1], schedule.debias_factor(self._bias_correction, dtype), dtype)
+            for dtype in self._weights
         }
         for name, tensor in self._tensors.items():
             average = self._averages[name]
-            value = paddle.scale(average, reciprocals[_dtype_name(average)])
+            value = paddle.scale(average, reciprocals[_ir.dtype_name(average)])
             yield name, value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
 
 
@@ -768,7 +766,7 @@ def _check_still_averageable(
         )
     if not paddle.is_floating_point(now) or list(now.shape) != list(shape):
         raise RuntimeError(
-            f"the model's {name!r} now holds a {_dtype_name(now)}{list(now.shape)} tensor, not the "
+            f"the model's {name!r} now holds a {_ir.dtype_name(now)}{list(now.shape)} tensor, not the "
             f"{dtype}{list(shape)} one this ModelEMA averages (a floating-point tensor of that "
             "shape); build a new ModelEMA for the changed model"
         )
@@ -778,7 +776,7 @@ def _check_average(name: str, value: Any, average: Any) -> None:
     """Raise a ValueError unless ``value`` can be the average of ``name``: a floating-point paddle
     Tensor or numpy array of ``average``'s shape."""
     if isinstance(value, paddle.Tensor):
-        floating, dtype = paddle.is_floating_point(value), _dtype_name(value)
+        floating, dtype = paddle.is_floating_point(value), _ir.dtype_name(value)
     elif isinstance(value, np.ndarray):
         floating, dtype = value.dtype in (np.float16, np.float32, np.float64), str(value.dtype)
     else:
@@ -825,7 +823,3 @@ def _counts(state: dict[str, Any], plan: schedule.Schedule, init: str) -> tuple[
             "a ModelEMA with the same decay"
         )
     return updates, calls, bias_correction
-
-
-def _dtype_name(tensor: Any) -> str:
-    return str(tensor.dtype).replace("paddle.", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -11,12 +12,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import paddle
-from paddle.utils import unique_name
 
-from paddle_ema import _apply, _graph, _ir, _select, schedule
+from paddle_ema import _apply, _graph, _ir, _names, _select, schedule
 from paddle_ema._select import short_repr
 
-__all__ = ["ExponentialMovingAverage"]
+__all__ = ["ExponentialMovingAverage", "updated_emas"]
 
 _logger = logging.getLogger(__name__)
 
@@ -151,6 +151,16 @@ def _compiled_programs_of(program: Any) -> bool:
     )
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _StateView:
+    """What a checkpoint holds of one :class:`ExponentialMovingAverage`, and what loading it needs."""
+
+    name: str  # the EMA's unique name, the prefix of its state (see paddle_ema._names)
+    plan: _graph.EmaPlan  # the names and layout of its state
+    schedule: schedule.Schedule  # to check a checkpoint's bias correction against
+    counter: str | None  # the paddle_ema.global_step_counter its warm-up reads, if any
+
+
 # Every EMA whose ops are in a program, so that paddle_ema.load can tell EMA state from the rest.
 _UPDATED: weakref.WeakSet[ExponentialMovingAverage] = weakref.WeakSet()
 
@@ -283,7 +293,7 @@ class ExponentialMovingAverage:
                 "do_model_average=False, or all excluded); build the network and call "
                 "optimizer.minimize() before creating the ExponentialMovingAverage"
             )
-        self._name = unique_name.generate(prefix)
+        self._name = _names.unique_prefix(prefix)
         self._plan = _graph.EmaPlan.for_params(self._name, self._params)
         # The states: new (self._state is None: update() not called yet) -> ready (the EMA ops are in
         # the training program) <-> applied (this EMA is on _apply's record: its averages are written,
@@ -313,6 +323,10 @@ class ExponentialMovingAverage:
     def parameter_names(self) -> list[str]:
         """Alias of :attr:`names`, the same list, kept so that code written for earlier releases runs."""
         return self.names
+
+    def _state_view(self) -> _StateView:
+        """What :mod:`paddle_ema.checkpoint` reads of this EMA (its internal surface)."""
+        return _StateView(name=self._name, plan=self._plan, schedule=self._schedule, counter=self._counter)
 
     def update(self) -> None:
         """Append the EMA ops to the default main program.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import paddle
@@ -33,7 +33,8 @@ import paddle
 from paddle_ema._select import short_repr
 
 __all__ = [
-    "Schedule", "bias_correction_problem", "emit_step_weight", "next_bias_correction", "step_weight",
+    "Schedule", "bias_correction_problem", "check_decay", "debias_factor", "emit_debias_factors",
+    "emit_step_weight", "next_bias_correction", "step_weight",
 ]
 
 _WEIGHT_DTYPE = "float32"  # what the averages are updated with (cast where an average needs it)
@@ -212,6 +213,41 @@ def next_bias_correction(correction: float, weight: float) -> float:
     static graph keeps it in, as a lerp toward 1).
     """
     return correction + weight * (1.0 - correction)
+
+
+def debias_factor(correction: float, dtype: str) -> float:
+    """What an average of ``dtype`` is multiplied by to remove its bias: :math:`1 / c`.
+
+    The reciprocal of the bias denominator :math:`c` computed in float64 and rounded once to the
+    average's dtype (float32 or float64), here for numbers and in :func:`emit_debias_factors` with
+    paddle ops; every debiased average paddle_ema gives is the average times this factor, so they
+    agree bit for bit. A product rather than the quotient by :math:`c`: within one ulp of it (one
+    more rounding), but Paddle's CPU division by a one-element tensor runs through a broadcast kernel
+    at about half memory speed, while ``scale`` with a tensor factor runs at full speed (64 tensors
+    of 512x512: 16.5 ms against 9.7, in both IRs and on 2.6).
+
+    Args:
+        correction: The bias denominator :math:`c = 1 - \\prod d_i`, non-zero (after an update).
+        dtype: The average's dtype name, ``"float32"`` or ``"float64"``.
+
+    Returns:
+        The factor, a float that ``dtype`` represents exactly.
+    """
+    return float(np.array(1.0 / correction, dtype=dtype))
+
+
+def emit_debias_factors(correction: Any, dtypes: Iterable[str]) -> dict[str, Any]:
+    """:func:`debias_factor` for each of ``dtypes``, computed by paddle ops: ``{dtype: tensor [1]}``.
+
+    Args:
+        correction: float64 tensor of shape [1], the bias denominator (non-zero when this runs).
+        dtypes: The averages' dtype names; the reciprocal is computed once, and cast once to each.
+    """
+    reciprocal = paddle.full([1], 1.0, "float64") / correction
+    return {
+        dtype: reciprocal if dtype == "float64" else paddle.cast(reciprocal, dtype)
+        for dtype in dict.fromkeys(dtypes)
+    }
 
 
 def bias_correction_problem(updates: int, correction: float, schedule: Schedule | None = None) -> str | None:
