@@ -1,12 +1,12 @@
 """A/B of the stacking limit: how large a parameter's average may be and still be stacked with others.
 
-paddle_ema stacks the averages of parameters of up to ``paddle_ema._ir.stack_max_numel()`` elements
+paddle_ema stacks the averages of parameters of up to ``paddle_ema._names.stack_max_numel()`` elements
 (one op per stack, plus one concatenation pass). This script builds, in the Paddle mode of the
 process, each model's training step without EMA and with paddle_ema under each candidate limit, and
 EMA-only programs under each limit, all side by side, and times them in turn (``bench_ema.Timer``:
 median of repeats). It prints ms per step, what the EMA adds to the training step, the ops it adds,
 and minor page faults per step. Results are printed, not written: they chose the limit in
-``_ir.stack_max_numel`` (see its docstring).
+``_names.stack_max_numel`` (see its docstring).
 
     FLAGS_enable_pir_api=1 PYTHONPATH=$PWD python benchmarks/stack_limit.py --models fc64
 """
@@ -22,19 +22,19 @@ import paddle
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ema  # noqa: E402
 
-from paddle_ema import _ir  # noqa: E402
+from paddle_ema import _names  # noqa: E402
 
 LIMITS = (1024, 4096, 32768, 262144)
 
 
 def built_with_limit(limit: int, build, *args, **kwargs):
     """``build(*args, **kwargs)`` with the stacking limit set to ``limit``; the library's own after."""
-    original = _ir.stack_max_numel
-    _ir.stack_max_numel = lambda: limit
+    original = _names.stack_max_numel
+    _names.stack_max_numel = lambda: limit
     try:
         return build(*args, **kwargs)
     finally:
-        _ir.stack_max_numel = original
+        _names.stack_max_numel = original
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     paddle.enable_static()
     timer = bench_ema.Timer(repeats=args.repeats, warmup=5, target_s=0.25, min_runs=5)
-    print(f"{bench_ema.mode_name()}: library limit {_ir.stack_max_numel()} elements")
+    print(f"{bench_ema.mode_name()}: library limit {_names.stack_max_numel()} elements")
     for model in args.models:
         shapes = bench_ema.model_shapes(model)
         train = {"no EMA": bench_ema.build_train(model, None)}

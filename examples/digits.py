@@ -37,6 +37,17 @@ def _in_range(kind, ok, what: str):
     return parse
 
 
+def _folder(text: str) -> Path:
+    """An argparse type: a folder that exists or can be made (no part of the path is a file)."""
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise argparse.ArgumentTypeError(f"{text} cannot be a folder: {part} is a file")
+            break
+    return path
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=_in_range(int, lambda n: n >= 1, "at least 1"), default=30,
@@ -45,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="EMA decay in [0, 1) (default 0.99)")
     parser.add_argument("--lr", type=_in_range(float, lambda lr: lr > 0, "positive"), default=0.3,
                         help="momentum SGD learning rate, positive; high on purpose (default 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot and model")
+    parser.add_argument("--seed", type=_in_range(int, lambda s: 0 <= s < 2**32, f"in [0, {2**32 - 1}]"),
+                        default=0, help="seed for the split, init and shuffling, in [0, 2**32) (default 0)")
+    parser.add_argument("--out", type=_folder, default=Path("out"), help="folder for the plot and model")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 

@@ -24,28 +24,46 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-import numpy as np
-import paddle
-
-import paddle_ema
-
-paddle.enable_static()
-PIR = paddle.framework.in_pir_mode()
 GLOBAL_BATCH, FEATURES = 32, 8
+
+
+def _folder(text: str) -> str:
+    """An argparse type: a folder that exists or can be made (no part of the path is a file)."""
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise argparse.ArgumentTypeError(f"{text} cannot be a folder: {part} is a file")
+            break
+    return text
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     parser.add_argument("--decay", type=float, default=0.95, help="EMA decay (default 0.95)")
-    parser.add_argument("--out", default="out_distributed", help="folder for rank 0's checkpoint")
+    parser.add_argument("--out", type=_folder, default="out_distributed",
+                        help="folder for rank 0's checkpoint")
     parser.add_argument("--resume", metavar="PATH",
                         help="a checkpoint to start from, e.g. out_distributed/model")
     args = parser.parse_args()
     if args.steps < 1 or not 0 <= args.decay < 1:
         parser.error(f"--steps must be at least 1 and --decay in [0, 1), got {args.steps} and {args.decay}")
     return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and bad arguments end here, before Paddle is imported
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import paddle_ema  # noqa: E402
+
+paddle.enable_static()
+PIR = paddle.framework.in_pir_mode()
 
 
 def gloo_ring(rank: int, nranks: int) -> None:
@@ -88,8 +106,7 @@ def data_parallel_minimize(optimizer, loss, nranks: int, on_gpu: bool) -> None:
         optimizer.apply_gradients([(p, all_reduce_mean(g, nranks)) for p, g in params_grads if g is not None])
 
 
-def main() -> int:
-    args = parse_args()
+def main(args: argparse.Namespace) -> int:
     env = paddle.distributed.ParallelEnv()
     rank, nranks = env.rank, env.world_size
     on_gpu = paddle.is_compiled_with_cuda()
@@ -161,4 +178,4 @@ def forward_only_clone(program, loss):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

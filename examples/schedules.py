@@ -14,11 +14,16 @@ and with each EMA applied, and what ``ema.averages(exe)`` reads without applying
 Run: ``python examples/schedules.py``
 """
 
-import numpy as np
-import paddle
+import argparse
 
-import paddle_ema
-from paddle_ema import schedule
+# --help (and an unknown argument) ends here, before Paddle loads.
+argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import paddle_ema  # noqa: E402
+from paddle_ema import schedule  # noqa: E402
 
 paddle.enable_static()
 PIR = paddle.framework.in_pir_mode()

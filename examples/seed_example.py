@@ -9,11 +9,16 @@ weights on the same batch after each pass.
 Run: ``python examples/seed_example.py``
 """
 
-import numpy
-import paddle
-import paddle.static as static
+import argparse
 
-from paddle_ema import ExponentialMovingAverage
+# --help (and an unknown argument) ends here, before Paddle loads.
+argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+
+import numpy  # noqa: E402
+import paddle  # noqa: E402
+import paddle.static as static  # noqa: E402
+
+from paddle_ema import ExponentialMovingAverage  # noqa: E402
 
 paddle.enable_static()
 

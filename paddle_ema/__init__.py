@@ -6,16 +6,19 @@
 
 import logging
 
-from paddle_ema import callbacks, compat
+from paddle_ema import callbacks, compat, posthoc, power
 from paddle_ema._version import __version__
 from paddle_ema.checkpoint import load, load_averages
 from paddle_ema.dygraph import ModelEMA
 from paddle_ema.ema import ExponentialMovingAverage
+from paddle_ema.posthoc import PostHocEMA, PowerEMA
+from paddle_ema.power import gamma_to_sigma_rel, sigma_rel_to_gamma
 from paddle_ema.steps import global_step_counter
 
 __all__ = [
-    "ExponentialMovingAverage", "ModelEMA", "__version__", "callbacks", "compat", "global_step_counter",
-    "load", "load_averages",
+    "ExponentialMovingAverage", "ModelEMA", "PostHocEMA", "PowerEMA", "__version__", "callbacks", "compat",
+    "gamma_to_sigma_rel", "global_step_counter", "load", "load_averages", "posthoc", "power",
+    "sigma_rel_to_gamma",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -21,14 +21,19 @@ when the decay varies.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import math
 from typing import Any, Iterator, Sequence
 
 import paddle
 
-from paddle_ema import _ir
+from paddle_ema import _ir, _names, schedule
+
+__all__ = [
+    "EmaPlan", "Group", "LERP_MAX_NUMEL", "Slot", "StateHandles", "accumulator_dtype",
+    "build_read_program", "build_write_program", "debias_value", "emit_state", "emit_update",
+    "parameters_live", "reset_state", "stack_members", "state_found", "state_names",
+]
 
 # The step weight is a float32 scalar whatever the parameters' dtype (cast where an average needs it).
 _SCALAR_DTYPE = "float32"
@@ -71,7 +76,7 @@ class Group:
     from their concatenation by one op instead of one op each: per-op overhead (3-15 us an op, more
     under PIR, which also spends an op per state tensor it refers to) dominates small tensors, while
     the concatenation costs one extra pass over them, into a buffer kept between steps. How small is
-    small: :func:`paddle_ema._ir.stack_max_numel`.
+    small: :func:`paddle_ema._names.stack_max_numel`.
     """
 
     average: str
@@ -83,31 +88,46 @@ class Group:
     stacked: str | None = None
 
 
-def _stack_key(shape: Sequence[int], dtype: str) -> tuple | None:
-    """Parameters with equal keys can share a stacked average; None: this one keeps its own."""
-    if len(shape) == 0 or math.prod(shape) > _ir.stack_max_numel():
+def _stack_key(shape: Sequence[int], dtype: str, limit: int | None = None) -> tuple | None:
+    """Parameters with equal keys can share a stacked average; None: this one keeps its own.
+
+    ``limit`` is the stacking limit (default :func:`paddle_ema._names.stack_max_numel`).
+    """
+    limit = _names.stack_max_numel() if limit is None else limit
+    if len(shape) == 0 or math.prod(shape) > limit:
         return None
     return (accumulator_dtype(dtype), tuple(shape[1:]))
 
 
-def _stack_name(members: Sequence[str]) -> str:
-    """``stack_<digest>``: one name per set of member parameters, whatever order they come in.
+def stack_members(
+    key: str, shape: Sequence[int], dtype: str, params: dict[str, tuple[tuple[int, ...], str]]
+) -> list[str] | None:
+    """The parameters a stacked average holds, in stacking order, found again by its name: None if
+    no set of ``params`` fits.
 
-    The digest is of the sorted member names, so a checkpoint's stack is found again under the same
-    model whatever order its parameters are listed in, and a stack whose members changed (a layer added)
-    gets a new name instead of another stack's.
+    Args:
+        key: The stack's :func:`paddle_ema._names.stack_name`.
+        shape: The stacked average's shape.
+        dtype: The stacked average's dtype name.
+        params: ``{name: (shape, dtype name)}`` of the candidates.
+
+    A stack holds every averaged parameter of one accumulator dtype and trailing shape up to the
+    stacking limit it was made under (see :class:`Group`), and its key is a digest of their sorted
+    names: the candidates that fit under each past limit are tried, and the digest confirms them.
     """
-    return f"stack_{stack_digest(members)}"
-
-
-def stack_digest(members: Sequence[str]) -> str:
-    """The digest in a stacked average's name: of its members' names, sorted."""
-    return hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()[:12]
+    for limit in _names.stack_limits():
+        members = sorted(
+            name for name, (param_shape, param_dtype) in params.items()
+            if _stack_key(param_shape, param_dtype, limit) == (dtype, tuple(shape[1:]))
+        )
+        if members and _names.stack_name(members) == key:
+            return members
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class EmaPlan:
-    """Names and layout of every tensor one EMA instance owns. The only place those names are made."""
+    """Names and layout of every tensor one EMA instance owns, named by :mod:`paddle_ema._names`."""
 
     step: str
     debias: str
@@ -131,11 +151,11 @@ class EmaPlan:
             members.sort(key=lambda i: params[i].name)
             first = members[0]
             if len(members) == 1:
-                average, stacked = f"{prefix}.{params[first].name}.average", None
+                average, stacked = _names.average(prefix, params[first].name), None
                 shape, rows = shapes[first], [None]
             else:
-                stack = _stack_name([params[i].name for i in members])
-                average, stacked = f"{prefix}.{stack}.average", f"{prefix}.{stack}.stacked"
+                stack = _names.stack_name([params[i].name for i in members])
+                average, stacked = _names.average(prefix, stack), _names.stacked(prefix, stack)
                 ends = list(itertools.accumulate(shapes[i][0] for i in members))
                 shape = (ends[-1], *shapes[first][1:])
                 rows = list(zip([0, *ends[:-1]], ends))
@@ -149,15 +169,11 @@ class EmaPlan:
                 name = params[index].name
                 slots[index] = Slot(
                     param=name, shape=shapes[index], dtype=dtypes[index],
-                    result=f"{prefix}.{stack}.applied" if one_result else f"{prefix}.{name}.applied",
+                    result=_names.applied(prefix, stack if one_result else name),
                     average=average, rows=row, shares_result=one_result,
                 )
-        # The float64 bias denominator is named ".bias_correction": paddle_ema 0.1 kept a float32 one
-        # as ".debias", and under PIR a float32 tensor loaded under the float64 one's name fails the
-        # first training step half-way (some averages updated, the denominator not). Under a new name,
-        # loading a 0.1 checkpoint fails in paddle.static.load instead, before training.
         return cls(
-            step=f"{prefix}.step", debias=f"{prefix}.bias_correction", slots=tuple(slots),
+            step=_names.step(prefix), debias=_names.bias_correction(prefix), slots=tuple(slots),
             groups=tuple(groups),
         )
 
@@ -323,17 +339,11 @@ def emit_update(plan: EmaPlan, params: Sequence[Any], state: StateHandles, weigh
     _ir.lerp_(state.debias, paddle.ones([1], _DEBIAS_DTYPE), weights.get(_DEBIAS_DTYPE))
 
 
-def _reciprocals(plan: EmaPlan) -> _ScalarVariants:
-    """:math:`1 / c_t`, computed in float64 and rounded once to each dtype that asks for it.
-
-    The debiased average is the average times this reciprocal, not its quotient by :math:`c_t`: within
-    one ulp of that quotient (one more rounding), but Paddle's CPU division by a one-element tensor
-    runs through a broadcast kernel at about half memory speed, while ``scale`` with a tensor factor
-    runs at full speed (64 tensors of 512x512: 16.5 ms against 9.7, in both IRs and on 2.6). Apply and
-    :meth:`~paddle_ema.ExponentialMovingAverage.averages` use the same factor, so they agree bit for bit.
-    """
+def _reciprocals(plan: EmaPlan) -> dict[str, Any]:
+    """The debias factor of each average dtype of ``plan`` (see
+    :func:`paddle_ema.schedule.debias_factor`), emitted in the current program."""
     debias = _ir.bind_persistable(plan.debias, [1], _DEBIAS_DTYPE)
-    return _ScalarVariants(paddle.full([1], 1.0, _DEBIAS_DTYPE) / debias)
+    return schedule.emit_debias_factors(debias, [group.dtype for group in plan.groups])
 
 
 def _pieces(average: Any, slots: Sequence[Slot]) -> list[Any]:
@@ -351,13 +361,14 @@ def _debiased_pieces(plan: EmaPlan) -> Iterator[tuple[Slot, Any, Any]]:
         average = _ir.bind_persistable(group.average, group.shape, group.dtype)
         slots = [plan.slots[i] for i in group.members]
         for slot, piece in zip(slots, _pieces(average, slots)):
-            yield slot, piece, reciprocals.get(group.dtype)
+            yield slot, piece, reciprocals[group.dtype]
 
 
 def build_write_program(plan: EmaPlan) -> paddle.static.Program:
     """A program that writes every parameter's debiased average, in the parameter's dtype, into the
-    parameter's result tensor (see :func:`swap_results_in`): one op per average tensor, so a stack of
-    small parameters costs one op, not one per member. It writes no parameter.
+    parameter's result tensor (which :meth:`paddle_ema._apply.ScopeSwap.swap_in` swaps in): one op per
+    average tensor, so a stack of small parameters costs one op, not one per member. It writes no
+    parameter.
 
     Run it only once the bias denominator is non-zero (after the first update step): before that
     there is no average to apply.
@@ -368,7 +379,7 @@ def build_write_program(plan: EmaPlan) -> paddle.static.Program:
         for group in plan.groups:
             average = _ir.bind_persistable(group.average, group.shape, group.dtype)
             slots = [plan.slots[i] for i in group.members]
-            factor = reciprocals.get(group.dtype)
+            factor = reciprocals[group.dtype]
             if slots[0].shares_result:
                 _ir.scale_into(average, factor, slots[0].result, slots[0].dtype)
                 continue
@@ -396,8 +407,13 @@ def build_read_program(plan: EmaPlan) -> tuple[paddle.static.Program, dict[str, 
     return program, fetches
 
 
-def debias_value(plan: EmaPlan, scope: Any) -> float:
+def debias_value(plan: EmaPlan, scope: Any, method: str = "apply") -> float:
     """The current bias denominator :math:`1 - \\prod d_i` in ``scope``; 0 before the first update step.
+
+    Args:
+        plan: The names of the EMA's state.
+        scope: The scope that holds it.
+        method: The ExponentialMovingAverage method that asks, named in the error.
 
     Raises:
         RuntimeError: the state is not initialised (the startup program has not run).
@@ -406,102 +422,6 @@ def debias_value(plan: EmaPlan, scope: Any) -> float:
     if value is None:
         raise RuntimeError(
             f"the EMA state {plan.debias!r} is not initialised in the current scope; run the startup "
-            "program (or load a checkpoint) before ExponentialMovingAverage.apply()"
+            f"program (or load a checkpoint) before ExponentialMovingAverage.{method}()"
         )
     return value
-
-
-# eq=False: compared by identity (the record of applied EMAs looks itself up by it).
-@dataclasses.dataclass(frozen=True, eq=False)
-class Scratch:
-    """Handles to the parameters and backups one apply works with, looked up once (512 parameters:
-    ~0.5 ms), the scope they live in, and where to find its results.
-
-    Results are looked up by name each time, after the write program ran: under PIR its
-    ``shadow_output`` puts a new variable into the scope under the result's name, so a handle taken
-    before the run would refer to a variable the scope no longer holds.
-    """
-
-    scope: Any  # the scope apply worked on, whatever scope is current at restore; kept alive here
-    slots: tuple[Slot, ...] = ()
-    params: tuple[Any, ...] = ()  # per slot
-    backups: tuple[Any, ...] = ()  # per slot
-
-    def results(self) -> dict[str, Any]:
-        """The result tensors in the scope, by name (a stacked result serves several slots)."""
-        names = dict.fromkeys(slot.result for slot in self.slots)
-        return {name: tensor for name in names if (tensor := _ir.find_scope_tensor(name, self.scope))}
-
-
-def scratch(plan: EmaPlan, scope: Any) -> Scratch:
-    """Handles to every parameter that ``scope`` sees (its own or an ancestor's) and to its backup,
-    the backups holding no memory yet.
-
-    Backups are tensors of no scope, owned by the handles: they live as long as the apply does,
-    whatever happens to ``scope`` (``drop_kids`` on a parent frees a child scope's variables, and
-    the trained values with them, were they kept there). Results live only in the scope. Neither is
-    in any program's persistables, so checkpoints never carry them, and both hold memory only while
-    an apply is under way or applied (see :func:`release_scratch`).
-
-    Raises:
-        RuntimeError: a parameter is not in ``scope`` or its ancestors, or holds no data; nothing
-            has been declared then.
-    """
-    # Found, not declared: a child scope sees its parent's parameters, and declaring one in the
-    # child would hide the trained parameter behind an empty one from every later run in it.
-    params = tuple(_ir.find_scope_tensor(slot.param, scope) for slot in plan.slots)
-    for slot, param in zip(plan.slots, params):
-        if param is None or not _ir.holds_memory(param):
-            raise RuntimeError(
-                f"parameter {slot.param!r} holds no data in the current scope or its parents; run "
-                "apply() under paddle.static.scope_guard(scope) with the scope the training runs in"
-            )
-    return Scratch(
-        scope=scope,
-        slots=plan.slots,
-        params=params,
-        backups=tuple(_ir.detached_tensor() for _ in plan.slots),
-    )
-
-
-def share_backups(handles: Scratch) -> None:
-    """Make every backup refer to its parameter's memory: a backup that copies nothing.
-
-    Writes no parameter, so an interrupt here changes nothing; once done, every trained value is
-    held by a backup whatever a parameter refers to next.
-    """
-    for param, backup in zip(handles.params, handles.backups):
-        _ir.share_memory(backup, param)
-
-
-def swap_results_in(handles: Scratch) -> None:
-    """Make every parameter refer to its debiased average (its result, or its rows of a stacked
-    result), then let go of the results. No copy: apply costs the one pass of the write program. Run
-    after :func:`share_backups`."""
-    results = handles.results()
-    for slot, param in zip(handles.slots, handles.params):
-        result = results[slot.result]
-        _ir.share_memory(param, _ir.rows_of(result, *slot.rows) if slot.shares_result else result)
-    for result in results.values():
-        _ir.release(result)
-
-
-def swap_backups_in(handles: Scratch) -> None:
-    """Make every parameter refer to its backup's memory again: the trained values, bit for bit, with
-    no copy. Idempotent, so an interrupted restore can run again; a parameter whose backup holds no
-    memory was never swapped and is left alone."""
-    for param, backup in zip(handles.params, handles.backups):
-        if _ir.holds_memory(backup):
-            _ir.share_memory(param, backup)
-
-
-def release_scratch(handles: Scratch, results: bool = True) -> None:
-    """Let go of the backups and, with ``results``, the results, so a model does not carry a second
-    copy of its weights. A restore passes ``results=False``: :func:`swap_results_in` let go of them
-    already, and the scope that held them may be gone by then (a child scope dropped by its
-    parent's ``drop_kids``), when only the backups, which are no scope's, can be touched."""
-    for backup in handles.backups:
-        _ir.release(backup)
-    if results:
-        for result in handles.results().values():
-            _ir.release(result)

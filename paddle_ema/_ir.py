@@ -31,6 +31,7 @@ __all__ = [
     "eager_swap_in",
     "fill_scope_tensor",
     "find_scope_tensor",
+    "find_scope_variable",
     "in_pir_mode",
     "initialized_place",
     "is_graph_variable",
@@ -54,7 +55,6 @@ __all__ = [
     "share_memory",
     "holds_memory",
     "sgd_lerp_",
-    "stack_max_numel",
     "tensor_spec",
     "update_role",
 ]
@@ -73,11 +73,17 @@ def is_graph_variable(value: Any) -> bool:
 
 
 def dtype_name(value: Any) -> str:
-    """The dtype of a graph variable as a numpy-style name ('float32', 'bfloat16'), in either IR."""
+    """The dtype of ``value`` as a numpy-style name ('float32', 'bfloat16', ...).
+
+    The one place paddle_ema names a dtype. ``value`` is a graph variable of either IR, a scope
+    tensor, an eager ``paddle.Tensor`` or a numpy array (one Paddle gave: a bfloat16 tensor comes
+    as its uint16 bit patterns, and is named bfloat16).
+    """
+    # A scope tensor tells its dtype by a method; the others by an attribute.
+    dtype = value._dtype() if hasattr(value, "_dtype") else value.dtype
+    name = convert_dtype(dtype)
     # convert_dtype names bfloat16 'uint16' (numpy has no bfloat16 and holds its bits as uint16).
-    if value.dtype == paddle.bfloat16:
-        return "bfloat16"
-    return convert_dtype(value.dtype)
+    return "bfloat16" if name == "uint16" else name
 
 
 def create_state(name: str, shape: Sequence[int], dtype: str, fill: float) -> Any:
@@ -159,19 +165,6 @@ def sgd_lerp_(average: Any, target: Any, weight: Any, weight_neg: Any) -> None:
             outputs={"ParamOut": [average]},
             attrs={"multi_precision": False},
         )
-
-
-def stack_max_numel() -> int:
-    """Largest parameter (in elements) whose average is worth stacking with others (see _graph.Group).
-
-    Stacking trades one op per tensor for one concatenation pass over it (into a buffer that stays
-    allocated: see :func:`concat_into_buffer`). Measured with candidates side by side in one process
-    (EMA-only programs, 2 CPU cores, Paddle 3.3): under PIR, 32k elements cut the ops the EMA adds to
-    the 512-tensor fc64 *training* program from 524 to 22 and its EMA-only step from 4.1 to 3.0 ms
-    (1k: 0.2's limit); 256k doubles the fc512 step (1 MB tensors concatenated for nothing). In the
-    legacy IR 32k was already the best of 4k-256k.
-    """
-    return 32768
 
 
 def concat_into_buffer(members: Sequence[Any], name: str) -> Any:
@@ -317,7 +310,7 @@ def initialized_place(name: str, scope: Any) -> Any | None:
 def as_numpy_dtype(value: np.ndarray) -> np.ndarray:
     """An array Paddle gave numpy, in a numpy dtype: bfloat16, which numpy holds as its uint16 bit
     patterns, becomes float32 (exactly)."""
-    return (value.astype(np.uint32) << 16).view(np.float32) if value.dtype == np.uint16 else value
+    return (value.astype(np.uint32) << 16).view(np.float32) if dtype_name(value) == "bfloat16" else value
 
 
 def read_array(name: str, scope: Any) -> np.ndarray:
@@ -347,6 +340,11 @@ def detached_tensor() -> Any:
     from paddle.base import core
 
     return (getattr(core, "DenseTensor", None) or core.LoDTensor)()  # (2.6 names it LoDTensor)
+
+
+def find_scope_variable(name: str, scope: Any) -> Any | None:
+    """Variable ``name`` as ``scope`` resolves it (its own or an ancestor's), or None."""
+    return scope.find_var(name)
 
 
 def find_scope_tensor(name: str, scope: Any) -> Any | None:
@@ -392,8 +390,7 @@ def holds_memory(tensor: Any) -> bool:
 
 def tensor_spec(tensor: Any) -> tuple[tuple[int, ...], str]:
     """The shape and dtype name ('float32', 'bfloat16', ...) of scope tensor ``tensor``."""
-    dtype = convert_dtype(tensor._dtype())
-    return tuple(int(d) for d in tensor.shape()), "bfloat16" if dtype == "uint16" else dtype
+    return tuple(int(d) for d in tensor.shape()), dtype_name(tensor)
 
 
 def release(tensor: Any) -> None:

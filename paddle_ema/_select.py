@@ -3,7 +3,31 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Any, Callable, Sequence
+
+__all__ = ["choose", "matches_any", "short_repr", "some_names"]
+
+# A user value shown in an error can be huge: a list of parameters reprs every tensor (207 KB for
+# resnet18). reprlib shows a few items of a container and the ends of a long repr only.
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdict = 4
+_SHORT.maxstring = _SHORT.maxother = 100
+_SHORT.maxlevel = 2
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` on one line and at most about ``limit`` characters, for an error message.
+
+    Args:
+        value: What the user passed.
+        limit: The longest result.
+
+    Returns:
+        The repr, with a container's first few items and a long repr's two ends only.
+    """
+    text = re.sub(r"\s*\n\s*", " ", _SHORT.repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def some_names(names: Sequence[str]) -> str:
@@ -26,7 +50,7 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
 def _listed(argument: str, items: Any, what: str) -> list[Any]:
     if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
         raise TypeError(
-            f"{argument} must be a list of {what}, got {items!r} of type {type(items).__name__}; "
+            f"{argument} must be a list of {what}, got {short_repr(items)} of type {type(items).__name__}; "
             f"pass e.g. {argument}=['fc_0.w_0']"
         )
     return list(items)
@@ -64,8 +88,8 @@ def choose(
             name = item if isinstance(item, str) else name_of(item)
             if not isinstance(name, str):
                 raise TypeError(
-                    f"parameters must hold parameter names or parameters of {where}, got {item!r} of "
-                    f"type {type(item).__name__}"
+                    f"parameters must hold parameter names or parameters of {where}, got "
+                    f"{short_repr(item)} of type {type(item).__name__}"
                 )
             if name not in candidates:
                 raise ValueError(
@@ -79,7 +103,7 @@ def choose(
     left_out: set[str] = set()
     for pattern in _listed("exclude", exclude, "parameter names or regular expressions"):
         if not isinstance(pattern, str):
-            raise TypeError(f"exclude must hold str names or patterns, got {pattern!r}")
+            raise TypeError(f"exclude must hold str names or patterns, got {short_repr(pattern)}")
         try:
             regex = re.compile(pattern)
         except re.error as error:

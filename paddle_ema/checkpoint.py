@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 import pickle
-import re
-from typing import Any
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import paddle
 
-from paddle_ema import _graph, _ir, _select, ema, schedule, steps
+from paddle_ema import _apply, _graph, _ir, _names, _select, ema, schedule, steps
 
 __all__ = ["load", "load_averages"]
 
@@ -64,16 +64,14 @@ def load(program: Any, path_prefix: str) -> None:
     """
     if not isinstance(program, (paddle.static.Program, getattr(getattr(paddle, "pir", None), "Program", ()))):
         raise TypeError(
-            f"program must be a paddle.static.Program (the training program), got {program!r} of type "
-            f"{type(program).__name__}"
+            f"program must be a paddle.static.Program (the training program), got "
+            f"{_select.short_repr(program)} of type {type(program).__name__}"
         )
     _check_path_prefix(path_prefix)
     emas = ema.updated_emas(program)
     scope = paddle.static.global_scope()
     names = _ir.persistable_names(program)
-    if any(e._applied is not None for e in emas) or any(
-        applied.scope is scope and names & set(e.parameter_names) for e, applied in ema._APPLIED_STACK
-    ):
+    if any(e._applied is not None for e in emas) or _apply.overlapping(_apply.ScopeSwap("", scope, names)):
         raise RuntimeError(
             "an ExponentialMovingAverage over parameters of this program is applied in the current "
             "scope; call ema.restore(executor) before loading a checkpoint, or the restore would "
@@ -90,10 +88,11 @@ def load(program: Any, path_prefix: str) -> None:
             f"no checkpoint at {path_prefix!r}: {where}; pass what was passed to paddle.static.save "
             "(without .pdparams)"
         )
-    fresh = [e for e in emas if not set(_graph.state_names(e._plan)) <= state.keys()]
-    ema_names = {name for e in emas for name in _graph.state_names(e._plan)}
+    views = [e._state_view() for e in emas]
+    fresh = [v for v in views if not set(_graph.state_names(v.plan)) <= state.keys()]
+    ema_names = {name for v in views for name in _graph.state_names(v.plan)}
     # The paddle_ema.global_step_counter an EMA's warm-up reads restarts with the EMA if absent.
-    starts = {e._counter: steps.counter_start(program, e._counter) for e in emas if e._counter is not None}
+    starts = {v.counter: steps.counter_start(program, v.counter) for v in views if v.counter is not None}
     counters = {name: start for name, start in starts.items() if start is not None}
     restarted = sorted(set(counters) - state.keys())
     missing = sorted(_ir.persistable_names(program) - ema_names - set(counters) - state.keys())
@@ -106,34 +105,28 @@ def load(program: Any, path_prefix: str) -> None:
     # The checkpoint's parameters, to tell the members of its stacks by: the program's, all present
     # (checked above).
     params = {p.name: state[p.name] for p in program.global_block().all_parameters()}
-    for e in fresh:
-        absent = [n for n in _graph.state_names(e._plan) if n not in state]
-        relaid = _from_other_layout(e, params, state)
-        for name in _graph.state_names(e._plan):  # a part of an EMA's state would not match the rest
+    for v in fresh:
+        absent = [n for n in _graph.state_names(v.plan) if n not in state]
+        conversion, why_not = _convert(v, params, state)
+        for name in _graph.state_names(v.plan):  # a part of an EMA's state would not match the rest
             state.pop(name, None)
-        if relaid is not None:
-            prefix = e._plan.step[: -len(".step")]
-            for key in [k for k in state if k.startswith(prefix + ".") and k.endswith(".average")]:
-                del state[key]  # the same averages, stacked otherwise
-            state.update(relaid)
-            _logger.info("%s carries on its state, saved with its averages stacked otherwise", e._name)
+        if conversion is None:
+            reasons[v] = f"the checkpoint {path_prefix!r} has no {_select.some_names(absent)}{why_not}"
             continue
-        converted, why_not = _from_paddle_class(e, state)
-        if converted is None:
-            reasons[e] = f"the checkpoint {path_prefix!r} has no {_select.some_names(absent)}{why_not}"
-        else:
-            state.update(converted)
-            _logger.info("%s carries on the state of Paddle's ExponentialMovingAverage", e._name)
+        for name in conversion.replaces:
+            state.pop(name, None)
+        state.update(conversion.arrays)
+        _logger.info("%s carries on %s", v.name, conversion.source)
     _check_shapes_and_dtypes(program, state, path_prefix)
-    for e in emas:
-        if e not in reasons:
-            _check_counts(state, e._plan.step, e._plan.debias, path_prefix, e._schedule)
+    for v in views:
+        if v not in reasons:
+            _check_counts(state, v.plan.step, v.plan.debias, path_prefix, v.schedule)
     paddle.static.set_program_state(program, state)
-    for e, reason in reasons.items():
-        _graph.reset_state(e._plan, scope)
-        _logger.warning("%s starts fresh: %s", e._name, reason)
+    for v, reason in reasons.items():
+        _graph.reset_state(v.plan, scope)
+        _logger.warning("%s starts fresh: %s", v.name, reason)
     for name in restarted:
-        place = _ir.initialized_place(emas[0]._plan.slots[0].param, scope)
+        place = _ir.initialized_place(views[0].plan.slots[0].param, scope)
         _ir.fill_scope_tensor(name, [1], "int64", counters[name], place, scope)
         _logger.warning(
             "%s starts at %d: the checkpoint %r does not hold it (the EMA warm-up it drives starts "
@@ -144,8 +137,8 @@ def load(program: Any, path_prefix: str) -> None:
 def _check_path_prefix(path_prefix: Any) -> None:
     if not isinstance(path_prefix, (str, os.PathLike)):
         raise TypeError(
-            f"path_prefix must be a str (what was passed to paddle.static.save), got {path_prefix!r} of "
-            f"type {type(path_prefix).__name__}"
+            f"path_prefix must be a str (what was passed to paddle.static.save), got "
+            f"{_select.short_repr(path_prefix)} of type {type(path_prefix).__name__}"
         )
 
 
@@ -176,41 +169,87 @@ def _check_shapes_and_dtypes(program: Any, state: dict[str, np.ndarray], path_pr
             continue
         shape, dtype = specs[name]
         value = np.asarray(value)
-        if value.shape != shape or _dtype_name(value) != dtype:
+        held = _ir.dtype_name(value)
+        if value.shape != shape or held != dtype:
             raise ValueError(
-                f"the checkpoint {path_prefix!r} holds {name!r} as {_dtype_name(value)}{list(value.shape)}, "
+                f"the checkpoint {path_prefix!r} holds {name!r} as {held}{list(value.shape)}, "
                 f"the program as {dtype}{list(shape)}; it was written by another model (nothing was loaded)"
             )
 
 
-# The state of paddle.static.ExponentialMovingAverage (Paddle 2.6; 3.0 and 3.1 in the legacy IR): a
-# step counter and the current decay under fixed names, and "<param>_ema_<n>" per parameter, the same
-# biased average as paddle_ema's, from zero.
-_PADDLE_STEP, _PADDLE_DECAY = "@EMA_STEP_COUNTER@", "scheduled_ema_decay_rate"
+@dataclasses.dataclass(frozen=True)
+class _Conversion:
+    """An EMA's state made from other arrays of a checkpoint."""
+
+    arrays: dict[str, np.ndarray]  # the EMA's state, by name
+    source: str  # what it was made from, for the log ("<EMA> carries on <source>")
+    replaces: tuple[str, ...] = ()  # arrays of the checkpoint it stands for, left out of the load
+
+
+# A converter makes an EMA's state from a checkpoint that lacks it, given the EMA, the checkpoint's
+# parameters and all its arrays; it returns the conversion, or None and why not (a clause that
+# follows "the checkpoint has no <state>", or "" when there is nothing to say).
+_Converter = Callable[
+    [ema._StateView, Dict[str, np.ndarray], Dict[str, Any]], Tuple[Optional[_Conversion], str]
+]
+
+
+def _from_other_layout(
+    view: ema._StateView, params: dict[str, np.ndarray], state: dict[str, Any]
+) -> tuple[_Conversion | None, str]:
+    """This EMA's state from a checkpoint of the same EMA whose averages were stacked otherwise.
+
+    Which parameters share a stacked average depends on a size limit that has changed (under PIR it
+    was 1024 elements up to paddle_ema 0.3, now 32768): a checkpoint saved before holds the same step,
+    bias correction and averages under other stack names. They are cut apart and stacked anew, value
+    for value.
+    """
+    plan = view.plan
+    if plan.step not in state or plan.debias not in state:
+        return None, ""
+    try:
+        pieces = _unstacked_averages(params, state, view.name)
+    except ValueError:
+        return None, ""
+    if not all(s.param in pieces and tuple(pieces[s.param].shape) == s.shape for s in plan.slots):
+        return None, ""
+    converted = {plan.step: state[plan.step], plan.debias: state[plan.debias]}
+    for group in plan.groups:
+        parts = [pieces[plan.slots[i].param] for i in group.members]
+        if any(str(part.dtype) != group.dtype for part in parts):
+            return None, ""
+        converted[group.average] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    return _Conversion(
+        converted, "its state, saved with its averages stacked otherwise",
+        replaces=tuple(_names.averages_of(view.name, state).values()),
+    ), ""
 
 
 def _from_paddle_class(
-    e: ema.ExponentialMovingAverage, state: dict[str, Any]
-) -> tuple[dict | None, str]:
-    """This EMA's state made from the state of Paddle's own class in ``state``, or None and why not.
+    view: ema._StateView, params: dict[str, np.ndarray], state: dict[str, Any]
+) -> tuple[_Conversion | None, str]:
+    """This EMA's state made from the state of Paddle's own ``paddle.static.ExponentialMovingAverage``.
 
-    Paddle's average maps one to one. Its bias correction is not stored: with a constant decay it is
-    ``1 - d^t`` (what Paddle's apply divides by), but with ``thres_steps`` the decay varied and the
-    product of the decays is lost, so such an EMA starts fresh.
+    Paddle's class (Paddle 2.6; 3.0 and 3.1 in the legacy IR) keeps a step counter, the current
+    decay, and per parameter the same biased average as paddle_ema's, from zero: it maps one to one.
+    Its bias correction is not stored: with a constant decay it is ``1 - d^t`` (what Paddle's apply
+    divides by), but with ``thres_steps`` the decay varied and the product of the decays is lost, so
+    such an EMA starts fresh.
     """
-    if _PADDLE_STEP not in state or _PADDLE_DECAY not in state:
+    if _names.PADDLE_STEP not in state or _names.PADDLE_DECAY not in state:
         return None, ""
-    plan = e._plan
+    plan = view.plan
     averages, why_not = _paddle_class_averages(plan, state)
     if averages is None:
         return None, why_not
-    decay = float(np.asarray(state[_PADDLE_DECAY]).reshape(-1)[0])
-    if not e._schedule.is_constant or decay != float(np.float32(e.decay)):
+    decay = float(np.asarray(state[_names.PADDLE_DECAY]).reshape(-1)[0])
+    if not view.schedule.is_constant or decay != float(np.float32(view.schedule.decay)):
         return None, (
             f" (Paddle's class state is there, but its decay ({decay}) was not this EMA's constant "
-            f"{e.decay}: the product of its decays, the bias correction, is not in the checkpoint)"
+            f"{view.schedule.decay}: the product of its decays, the bias correction, is not in the "
+            "checkpoint)"
         )
-    steps = int(np.asarray(state[_PADDLE_STEP]).reshape(-1)[0])
+    steps = int(np.asarray(state[_names.PADDLE_STEP]).reshape(-1)[0])
     converted = {
         plan.step: np.array([steps], np.int64),
         plan.debias: np.array([1.0 - decay**steps], np.float64),
@@ -218,32 +257,48 @@ def _from_paddle_class(
     for group in plan.groups:
         parts = [averages[plan.slots[i].param].astype(group.dtype) for i in group.members]
         converted[group.average] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-    return converted, ""
+    return _Conversion(converted, "the state of Paddle's ExponentialMovingAverage"), ""
+
+
+# Tried in turn; the first that makes the state wins.
+_CONVERTERS: tuple[_Converter, ...] = (_from_other_layout, _from_paddle_class)
+
+
+def _convert(
+    view: ema._StateView, params: dict[str, np.ndarray], state: dict[str, Any]
+) -> tuple[_Conversion | None, str]:
+    """The first of :data:`_CONVERTERS`' conversions of this EMA's state, or None and why not."""
+    reasons = []
+    for convert in _CONVERTERS:
+        conversion, why_not = convert(view, params, state)
+        if conversion is not None:
+            return conversion, ""
+        reasons.append(why_not)
+    return None, "".join(reasons)
 
 
 def _paddle_class_averages(plan: _graph.EmaPlan, state: dict[str, Any]) -> tuple[dict | None, str]:
     """Each parameter's average as Paddle's class saved it, or None and why not.
 
-    Paddle's class names a parameter's average ``name + param + "_ema_<n>"``, ``name`` being the one
-    it was built with (default ``""``): the same ``name`` for every parameter, so the prefix is
-    found once and must fit all of them.
+    Paddle's class prefixes its averages' names with the ``name`` it was built with, the same for
+    every parameter: the prefix is found once and must fit all of them.
     """
-    def average_keys(prefix: str, param: str) -> list[str]:
-        pattern = re.escape(prefix + param) + r"_ema_\d+"
-        return [k for k in state if re.fullmatch(pattern, k)]
-
     first = plan.slots[0].param
-    prefixes = sorted({
-        m.group(1) for k in state if (m := re.fullmatch("(.*)" + re.escape(first) + r"_ema_\d+", k))
-    })
-    fitting = [p for p in prefixes if all(len(average_keys(p, s.param)) == 1 for s in plan.slots)]
+    prefixes = _names.paddle_class_prefixes(state, first)
+    fitting = [
+        p for p in prefixes
+        if all(len(_names.paddle_class_averages(state, p, s.param)) == 1 for s in plan.slots)
+    ]
     if len(fitting) != 1:
         what = f"several ({', '.join(repr(p) for p in fitting)})" if fitting else "no"
         return None, (
             f" (Paddle's class state is there, but {what} name prefix gives one average per parameter "
             f"of this EMA; averages found for {first!r}: {[p + first for p in prefixes] or 'none'})"
         )
-    return {s.param: np.asarray(state[average_keys(fitting[0], s.param)[0]]) for s in plan.slots}, ""
+    return {
+        s.param: np.asarray(state[_names.paddle_class_averages(state, fitting[0], s.param)[0]])
+        for s in plan.slots
+    }, ""
 
 
 def _unstacked_averages(
@@ -252,55 +307,34 @@ def _unstacked_averages(
     """Each parameter's stored (biased) average of the EMA ``prefix`` in a checkpoint, stacks cut apart.
 
     Raises:
-        ValueError: the members of a stack cannot be told (see :func:`_stack_members`).
+        ValueError: the members of a stack cannot be told: no set of the checkpoint's parameters
+            makes its name (see :func:`paddle_ema._graph.stack_members`), or they have other rows.
     """
-    averages = {
-        key[len(prefix) + 1: -len(".average")]: value for key, value in others.items()
-        if key.startswith(prefix + ".") and key.endswith(".average")
-    }
+    averages = {key: others[name] for key, name in _names.averages_of(prefix, others).items()}
     own = {key for key in averages if key in params}
     pieces = {param: averages[param] for param in own}
+    candidates = {
+        name: (value.shape, _ir.dtype_name(value)) for name, value in params.items() if name not in own
+    }
     for stack in averages.keys() - own:
-        members = _stack_members(params, averages[stack], stack, own)
-        rows = [params[member].shape[0] for member in members]
-        if sum(rows) != averages[stack].shape[0]:
+        average = averages[stack]
+        members = _graph.stack_members(stack, average.shape, str(average.dtype), candidates)
+        if members is None:
             raise ValueError(
-                f"{prefix}.{stack}.average has {averages[stack].shape[0]} rows, its members "
+                f"cannot tell which parameters share the stacked average {stack} ({average.dtype}"
+                f"{list(average.shape)}): no set of the checkpoint's parameters of its trailing shape "
+                "and dtype has its name (some parameters of the same shape were left out of the EMA, "
+                "or the checkpoint was edited); build the program and use ExponentialMovingAverage.apply"
+            )
+        rows = [params[member].shape[0] for member in members]
+        if sum(rows) != average.shape[0]:
+            raise ValueError(
+                f"{_names.average(prefix, stack)} has {average.shape[0]} rows, its members "
                 f"{_select.some_names(members)} {sum(rows)}; the checkpoint was edited or is damaged"
             )
         for member, start, count in zip(members, itertools.accumulate([0, *rows]), rows):
-            pieces[member] = averages[stack][start:start + count]
+            pieces[member] = average[start:start + count]
     return pieces
-
-
-def _from_other_layout(
-    e: ema.ExponentialMovingAverage, params: dict[str, np.ndarray], others: dict[str, np.ndarray]
-) -> dict[str, np.ndarray] | None:
-    """This EMA's state from a checkpoint of the same EMA whose averages were stacked otherwise, or None.
-
-    ``params`` are the checkpoint's parameters, ``others`` (at least) its other arrays.
-
-    Which parameters share a stacked average depends on a size limit that has changed (under PIR it
-    was 1024 elements up to paddle_ema 0.3, now 32768): a checkpoint saved before holds the same step,
-    bias correction and averages under other stack names. They are cut apart and stacked anew, value
-    for value.
-    """
-    plan = e._plan
-    if plan.step not in others or plan.debias not in others:
-        return None
-    try:
-        pieces = _unstacked_averages(params, others, plan.step[: -len(".step")])
-    except ValueError:
-        return None
-    if not all(s.param in pieces and tuple(pieces[s.param].shape) == s.shape for s in plan.slots):
-        return None
-    converted = {plan.step: others[plan.step], plan.debias: others[plan.debias]}
-    for group in plan.groups:
-        parts = [pieces[plan.slots[i].param] for i in group.members]
-        if any(str(part.dtype) != group.dtype for part in parts):
-            return None
-        converted[group.average] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-    return converted
 
 
 def _read_checkpoint(path_prefix: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -317,45 +351,14 @@ def _read_checkpoint(path_prefix: str) -> tuple[dict[str, np.ndarray], dict[str,
     return parts[0], parts[1]
 
 
-def _dtype_name(value: np.ndarray) -> str:
-    """numpy holds bfloat16 tensors as their uint16 bit patterns."""
-    return "bfloat16" if value.dtype == np.uint16 else str(value.dtype)
-
-
 def _ema_prefix(state: dict[str, np.ndarray], name: str) -> str:
     """The state prefix of the EMA called ``name`` (``"ema"`` finds ``"ema_0"``) in a checkpoint."""
-    prefixes = sorted(k[: -len(".bias_correction")] for k in state if k.endswith(".bias_correction"))
-    matches = [p for p in prefixes if p == name or re.fullmatch(re.escape(name) + r"_\d+", p)]
+    prefixes = _names.ema_prefixes(state)
+    matches = [p for p in prefixes if _names.is_prefix_of(p, name)]
     if len(matches) != 1:
         found = f"it holds the EMAs {prefixes}" if prefixes else "it holds no paddle_ema 0.2+ state"
         raise ValueError(f"cannot tell which EMA is {name!r} in this checkpoint: {found}; pass name=")
     return matches[0]
-
-
-def _stack_members(
-    params: dict[str, np.ndarray], average: np.ndarray, stack: str, own: set[str]
-) -> list[str]:
-    """The parameters a stacked average holds, in stacking order, found again by its name's digest.
-
-    A stack holds every averaged parameter of one accumulator dtype and trailing shape up to the
-    size limit of the IR it was built under (see _graph.Group), and its name is a digest of their
-    sorted names: the candidates are the checkpoint's parameters that fit, and the digest confirms them.
-    """
-    for limit in (1024, 32768):  # _ir.stack_max_numel: PIR's up to 0.3, and since in both IRs
-        members = sorted(
-            name for name, value in params.items()
-            if name not in own and value.ndim >= 1 and value.size <= limit
-            and value.shape[1:] == average.shape[1:]
-            and _graph.accumulator_dtype(_dtype_name(value)) == str(average.dtype)
-        )
-        if members and f"stack_{_graph.stack_digest(members)}" == stack:
-            return members
-    raise ValueError(
-        f"cannot tell which parameters share the stacked average {stack} ({average.dtype}"
-        f"{list(average.shape)}): no set of the checkpoint's parameters of its trailing shape and "
-        "dtype has its name (some parameters of the same shape were left out of the EMA, or the "
-        "checkpoint was edited); build the program and use ExponentialMovingAverage.apply"
-    )
 
 
 def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
@@ -387,17 +390,18 @@ def load_averages(path_prefix: str, name: str = "ema") -> dict[str, np.ndarray]:
     """
     _check_path_prefix(path_prefix)
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str (the EMA's name= or state prefix), got {name!r}")
+        raise TypeError(f"name must be a non-empty str (the EMA's name= or state prefix), got "
+                        f"{_select.short_repr(name)}")
     params, others = _read_checkpoint(path_prefix)
     prefix = _ema_prefix(others, name)
     pieces = _unstacked_averages(params, others, prefix)
-    _check_counts(others, f"{prefix}.step", f"{prefix}.bias_correction", path_prefix)
-    correction = float(others[f"{prefix}.bias_correction"].reshape(-1)[0])
+    _check_counts(others, _names.step(prefix), _names.bias_correction(prefix), path_prefix)
+    correction = float(others[_names.bias_correction(prefix)].reshape(-1)[0])
     if correction == 0.0:
         return {param: _ir.as_numpy_dtype(params[param]) for param in pieces}
-    # apply multiplies, in the average's dtype, by the float64 reciprocal of the correction rounded
-    # to that dtype: the same roundings here.
+    # apply's roundings: the average times the factor, in the average's dtype.
     return {
-        param: (piece * piece.dtype.type(1.0 / correction)).astype(piece.dtype).reshape(params[param].shape)
+        param: (piece * piece.dtype.type(schedule.debias_factor(correction, piece.dtype)))
+        .astype(piece.dtype).reshape(params[param].shape)
         for param, piece in pieces.items()
     }

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import paddle
 
-from paddle_ema import schedule
-from paddle_ema.dygraph import ModelEMA, _dtype_name
+from paddle_ema import _ir, schedule
+from paddle_ema._select import short_repr
+from paddle_ema.dygraph import ModelEMA
 
 __all__ = ["FORMATS", "load", "save"]
 
@@ -39,7 +40,7 @@ def _check(ema: Any, format: str) -> None:
     if not isinstance(ema, ModelEMA):
         raise TypeError(f"ema must be a paddle_ema.ModelEMA, got {type(ema).__name__}")
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise ValueError(f"format must be one of {FORMATS}, got {short_repr(format)}")
     if ema._init != _INIT[format]:
         raise ValueError(
             f"{format}'s EMA starts at {_INIT[format]}: build the ModelEMA with init={_INIT[format]!r} "
@@ -73,7 +74,9 @@ def _from_applied(ema: ModelEMA, applied: dict[str, Any], updates: int, source: 
     """Set ``ema`` to the state whose applied averages are ``applied`` after ``updates`` updates,
     checking every value first (through :meth:`ModelEMA.set_state_dict`: nothing changes on error)."""
     if isinstance(updates, bool) or not isinstance(updates, (int, np.integer)) or updates < 0:
-        raise ValueError(f"step must be an int of at least 0 (the EMA's update count), got {updates!r}")
+        raise ValueError(
+            f"step must be an int of at least 0 (the EMA's update count), got {short_repr(updates)}"
+        )
     missing = [n for n in ema.names if n not in applied]
     if missing:
         raise ValueError(f"{source} has no average of {missing[:5]}: it was not written for this model")
@@ -85,7 +88,7 @@ def _from_applied(ema: ModelEMA, applied: dict[str, Any], updates: int, source: 
         value = _numpy(applied[name])
         if value.dtype not in (np.float16, np.float32, np.float64):
             raise ValueError(f"{source} holds {name!r} as {value.dtype}, not a floating-point array")
-        averages[name] = (value.astype(np.float64) * correction).astype(_dtype_name(ema._averages[name]))
+        averages[name] = (value.astype(np.float64) * correction).astype(_ir.dtype_name(ema._averages[name]))
     ema.set_state_dict({
         "averages": averages, "num_updates": int(updates), "update_calls": int(updates),
         "bias_correction": correction,
@@ -168,7 +171,7 @@ def _load_ppdiffusers(ema: ModelEMA, state: Any) -> None:
     }
     if ema._schedule.power is not None:
         expected.update(inv_gamma=ema._schedule.inv_gamma, power=ema._schedule.power)
-    differ = [f"{k}={state[k]!r} (the ModelEMA: {v!r})" for k, v in expected.items()
+    differ = [f"{k}={short_repr(state[k])} (the ModelEMA: {v!r})" for k, v in expected.items()
               if k in state and not np.isclose(float(state[k]), float(v))]
     if differ:
         raise ValueError(f"the ppdiffusers EMA was configured otherwise: {', '.join(differ)}")

@@ -11,8 +11,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import paddle
 
-from paddle_ema import _graph, _ir, _select, schedule
-from paddle_ema._restorer import Restorer
+from paddle_ema import _apply, _graph, _ir, _select, schedule
+from paddle_ema._select import short_repr
 
 __all__ = ["ModelEMA"]
 
@@ -22,12 +22,6 @@ _WARMUPS = (None, "threshold", "power", "exponential")
 _INITS = ("zeros", "weights")
 _FROZEN = ("average", "copy", "exclude")
 _DEFAULT_POWER = 2 / 3
-
-# Every applied ModelEMA, in the order they were applied (one append and one remove each). A ModelEMA
-# restoring under a later one that shares tensors with it would put the raw weights back, and the
-# later one's restore would then write the first one's averages over them: restores go in reverse.
-_APPLIED: list[ModelEMA] = []
-
 
 def _named_tensors(model: Any, buffers: bool) -> dict[str, Any]:
     """The model's floating-point parameters (batch-norm statistics included: Paddle makes them
@@ -75,6 +69,17 @@ def _update_keeping_infinities(average: Any, target: Any, weight: float, positiv
         kept = paddle.scale(average, 1.0 - weight) + paddle.scale(target, weight)
     _ir.sgd_lerp_(average, target, positive, negative)
     paddle.assign(paddle.where(infinite, kept, average), output=average)
+
+
+def _not_a_layer(model: Any) -> str:
+    """What ``model`` is and what to pass instead, for the error that it is not a Layer."""
+    if isinstance(model, (list, tuple)):  # e.g. model.parameters(): its repr prints every tensor
+        kind = "parameters" if model and all(isinstance(t, paddle.Tensor) for t in model) else "items"
+        return (
+            f"a {type(model).__name__} of {len(model)} {kind}; pass the model (a paddle.nn.Layer) "
+            "itself: ModelEMA finds its parameters and buffers (parameters=[...] picks some)"
+        )
+    return f"{short_repr(model)} of type {type(model).__name__}"
 
 
 class ModelEMA:
@@ -192,15 +197,15 @@ class ModelEMA:
                 "paddle_ema.ExponentialMovingAverage (or call paddle.disable_static() first)"
             )
         if not isinstance(model, paddle.nn.Layer):
-            raise TypeError(
-                f"model must be a paddle.nn.Layer, got {model!r} of type {type(model).__name__}"
-            )
+            raise TypeError(f"model must be a paddle.nn.Layer, got {_not_a_layer(model)}")
         if warmup not in _WARMUPS:
-            raise ValueError(f"warmup must be None, 'threshold', 'power' or 'exponential', got {warmup!r}")
+            raise ValueError(
+                f"warmup must be None, 'threshold', 'power' or 'exponential', got {short_repr(warmup)}"
+            )
         if init not in _INITS:
-            raise ValueError(f"init must be 'zeros' or 'weights', got {init!r}")
+            raise ValueError(f"init must be 'zeros' or 'weights', got {short_repr(init)}")
         if frozen not in _FROZEN:
-            raise ValueError(f"frozen must be 'average', 'copy' or 'exclude', got {frozen!r}")
+            raise ValueError(f"frozen must be 'average', 'copy' or 'exclude', got {short_repr(frozen)}")
         if warmup != "exponential" and tau != 2000.0:
             raise ValueError(
                 f"tau shapes warmup='exponential' only (warmup is {warmup!r}); pass "
@@ -212,11 +217,13 @@ class ModelEMA:
                 "warmup='power', or leave them at their defaults"
             )
         if isinstance(update_every, bool) or not isinstance(update_every, int):
-            raise TypeError(f"update_every must be an int (average on every k-th call), got {update_every!r}")
+            raise TypeError(
+                f"update_every must be an int (average on every k-th call), got {short_repr(update_every)}"
+            )
         if update_every < 1:
-            raise ValueError(f"update_every must be an int of at least 1, got {update_every!r}")
+            raise ValueError(f"update_every must be an int of at least 1, got {short_repr(update_every)}")
         if not isinstance(buffers, bool):
-            raise TypeError(f"buffers must be a bool, got {buffers!r}")
+            raise TypeError(f"buffers must be a bool, got {short_repr(buffers)}")
         self._schedule = schedule.Schedule.make(
             decay, threshold=warmup == "threshold", start_step=start_step,
             power=power if warmup == "power" else None, inv_gamma=inv_gamma, min_decay=min_decay,
@@ -255,8 +262,7 @@ class ModelEMA:
         self._pair_for_updates()
         self._update_every = update_every
         self._start_counting()
-        # The state: ready, or applied (self._backups is not None and self is on _APPLIED).
-        self._backups: dict[str, Any] | None = None
+        # The state: ready, or applied (self._applied is not None: on _apply's record).
         _logger.debug("ModelEMA averages %d tensors", len(self._tensors))
 
     @property
@@ -266,8 +272,14 @@ class ModelEMA:
 
     @property
     def names(self) -> list[str]:
-        """The structured names of the averaged tensors, in the model's order."""
+        """The structured names of the averaged tensors (parameters and buffers), in the model's order."""
         return list(self._tensors)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Alias of :attr:`names`, the same list (buffers included), as
+        :attr:`ExponentialMovingAverage.parameter_names`."""
+        return self.names
 
     @property
     def num_updates(self) -> int:
@@ -291,7 +303,7 @@ class ModelEMA:
                 kernel failed half-way, in this call or an earlier one (see above).
         """
         self._check_not_failed()
-        if any(self._shares_tensors_with(other) for other in _APPLIED):
+        if _apply.overlapping(self._swap_probe()):
             raise RuntimeError(
                 "update() while averages are applied to the model (by this ModelEMA or another) "
                 "would average the averages; call ema.restore() (or leave the `with ema.apply():` "
@@ -300,10 +312,9 @@ class ModelEMA:
         if (self._calls + 1) % self._update_every:
             self._calls += 1
             return
-        self._follow_model()  # (before counting the call: a model it cannot follow changes nothing)
-        self._calls += 1
-        count = self._updates + self._schedule_offset
-        weight = schedule.step_weight(self._schedule, count, steps=count)
+        self._follow_model()  # (a model it cannot follow changes nothing)
+        call = self._calls + 1  # counted once every average took it
+        weight = self._next_weight(call)
         with paddle.no_grad():
             for positive, negative in self._weights.values():
                 positive.fill_(weight)
@@ -324,6 +335,7 @@ class ModelEMA:
                     f"ModelEMA.update() failed half-way ({self._failed}); the averages are no longer "
                     "consistent: set_state_dict() a saved state, or build a new ModelEMA"
                 ) from error
+        self._calls = self._last_update_call = call
         self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
         self._updates += 1
         self._last_weight = weight
@@ -349,7 +361,7 @@ class ModelEMA:
                 values.update((n, params[n].clone()) for n in self._copied if n in params)
             return values
 
-    def apply(self, need_restore: bool = True) -> Restorer:
+    def apply(self, need_restore: bool = True) -> _apply.Restorer:
         """Swap the bias-corrected averages into the model, setting the trained weights aside first.
 
         Takes effect when called. The averages are computed into new tensors and the model's
@@ -375,35 +387,23 @@ class ModelEMA:
                 tensor or holds one of another shape or kind under its name (see
                 :meth:`update`; nothing is changed).
         """
-        if not isinstance(need_restore, (bool, np.bool_)):
-            raise TypeError(
-                f"need_restore must be a bool, got {need_restore!r} of type {type(need_restore).__name__}"
-            )
-        if self._backups is not None:
+        need_restore = _apply.check_need_restore(need_restore)
+        if self._applied is not None:
             raise RuntimeError("the averages are already applied; call ema.restore() before applying again")
         self._check_not_failed()
         if self._bias_correction == 0.0:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
         self._follow_model()
-        with paddle.no_grad():
-            # New tensors holding the averages (the one pass apply makes), and backups that take over
-            # the trained tensors themselves (no copy). No weight changes here.
-            results = dict(self._corrected())
-            backups = {name: _ir.eager_set_aside(tensor) for name, tensor in self._tensors.items()}
-        # Every weight is recoverable from here: the state says applied before one is swapped. What
-        # the model holds under each name is kept too: a forward run while applied may bind a new
-        # tensor to a name (`self.seen = self.seen + n`), and restore binds the old one back.
-        self._applied_bindings = _ir.LayerBindings.of(self._layer)
-        self._backups = backups
-        _APPLIED.append(self)
-        try:
-            for name, result in results.items():
-                _ir.eager_swap_in(self._tensors[name], result)
-        except BaseException:
-            self.restore()
-            raise
-        return Restorer(self.restore, bool(need_restore))
+
+        def prepare() -> _apply.EagerSwap:
+            with paddle.no_grad():
+                # New tensors holding the averages (the one pass apply makes); the trained tensors
+                # are set aside as they are (no copy).
+                results = dict(self._corrected())
+                return _apply.EagerSwap.of(self._label(), self._layer, self._tensors, results)
+
+        return _apply.apply(self, prepare, self.restore, need_restore)
 
     def restore(self) -> None:
         """Put back the weights that :meth:`apply` backed up. Does nothing (logs a warning) if
@@ -413,26 +413,20 @@ class ModelEMA:
             RuntimeError: another ModelEMA over some of the same tensors was applied after this one
                 and is not restored yet (nothing is changed).
         """
-        if self._backups is None:
+        if not _apply.restore(self):
             _logger.warning("restore() called with no applied averages; weights left unchanged")
-            return
-        later = [e for e in _APPLIED[_APPLIED.index(self) + 1:] if self._shares_tensors_with(e)]
-        if later:
-            raise RuntimeError(
-                "another ModelEMA over the same weights was applied after this one and is not "
-                "restored yet; restore them in the reverse order of apply (nothing was changed)"
-            )
-        # Idempotent both: an interrupted restore can rerun.
-        undone = self._applied_bindings.put_back()
-        for name, backup in self._backups.items():
-            _ir.eager_swap_in(self._tensors[name], backup)
-        if undone:
-            _logger.warning(
-                "ModelEMA.restore() put the model back as apply() found it, undoing what changed "
-                "while the averages were applied: %s", _select.some_names(undone),
-            )
-        _APPLIED.remove(self)
-        self._backups = None
+
+    @property
+    def _applied(self) -> _apply.EagerSwap | None:
+        """This EMA's swap while applied (set from before a weight is written), else None."""
+        return _apply.applied(self)
+
+    def _label(self) -> str:
+        return f"{type(self).__name__} of {type(self._layer).__name__} at {id(self._layer):#x}"
+
+    def _swap_probe(self) -> _apply.EagerSwap:
+        """What an apply would swap now, to ask the record of applied EMAs what overlaps it."""
+        return _apply.EagerSwap(self._label(), self._layer, self._tensors)
 
     def state_dict(self) -> dict[str, Any]:
         """The EMA's state for ``paddle.save``: averages (not bias-corrected), counts, bias denominator.
@@ -467,12 +461,16 @@ class ModelEMA:
                 ``[1 - decay ** num_updates, 1]``, 0 with no update). Nothing is changed then.
             RuntimeError: the averages are applied; restore first.
         """
-        if self._backups is not None:
+        if self._applied is not None:
             raise RuntimeError("set_state_dict() while the averages are applied; call ema.restore() first")
         self._follow_model()  # the averages as the model is now (its dtypes, tensors it gained)
         if not isinstance(state, dict):
             raise ValueError(
                 f"state must be the dict ModelEMA.state_dict() returned, got {type(state).__name__}"
+            )
+        if "gamma" in state and not hasattr(self, "_gamma"):
+            raise ValueError(
+                "the state is a PowerEMA's (it has a 'gamma'); load it into a paddle_ema.PowerEMA"
             )
         fields = ("averages", "num_updates", "update_calls", "bias_correction")
         missing = [k for k in fields if k not in state]
@@ -497,16 +495,22 @@ class ModelEMA:
             # Every conversion before the first write: nothing is changed if one fails.
             values = {
                 name: (value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)).astype(
-                    _dtype_name(self._averages[name]))
+                    _ir.dtype_name(self._averages[name]))
                 for name, value in averages.items()
             }
             for name, value in values.items():
                 self._averages[name].set_value(value)
         self._updates, self._calls, self._bias_correction = updates, calls, bias_correction
+        self._last_update_call = calls  # (PowerEMA, whose weights depend on it, sets it from its state)
         self._failed = None
         for name in self._averages:
             self._look_for_non_finite(name)
         self._pair_for_updates()
+
+    def _next_weight(self, call: int) -> float:
+        """The weight :math:`1 - d` of the averaging update at :meth:`update` call number ``call``."""
+        count = self._updates + self._schedule_offset
+        return schedule.step_weight(self._schedule, count, steps=count)
 
     def _initial_average(self, tensor: Any, dtype: str) -> Any:
         """A new average of ``tensor`` as ``init`` says: zeros, or a copy of its value."""
@@ -516,6 +520,7 @@ class ModelEMA:
 
     def _start_counting(self) -> None:
         self._calls = 0  # update() calls, for update_every
+        self._last_update_call = 0  # the call that last averaged
         self._updates = 0  # averaging updates
         # With init="weights" the copy stands for update 0 (decay 0): the schedule's count is one on.
         self._schedule_offset = 1 if self._init == "weights" else 0
@@ -536,7 +541,7 @@ class ModelEMA:
             RuntimeError: the averages are applied (restore first), or the model changed in a way
                 that cannot be followed (see :meth:`update`). Nothing is changed then.
         """
-        if self._backups is not None:
+        if self._applied is not None:
             raise RuntimeError("reset() while the averages are applied; call ema.restore() first")
         self._follow_model()
         for name in list(self._averages):
@@ -579,7 +584,7 @@ class ModelEMA:
         """Make the average of ``self._tensors[name]``, beside it on its device: ``initial(tensor,
         dtype=accumulator dtype)``, and look at whether the tensor holds a non-finite value."""
         tensor = self._tensors[name]
-        dtype = _graph.accumulator_dtype(_dtype_name(tensor))
+        dtype = _graph.accumulator_dtype(_ir.dtype_name(tensor))
         with paddle.no_grad():
             self._averages[name] = initial(tensor, dtype=dtype)
             if dtype not in self._weights:
@@ -603,14 +608,14 @@ class ModelEMA:
                 average,
                 self._tensors[name],
                 self._tensors[name].dtype != average.dtype,
-                self._weights[_dtype_name(average)],
+                self._weights[_ir.dtype_name(average)],
                 name in self._non_finite,
             )
             for name, average in self._averages.items()
         ]
         parameters = {name for name, _ in self._layer.named_parameters()}
         self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
-        self._dtypes = {name: _dtype_name(t) for name, t in self._tensors.items()}
+        self._dtypes = {name: _ir.dtype_name(t) for name, t in self._tensors.items()}
         self._bindings = _ir.LayerBindings.of(self._layer)
         # A tensor reshaped or cast in place (paddle.assign(x, output=weight), weight.cast_(...)) is
         # the same object: its shape and element size tell (a float16/bfloat16 swap needs nothing).
@@ -644,8 +649,10 @@ class ModelEMA:
                 one, or moved between the parameters and the buffers (``weight_norm``/
                 ``spectral_norm`` applied after the EMA was built). Nothing is changed then.
         """
-        if self._backups is not None or self._model_unchanged():
-            return  # (while applied, restore binds back what apply saw)
+        if self._applied is not None or _apply.overlapping(self._swap_probe()) or self._model_unchanged():
+            # While averages (this EMA's or another's) are applied, restore binds back what apply
+            # saw: following what a forward bound meanwhile would adopt what restore then removes.
+            return
         params = dict(self._layer.named_parameters())
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
         held = {**params, **buffers} if self._buffers_too else params
@@ -673,13 +680,13 @@ class ModelEMA:
                 del current[name]
                 current[moved_to] = before
         for name, now in current.items():
-            changed = now is not self._tensors[name] or _dtype_name(now) != self._dtypes[name]
+            changed = now is not self._tensors[name] or _ir.dtype_name(now) != self._dtypes[name]
             if now is not self._tensors[name]:
                 _logger.debug("ModelEMA follows %s, re-bound by the model", name)
                 self._tensors[name] = now
             average = self._averages[name]
-            if _graph.accumulator_dtype(_dtype_name(now)) != _dtype_name(average):
-                _logger.debug("ModelEMA casts the average of %s to %s", name, _dtype_name(now))
+            if _graph.accumulator_dtype(_ir.dtype_name(now)) != _ir.dtype_name(average):
+                _logger.debug("ModelEMA casts the average of %s to %s", name, _ir.dtype_name(now))
                 self._start_average(name, lambda _, dtype, a=average: a.astype(dtype))
             elif changed:  # (a cast may have made a value infinite: -1e9 in float16)
                 self._look_for_non_finite(name)
@@ -722,14 +729,6 @@ class ModelEMA:
                 gained[name] = tensor
         return gained
 
-    def _shares_tensors_with(self, other: ModelEMA) -> bool:
-        """Whether ``other`` averages this EMA's model or some of its tensors (as each last saw
-        them: two EMAs of one model share it whatever changed since)."""
-        if other is self or other._layer is self._layer:
-            return True
-        mine = {id(t) for t in self._tensors.values()}
-        return bool(mine & {id(t) for t in other._tensors.values()})
-
     def _corrected(self) -> Iterator[tuple[str, Any]]:
         """Each name with its bias-corrected average in its tensor's dtype (the weights before the
         first update)."""
@@ -737,15 +736,13 @@ class ModelEMA:
             for name, tensor in self._tensors.items():
                 yield name, tensor.clone()
             return
-        # Times the float64 reciprocal of the correction rounded once to the average's dtype, as the
-        # static class does: a scale kernel at memory speed (a division by a one-element tensor
-        # broadcasts at about half that), within an ulp of the quotient.
         reciprocals = {
-            dtype: paddle.full([1], 1.0 / self._bias_correction, dtype) for dtype in self._weights
+            dtype: paddle.full([1], schedule.debias_factor(self._bias_correction, dtype), dtype)
+            for dtype in self._weights
         }
         for name, tensor in self._tensors.items():
             average = self._averages[name]
-            value = paddle.scale(average, reciprocals[_dtype_name(average)])
+            value = paddle.scale(average, reciprocals[_ir.dtype_name(average)])
             yield name, value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
 
 
@@ -769,7 +766,7 @@ def _check_still_averageable(
         )
     if not paddle.is_floating_point(now) or list(now.shape) != list(shape):
         raise RuntimeError(
-            f"the model's {name!r} now holds a {_dtype_name(now)}{list(now.shape)} tensor, not the "
+            f"the model's {name!r} now holds a {_ir.dtype_name(now)}{list(now.shape)} tensor, not the "
             f"{dtype}{list(shape)} one this ModelEMA averages (a floating-point tensor of that "
             "shape); build a new ModelEMA for the changed model"
         )
@@ -779,7 +776,7 @@ def _check_average(name: str, value: Any, average: Any) -> None:
     """Raise a ValueError unless ``value`` can be the average of ``name``: a floating-point paddle
     Tensor or numpy array of ``average``'s shape."""
     if isinstance(value, paddle.Tensor):
-        floating, dtype = paddle.is_floating_point(value), _dtype_name(value)
+        floating, dtype = paddle.is_floating_point(value), _ir.dtype_name(value)
     elif isinstance(value, np.ndarray):
         floating, dtype = value.dtype in (np.float16, np.float32, np.float64), str(value.dtype)
     else:
@@ -802,12 +799,12 @@ def _counts(state: dict[str, Any], plan: schedule.Schedule, init: str) -> tuple[
     for key, value in (("num_updates", updates), ("update_calls", calls)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise ValueError(
-                f"the state's {key} must be an int, got {value!r} of type {type(value).__name__}; pass "
-                "what ModelEMA.state_dict() returned"
+                f"the state's {key} must be an int, got {short_repr(value)} of type "
+                f"{type(value).__name__}; pass what ModelEMA.state_dict() returned"
             )
     if isinstance(bias_correction, (bool, np.bool_)) or not isinstance(bias_correction, numbers.Real):
         raise ValueError(
-            f"the state's bias_correction must be a float, got {bias_correction!r} of type "
+            f"the state's bias_correction must be a float, got {short_repr(bias_correction)} of type "
             f"{type(bias_correction).__name__}; pass what ModelEMA.state_dict() returned"
         )
     updates, calls, bias_correction = int(updates), int(calls), float(bias_correction)
@@ -826,7 +823,3 @@ def _counts(state: dict[str, Any], plan: schedule.Schedule, init: str) -> tuple[
             "a ModelEMA with the same decay"
         )
     return updates, calls, bias_correction
-
-
-def _dtype_name(tensor: Any) -> str:
-    return str(tensor.dtype).replace("paddle.", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -11,12 +12,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import paddle
-from paddle.utils import unique_name
 
-from paddle_ema import _graph, _ir, _select, schedule
-from paddle_ema._restorer import Restorer
+from paddle_ema import _apply, _graph, _ir, _names, _select, schedule
+from paddle_ema._select import short_repr
 
-__all__ = ["ExponentialMovingAverage"]
+__all__ = ["ExponentialMovingAverage", "updated_emas"]
 
 _logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _check_thres_steps(thres_steps: Any, program: Any) -> Any:
         raise TypeError(
             "thres_steps must be a static-graph Variable/Value holding the step count (e.g. "
             "paddle_ema.global_step_counter() or paddle.static.data('step', [1], 'int64')), got "
-            f"{thres_steps!r} of type {type(thres_steps).__name__}; for a fixed decay leave it None"
+            f"{short_repr(thres_steps)} of type {type(thres_steps).__name__}; for a fixed decay leave it None"
         )
     dtype = _ir.dtype_name(thres_steps)
     if dtype not in ("int32", "int64", "float16", "float32", "float64"):
@@ -52,7 +52,7 @@ def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise TypeError(
             f"name must be a non-empty str (the prefix of the EMA's variable names) or None, got "
-            f"{name!r} of type {type(name).__name__}; pass e.g. name='ema'"
+            f"{short_repr(name)} of type {type(name).__name__}; pass e.g. name='ema'"
         )
     return name
 
@@ -60,7 +60,7 @@ def _check_name(name: Any) -> str:
 def _check_executor(executor: Any, method: str) -> None:
     if not isinstance(executor, paddle.static.Executor):
         raise TypeError(
-            f"{method}(executor) needs a paddle.static.Executor, got {executor!r} of type "
+            f"{method}(executor) needs a paddle.static.Executor, got {short_repr(executor)} of type "
             f"{type(executor).__name__}; pass the Executor that runs your training program"
         )
 
@@ -128,7 +128,7 @@ def _parameter_name(item: Any, program: Any) -> str | None:
         return getattr(item, "name", None)
     if _ir.program_of(item) is not program:
         raise ValueError(
-            f"parameters: {item!r} belongs to another program than the default main program this "
+            f"parameters: {short_repr(item)} belongs to another program than the default main program this "
             "ExponentialMovingAverage averages; pass this program's parameters, or their names"
         )
     try:
@@ -151,12 +151,14 @@ def _compiled_programs_of(program: Any) -> bool:
     )
 
 
-# Every applied EMA with what its restore needs, in the order they were applied: the one record of
-# which EMAs are applied (one append and one remove, so an interrupt cannot leave it half-updated).
-# One EMA restoring under another that shares parameters with it would put its own backup (the raw
-# weights) back, then the other's restore would put the first EMA's averages over them: restores must
-# come in reverse order.
-_APPLIED_STACK: list[tuple[ExponentialMovingAverage, _graph.Scratch]] = []
+@dataclasses.dataclass(frozen=True, eq=False)
+class _StateView:
+    """What a checkpoint holds of one :class:`ExponentialMovingAverage`, and what loading it needs."""
+
+    name: str  # the EMA's unique name, the prefix of its state (see paddle_ema._names)
+    plan: _graph.EmaPlan  # the names and layout of its state
+    schedule: schedule.Schedule  # to check a checkpoint's bias correction against
+    counter: str | None  # the paddle_ema.global_step_counter its warm-up reads, if any
 
 
 # Every EMA whose ops are in a program, so that paddle_ema.load can tell EMA state from the rest.
@@ -291,10 +293,10 @@ class ExponentialMovingAverage:
                 "do_model_average=False, or all excluded); build the network and call "
                 "optimizer.minimize() before creating the ExponentialMovingAverage"
             )
-        self._name = unique_name.generate(prefix)
+        self._name = _names.unique_prefix(prefix)
         self._plan = _graph.EmaPlan.for_params(self._name, self._params)
         # The states: new (self._state is None: update() not called yet) -> ready (the EMA ops are in
-        # the training program) <-> applied (this EMA is on _APPLIED_STACK: its averages are written,
+        # the training program) <-> applied (this EMA is on _apply's record: its averages are written,
         # or about to be, with every parameter backed up in that entry's scope). apply() moves ready to
         # applied, restore() back; a failure in either leaves a state from which restore() recovers.
         self._state: _graph.StateHandles | None = None
@@ -313,9 +315,18 @@ class ExponentialMovingAverage:
         return self._schedule.decay
 
     @property
-    def parameter_names(self) -> list[str]:
-        """Names of the parameters this EMA averages, in program order."""
+    def names(self) -> list[str]:
+        """Names of the parameters this EMA averages, in program order (as :attr:`ModelEMA.names`)."""
         return [slot.param for slot in self._plan.slots]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Alias of :attr:`names`, the same list, kept so that code written for earlier releases runs."""
+        return self.names
+
+    def _state_view(self) -> _StateView:
+        """What :mod:`paddle_ema.checkpoint` reads of this EMA (its internal surface)."""
+        return _StateView(name=self._name, plan=self._plan, schedule=self._schedule, counter=self._counter)
 
     def update(self) -> None:
         """Append the EMA ops to the default main program.
@@ -438,7 +449,7 @@ class ExponentialMovingAverage:
                 stacklevel=3,
             )
 
-    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> Restorer:
+    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> _apply.Restorer:
         """Write the bias-corrected averages into the parameters, backing the parameters up first.
 
         It takes effect when called. Use it as a context manager: leaving the ``with`` block (also
@@ -483,20 +494,18 @@ class ExponentialMovingAverage:
                 ema.restore(exe)
         """
         _check_executor(executor, "apply")
-        if not isinstance(need_restore, (bool, np.bool_)):
-            raise TypeError(
-                f"need_restore must be a bool, got {need_restore!r} of type "
-                f"{type(need_restore).__name__}; pass need_restore=False to restore yourself later"
-            )
+        need_restore = _apply.check_need_restore(need_restore)
         if self._state is None:
             raise RuntimeError("apply() needs the EMA ops: call ema.update() after optimizer.minimize()")
-        if self._applied is not None:
+        if _apply.applied(self) is not None:
             raise RuntimeError(
                 "the averages are already applied and the trained parameters are backed up; call "
                 "ema.restore(executor) before applying again"
             )
         self._say_if_written_after_update()
         scope = paddle.static.global_scope()
+        label = f"EMA {self._name!r}"
+        restore = functools.partial(self.restore, executor)
         if _graph.debias_value(self._plan, scope) == 0.0:
             warnings.warn(
                 "ExponentialMovingAverage.apply(): no update step has run yet, so there is no average "
@@ -506,26 +515,23 @@ class ExponentialMovingAverage:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self._push(_graph.Scratch(scope))  # nothing to swap back
-            return Restorer(functools.partial(self.restore, executor), bool(need_restore))
-        handles = _graph.scratch(self._plan, scope)
-        try:
-            # The averages go into result tensors and the backups share the parameters' memory: no
-            # parameter is written yet, so a failure or interrupt here changes nothing.
-            executor.run(self._write_program, scope=scope)
-            _graph.share_backups(handles)
-        except BaseException:
-            _graph.release_scratch(handles)
-            raise
-        # From here every trained value is held by a backup, so the state says applied before the
-        # first parameter is swapped: restore() works whatever happens next.
-        self._push(handles)
-        try:
-            _graph.swap_results_in(handles)
-        except BaseException:
-            self.restore(executor)
-            raise
-        return Restorer(functools.partial(self.restore, executor), bool(need_restore))
+            # Applied with nothing to swap: restore() then has nothing to do, as the user expects.
+            return _apply.apply(
+                self, lambda: _apply.ScopeSwap(label, scope, self.parameter_names), restore, need_restore
+            )
+
+        def prepare() -> _apply.ScopeSwap:
+            swap = _apply.ScopeSwap.of(label, scope, self._plan.slots)
+            try:
+                # The averages go into result tensors and the backups share the parameters' memory.
+                executor.run(self._write_program, scope=scope)
+                swap.set_aside()
+            except BaseException:
+                swap.release(results=True)
+                raise
+            return swap
+
+        return _apply.apply(self, prepare, restore, need_restore)
 
     def averages(self, executor: paddle.static.Executor) -> dict[str, np.ndarray]:
         """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.
@@ -556,7 +562,7 @@ class ExponentialMovingAverage:
             raise RuntimeError("averages() needs the EMA ops: call ema.update() after optimizer.minimize()")
         self._say_if_written_after_update()
         scope = paddle.static.global_scope()
-        if _graph.debias_value(self._plan, scope) == 0.0:
+        if _graph.debias_value(self._plan, scope, "averages") == 0.0:
             return {name: _ir.read_array(name, scope) for name in self.parameter_names}
         names = list(self._read_fetches)
         values = executor.run(
@@ -581,31 +587,10 @@ class ExponentialMovingAverage:
                 applied after it and is not restored yet; restore that one first.
         """
         _check_executor(executor, "restore")
-        applied = self._applied
-        if applied is None:
+        if not _apply.restore(self):
             _logger.warning("restore() called with no applied averages; parameters left unchanged")
-            return
-        entry = (self, applied)
-        later = [
-            other for other, other_applied in _APPLIED_STACK[_APPLIED_STACK.index(entry) + 1:]
-            if other_applied.scope is applied.scope
-            and set(other.parameter_names) & set(self.parameter_names)
-        ]
-        if later:
-            raise RuntimeError(
-                f"EMA {later[-1]._name!r} was applied after EMA {self._name!r} over the same parameters "
-                "and is not restored yet; restore the EMAs in the reverse order of apply (nothing was "
-                "changed)"
-            )
-        _graph.swap_backups_in(applied)
-        _APPLIED_STACK.remove(entry)
-        _graph.release_scratch(applied, results=False)
 
     @property
-    def _applied(self) -> _graph.Scratch | None:
-        """Where this EMA's averages are applied, or None: set from before a parameter is written."""
-        return next((applied for ema, applied in _APPLIED_STACK if ema is self), None)
-
-    def _push(self, applied: _graph.Scratch) -> None:
-        _APPLIED_STACK.append((self, applied))
-
+    def _applied(self) -> _apply.ScopeSwap | None:
+        """This EMA's swap while applied (set from before a parameter is written), else None."""
+        return _apply.applied(self)

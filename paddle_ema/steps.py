@@ -13,6 +13,7 @@ import paddle
 from paddle.utils import unique_name
 
 from paddle_ema import _ir
+from paddle_ema._select import short_repr
 
 __all__ = ["global_step_counter", "counter_start"]
 
@@ -56,9 +57,11 @@ def global_step_counter(begin: int = 0, name: str | None = None) -> Any:
             ema = paddle_ema.ExponentialMovingAverage(0.999, thres_steps=step)
     """
     if isinstance(begin, bool) or not isinstance(begin, int):
-        raise TypeError(f"begin must be an int, got {begin!r} of type {type(begin).__name__}")
+        raise TypeError(f"begin must be an int, got {short_repr(begin)} of type {type(begin).__name__}")
     if name is not None and (not isinstance(name, str) or not name):
-        raise TypeError(f"name must be a non-empty str or None, got {name!r} of type {type(name).__name__}")
+        raise TypeError(
+            f"name must be a non-empty str or None, got {short_repr(name)} of type {type(name).__name__}"
+        )
     counter_name = unique_name.generate(name or "global_step")
     counter = _ir.create_state(counter_name, [1], "int64", begin - 1)
     _STARTS.setdefault(paddle.static.default_main_program(), {})[counter_name] = begin - 1

@@ -459,7 +459,7 @@ def test_a_checkpoint_with_the_averages_stacked_otherwise_carries_on(exe, rng, t
     """Up to 0.3, PIR stacked only parameters of up to 1024 elements (now 32768, as the legacy IR
     always did): the same EMA saved in the old layout resumes in the new one, value for value."""
     prefix = str(tmp_path / "old_layout")
-    monkeypatch.setattr(paddle_ema._ir, "stack_max_numel", lambda: 1024)
+    monkeypatch.setattr(paddle_ema._names, "stack_max_numel", lambda: 1024)
     stack, main, startup = fresh_world()
     with stack:
         loss, old = _wide_net()

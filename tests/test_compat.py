@@ -185,3 +185,24 @@ def test_bad_sources_raise_and_change_nothing(dygraph, rng, tmp_path):
     with pytest.raises(ValueError, match="configured otherwise: decay=0.5"):
         compat.load(weights, state, format="ppdiffusers")
     assert os.path.exists(tmp_path)
+
+
+def test_a_huge_bad_value_is_shown_short(dygraph):
+    model = Net()
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    weights = paddle_ema.ModelEMA(model, 0.9, init="weights", buffers=False, warmup="power")
+    big = np.arange(100_000, dtype="float32")
+    shadow = [p for p in model.parameters()]
+    cases = [
+        (ema, dict(source={}, format="x" * 100_000), "format must be one of"),
+        (ema, dict(source=model.state_dict(), format="ppdet", step=big), "step must be an int of at least 0"),
+        (weights, dict(source={"decay": paddle.to_tensor(0.5), "optimization_step": 1,
+                               "shadow_params": shadow}, format="ppdiffusers"),
+         "configured otherwise: decay=Tensor(shape=[]"),
+    ]
+    for target, kwargs, says in cases:
+        with pytest.raises(ValueError) as info:
+            compat.load(target, **kwargs)
+        message = str(info.value)
+        assert says in message, message
+        assert "\n" not in message and len(message) < 500, message

@@ -243,6 +243,81 @@ def test_bad_options_raise(dygraph, options, error, says):
         paddle_ema.ModelEMA(Net(), **options)
 
 
+def test_names_and_their_alias_parameter_names_list_parameters_and_buffers(dygraph):
+    model = Net()
+    ema = paddle_ema.ModelEMA(model, 0.9, exclude=["fc2.bias"])
+    expected = [n for n, t in model.state_dict().items() if n != "fc2.bias"]
+    names = ema.names
+    assert sorted(names) == sorted(expected) and "scale" in expected and "bn._mean" in expected
+    assert ema.parameter_names == names
+    ema.parameter_names.append("x")  # a copy each time
+    assert ema.parameter_names == ema.names == names
+
+
+def test_a_list_of_parameters_for_model_is_named_in_one_line(dygraph):
+    model = paddle.nn.Sequential(*[paddle.nn.Linear(64, 64) for _ in range(8)])
+    with pytest.raises(TypeError) as info:
+        paddle_ema.ModelEMA(model.parameters())
+    message = str(info.value)
+    assert message.startswith(
+        "model must be a paddle.nn.Layer, got a list of 16 parameters; pass the model (a paddle.nn.Layer)"
+    ), message
+    assert "\n" not in message and len(message) < 300, message
+
+
+BIG = np.arange(100_000, dtype="float32")
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(model=BIG), "model must be a paddle.nn.Layer, got array("),
+    (dict(init=list(range(100_000))), "init must be 'zeros' or 'weights', got [0, 1, 2, 3, ...]"),
+    (dict(frozen="x" * 100_000), "frozen must be"),
+    (dict(update_every=BIG), "update_every must be an int"),
+    (dict(buffers=BIG), "buffers must be a bool"),
+    (dict(min_decay=BIG), "min_decay must be a number"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_huge_bad_option_is_shown_short(dygraph, options, says):
+    options = {"model": Net(), **options}
+    with pytest.raises((TypeError, ValueError)) as info:
+        paddle_ema.ModelEMA(**options)
+    message = str(info.value)
+    assert says in message, message
+    assert "\n" not in message and len(message) < 500, message
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(sigma_rel=BIG), "sigma_rel must be a number, got array("),
+    (dict(gamma=BIG, sigma_rel=None), "gamma must be a number, got array("),
+    (dict(sigma_rels=BIG), "sigma_rels must be a non-empty sequence of floats"),
+    (dict(snapshot_every=BIG), "snapshot_every must be an int"),
+    (dict(snapshot_dtype="x" * 100_000), "snapshot_dtype must be 'float32' or 'float64'"),
+    (dict(snapshot_dir=BIG), "snapshot_dir must be a path"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_huge_bad_power_option_is_shown_short(dygraph, tmp_path, options, says):
+    if "sigma_rel" in options:
+        make = paddle_ema.PowerEMA
+    else:
+        options = {"snapshot_dir": str(tmp_path), "snapshot_every": 10, **options}
+        make = paddle_ema.PostHocEMA
+    with pytest.raises((TypeError, ValueError)) as info:
+        make(Net(), **options)
+    message = str(info.value)
+    assert says in message, message
+    assert "\n" not in message and len(message) < 500, message
+
+
+@pytest.mark.parametrize("key", ["num_updates", "bias_correction"])
+def test_a_huge_bad_state_value_is_shown_short(dygraph, key):
+    ema = paddle_ema.ModelEMA(Net(), 0.9)
+    state = ema.state_dict()
+    state[key] = [BIG]
+    with pytest.raises(ValueError) as info:
+        ema.set_state_dict(state)
+    message = str(info.value)
+    assert f"the state's {key} must be" in message, message
+    assert "\n" not in message and len(message) < 500, message
+
+
 def test_set_state_dict_of_another_model_raises_and_changes_nothing(dygraph):
     ema = paddle_ema.ModelEMA(Net(), 0.9)
     other = paddle_ema.ModelEMA(paddle.nn.Linear(3, 3), 0.9)
@@ -334,7 +409,7 @@ def test_a_tensor_rebound_with_another_shape_raises_before_averaging(dygraph, rn
     for call in (ema.update, ema.apply, ema.averages):
         with pytest.raises(RuntimeError, match=r"'count' now holds a float32\[5\] tensor"):
             call()
-    assert ema.num_updates == 1 and ema._backups is None
+    assert ema.num_updates == 1 and ema._applied is None
     for name, value in ema._averages.items():
         np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=name)
 
@@ -370,3 +445,15 @@ def test_a_to_static_model_is_averaged_like_an_eager_one(dygraph, rng):
             ema._tensors[name].set_value(value)
     np.testing.assert_array_equal(swapped, copied)
     assert not np.allclose(swapped, model(x).numpy(), atol=1e-6)  # and the raw weights differ
+
+
+def test_decay_zero_state_round_trips(dygraph):
+    """decay=0 copies the weights each update (c = 1): its state loads (log1p(-1) once raised)."""
+    model = paddle.nn.Linear(3, 2)
+    ema = paddle_ema.ModelEMA(model, 0.0)
+    for _ in range(3):
+        ema.update()
+    twin = paddle_ema.ModelEMA(model, 0.0)
+    twin.set_state_dict(ema.state_dict())
+    for name, value in twin.averages().items():
+        np.testing.assert_array_equal(value.numpy(), model.state_dict()[name].numpy(), err_msg=name)

@@ -79,7 +79,7 @@ def test_restore_after_an_interrupted_restore_binds_back_too(dygraph, rng):
     before = state(model)
     ema.apply(need_restore=False)
     model(paddle.ones([2, 3]))
-    ema._applied_bindings.put_back()  # half of a restore, as an interrupt would leave it
+    ema._applied.bindings.put_back()  # half of a restore, as an interrupt would leave it
     ema.restore()
     ema.restore()  # nothing applied: a no-op
     for name, value in state(model).items():
@@ -160,7 +160,7 @@ def test_weight_norm_after_the_ema_is_refused_with_what_to_do(dygraph, rng):
         with pytest.raises(RuntimeError, match=r"'0.weight' is now a buffer, no longer a parameter.*"
                                                r"weight_norm.*build a new ModelEMA"):
             call()
-    assert ema.num_updates == 2 and ema._backups is None
+    assert ema.num_updates == 2 and ema._applied is None
     for name, value in ema._averages.items():
         np.testing.assert_array_equal(value.numpy(), raw[name], err_msg=name)
 

@@ -159,7 +159,7 @@ class ModelEmaUser(RuleBasedStateMachine):
                 self.emas[key].apply(need_restore=False)
         finally:
             _ir.eager_swap_in = interrupting.original
-        if self.emas[key]._backups is not None:  # the interrupt missed: it is applied
+        if self.emas[key]._applied is not None:  # the interrupt missed: it is applied
             self.applied.append((key, before))
             return
         self.assert_bit_exact(before, f"after an apply interrupted {when} swap {at}")
@@ -175,7 +175,7 @@ class ModelEmaUser(RuleBasedStateMachine):
                 self.emas[key].restore()
         finally:
             _ir.eager_swap_in = interrupting.original
-        if self.emas[key]._backups is None:  # the interrupt missed: it is restored
+        if self.emas[key]._applied is None:  # the interrupt missed: it is restored
             self.applied.pop()
             self.assert_bit_exact(before, "after restore")
             return

@@ -107,12 +107,21 @@ def test_apply_before_startup_raises(programs, exe):
     build_net(main)
     ema = paddle_ema.ExponentialMovingAverage(0.9)
     ema.update()
-    with pytest.raises(RuntimeError, match="run the startup program"):
+    with pytest.raises(RuntimeError, match=r"startup program .* before ExponentialMovingAverage\.apply\(\)"):
         with ema.apply(exe):
             pass
     with pytest.raises(RuntimeError, match="run the startup program"):  # and nothing was left applied
         with ema.apply(exe):
             pass
+
+
+def test_averages_before_startup_names_averages(programs, exe):
+    main, _ = programs
+    build_net(main)
+    ema = paddle_ema.ExponentialMovingAverage(0.9)
+    ema.update()
+    with pytest.raises(RuntimeError, match=r"startup program .* ExponentialMovingAverage\.averages\(\)"):
+        ema.averages(exe)
 
 
 def program_sizes(programs):
@@ -302,3 +311,58 @@ def test_parameters_written_after_update_are_named_once(programs, exe, rng):
         warnings.simplefilter("error")  # said once
         with ema.apply(exe):
             pass
+
+
+# A user value shown in an error is cut short: a list of parameters or a big array once printed whole.
+BIG = np.arange(100_000, dtype="float32")
+
+
+def assert_short(info, says):
+    message = str(info.value)
+    assert says in message, message
+    assert "\n" not in message and len(message) < 500, f"{len(message)} characters: {message[:300]}"
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(decay=BIG), "decay must be a float in [0, 1), got array("),
+    (dict(name=[BIG]), "name must be a non-empty str"),
+    (dict(thres_steps=BIG), "thres_steps must be a"),
+    (dict(parameters=BIG), "parameters must be a list"),
+    (dict(parameters=[BIG]), "parameters must hold"),
+    (dict(exclude=[BIG]), "exclude must hold str"),
+    (dict(start_step=BIG), "start_step must be an int"),
+    (dict(power=BIG), "power must be a number"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_huge_bad_option_is_shown_short(programs, options, says):
+    build_net(programs[0])
+    with pytest.raises(TypeError) as info:
+        paddle_ema.ExponentialMovingAverage(**{"decay": 0.9, **options})
+    assert_short(info, says)
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(begin=list(range(100_000))), "begin must be an int"),
+    (dict(name=BIG), "name must be a non-empty str"),
+])
+def test_a_huge_bad_counter_option_is_shown_short(programs, options, says):
+    with pytest.raises(TypeError) as info:
+        paddle_ema.global_step_counter(**options)
+    assert_short(info, says)
+
+
+def test_a_huge_executor_is_shown_short(trained):
+    with pytest.raises(TypeError) as info:
+        trained.averages(BIG)
+    assert_short(info, "averages(executor) needs a paddle.static.Executor, got array(")
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda: paddle_ema.load(BIG, "ckpt"), "program must be a paddle.static.Program"),
+    (lambda: paddle_ema.load(paddle.static.default_main_program(), BIG), "path_prefix must be a str"),
+    (lambda: paddle_ema.load_averages(BIG), "path_prefix must be a str"),
+    (lambda: paddle_ema.load_averages("ckpt", name=[BIG]), "name must be a non-empty str"),
+], ids=["load program", "load path", "load_averages path", "load_averages name"])
+def test_a_huge_bad_checkpoint_argument_is_shown_short(programs, call, says):
+    with pytest.raises(TypeError) as info:
+        call()
+    assert_short(info, says)

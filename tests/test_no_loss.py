@@ -370,3 +370,44 @@ def test_a_child_scope_dropped_while_applied_loses_nothing(programs, exe, rng):
     parent.drop_kids()
     ema.restore(exe)
     assert_same(read_all(ema.parameter_names), raw, "restore after the apply's scope was dropped")
+
+
+def test_emas_applied_from_a_scope_and_its_child_restore_in_reverse_order(programs, exe, rng):
+    """The child scope sees the parent's parameters: the two applies overlap although their scopes
+    differ, so restoring the first one first is refused (it would put the trained weights back under
+    the second, whose restore would then write the first one's averages over them)."""
+    a, b, oracles = two_emas(programs, exe, rng)
+    raw = read_all(a.parameter_names)
+    a.apply(exe, need_restore=False)
+    child = paddle.static.global_scope().new_scope()
+    with paddle.static.scope_guard(child):
+        b.apply(exe, need_restore=False)
+    with pytest.raises(RuntimeError, match="'b.*' was applied after EMA 'a.*' .*reverse order"):
+        a.restore(exe)
+    with paddle.static.scope_guard(child):
+        b.restore(exe)
+    for name in a.parameter_names:
+        np.testing.assert_allclose(read(name), oracles["a"].debiased(name), rtol=1e-5, atol=1e-7)
+    a.restore(exe)
+    assert_same(read_all(a.parameter_names), raw, "restore in reverse order across scopes")
+
+
+def test_emas_applied_in_sibling_scopes_with_their_own_parameters_restore_in_any_order(programs, exe, rng):
+    """Two scopes holding their own copies of the parameters share nothing: any order is fine."""
+    a, b, _ = two_emas(programs, exe, rng)
+    main, startup = programs
+    first, second = paddle.static.Scope(), paddle.static.Scope()
+    for scope in (first, second):
+        with paddle.static.scope_guard(scope):
+            exe.run(startup)
+            exe.run(main, feed={"x": batch(rng)})
+    with paddle.static.scope_guard(first):
+        raw_first = read_all(a.parameter_names)
+        a.apply(exe, need_restore=False)
+    with paddle.static.scope_guard(second):
+        b.apply(exe, need_restore=False)
+    with paddle.static.scope_guard(first):
+        a.restore(exe)
+        assert_same(read_all(a.parameter_names), raw_first, "restore in its own scope")
+    with paddle.static.scope_guard(second):
+        b.restore(exe)

@@ -32,6 +32,17 @@ def test_state_is_persistable_and_not_trainable(programs):
     assert set(names) <= persistable
 
 
+def test_names_and_their_alias_parameter_names_list_the_averaged_parameters(programs):
+    main, _ = programs
+    build_net(main, frozen=True)
+    ema = paddle_ema.ExponentialMovingAverage(0.9, exclude=["fc1.b"])
+    names = ema.names
+    assert sorted(names) == ["fc1.w", "fc2.b", "fc2.w"]  # do_model_average=False ones left out
+    assert ema.parameter_names == names
+    ema.names.append("x")  # a copy each time
+    assert ema.names == ema.parameter_names == names
+
+
 def test_names_derive_from_name_and_are_unique_per_instance(programs):
     main, _ = programs
     build_net(main)
