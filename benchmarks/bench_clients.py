@@ -4,7 +4,7 @@ For PaddleClas (``ppcls/utils/ema.py``: a deep copy, ``paddle.assign(d e + (1 - 
 entry), PaddleSeg (``paddleseg/core/train.py``: a new state dict each update, then
 ``set_state_dict``) and ppdiffusers (``EMAModel.step``: ``s.copy_(s - (1 - d)(s - p))`` per
 parameter), re-typed here from reading their sources, it times one update of theirs and of
-``paddle_ema.ModelEMA`` with the options of README's migration table, in the same run, after
+``paddle_ema.ModelEMA`` with the options of docs/clients.md's migration table, in the same run, after
 checking that both give the same averages; and the evaluation swap: ppdiffusers'
 ``store`` + ``copy_to`` + ``restore`` against ``with ema.apply(): pass`` (PaddleClas and PaddleSeg
 evaluate their copy, which costs no swap; ModelEMA's ``averaged_model()`` is that copy).

@@ -6,7 +6,8 @@ and with the update of PaddleDetection's ``ModelEMA`` (``ppdet/optimizer/ema.py`
 :class:`PpdetStyleEMA`); each EMA's update alone; and one ``with ema.apply(): pass`` of ModelEMA. Every
 time is a median over repeats, in milliseconds per step, on ``CPUPlace`` in fp32. Before timing, it
 checks that both EMAs compute the same averages, so the comparison is of two implementations of one
-thing. Dygraph does not depend on the static IR flag: run it once per Paddle version (see README.md).
+thing. Dygraph does not depend on the static IR flag: run it once per Paddle version (see
+benchmarks/README.md).
 """
 
 from __future__ import annotations

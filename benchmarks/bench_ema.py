@@ -4,7 +4,8 @@ For each model it times a training step without EMA, with paddle_ema and with a 
 chain (Paddle 2.6's formulation), programs that hold only the EMA update, one apply + restore, and a
 numpy floor that moves the same bytes (12 per fp32 parameter). On Paddle 2.x it also times Paddle's
 own ``paddle.static.ExponentialMovingAverage``. Every time is a median over repeats, in milliseconds
-per step. The Paddle mode is fixed when paddle is imported, so run this once per mode (see README.md).
+per step. The Paddle mode is fixed when paddle is imported, so run this once per mode (see
+benchmarks/README.md).
 """
 
 from __future__ import annotations

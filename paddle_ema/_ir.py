@@ -178,8 +178,8 @@ def concat_into_buffer(members: Sequence[Any], name: str) -> Any:
     is neither; in the legacy IR it is flagged like a feed target (``need_check_feed``), which
     ``paddle.static.save``, ``paddle.static.load`` and ``Program.state_dict`` skip, as
     :func:`persistable_names` does. Paddle's older ``save_persistables`` family saves it (the
-    executor keeps only persistable variables allocated, and those functions take them all); README
-    says how to load such a checkpoint written before it existed.
+    executor keeps only persistable variables allocated, and those functions take them all);
+    docs/checkpoints.md says how to load such a checkpoint written before it existed.
     """
     if in_pir_mode():
         stacked = paddle.concat(list(members), axis=0)

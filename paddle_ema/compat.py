@@ -1,6 +1,6 @@
 """Reading and writing the EMA checkpoints of PaddleDetection, PaddleClas, PaddleSeg and ppdiffusers.
 
-Each client keeps its EMA in a layout of its own (read from their sources; see README):
+Each client keeps its EMA in a layout of its own (read from their sources; see docs/clients.md):
 
 * ``"ppdet"``: ``{prefix}.pdparams`` holds the applied (bias-corrected) EMA weights under the model's
   state-dict keys, ``{prefix}.pdema`` the raw weights, and the step count is the learning-rate

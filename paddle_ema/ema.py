@@ -197,7 +197,7 @@ class ExponentialMovingAverage:
     float32 averages (a bfloat16 average stalls at decay 0.999). The weight :math:`1 - d_t` is computed
     precisely (in float64 for a constant decay), so any decay below 1 works, and the bias denominator
     is kept in float64: the applied float32 average stays within 1e-5 relative of a float64 reference
-    over 20,000 steps at decay 0.999, 0.9999 and 0.99999 (measured; see README).
+    over 20,000 steps at decay 0.999, 0.9999 and 0.99999 (measured; see docs/precision.md).
 
     Args:
         decay: The decay rate, in [0, 1); usually close to 1 (0.999, 0.9999).

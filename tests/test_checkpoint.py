@@ -342,7 +342,7 @@ def test_load_of_a_path_without_a_checkpoint_names_it(exe, rng, tmp_path, where)
 
 
 def test_a_global_step_counter_new_with_the_ema_starts_with_it(exe, rng, tmp_path, caplog):
-    """README's thres_steps=paddle_ema.global_step_counter() added with the EMA to a model whose
+    """docs/checkpoints.md's thres_steps=paddle_ema.global_step_counter() added with the EMA to a model whose
     checkpoint has neither: both start afresh, the warm-up from step 0."""
     prefix = str(tmp_path / "before_ema")
     saved = save_trained(exe, rng, prefix, with_ema=False)
@@ -407,7 +407,7 @@ def _started_net_with_ema(exe):
 def test_older_persistables_checkpoints_load_with_the_predicate_readme_gives(exe, rng, tmp_path):
     """Legacy IR: Paddle's save_persistables saves every persistable variable, the stacking buffers
     too. A checkpoint of paddle_ema 0.3 or earlier lacks them: load_persistables stops at them, and
-    paddle.static.io.load_vars with the README's predicate (skip need_check_feed, as
+    paddle.static.io.load_vars with docs/checkpoints.md's predicate (skip need_check_feed, as
     paddle.static.save does) loads everything else bit for bit."""
     dirname = str(tmp_path / "persistables")
     stack, main, startup = fresh_world()

@@ -261,7 +261,7 @@ def test_set_state_dict_of_an_init_weights_ema_keeps_no_correction(dygraph, rng)
 def test_paddledetection_filter_no_grad_recipe(dygraph, rng):
     """ppdet ModelEMA(ema_filter_no_grad=True): stop_gradient parameters are black-listed (apply()
     gives their live value) except the running statistics of BatchNorm2D/SyncBatchNorm, which are
-    averaged. README's recipe: exclude the frozen names that are not batch-norm statistics."""
+    averaged. docs/clients.md's recipe: exclude the frozen names that are not batch-norm statistics."""
     import re
 
     model = paddle.nn.Sequential(paddle.nn.Conv2D(2, 3, 1), paddle.nn.BatchNorm2D(3),

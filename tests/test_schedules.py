@@ -222,8 +222,8 @@ def test_new_options_are_keyword_only(programs):
 @pytest.mark.parametrize("after, min_value", [(0, 0.0), (3, 0.0), (3, 0.2)])
 def test_the_ema_pytorch_mapping_in_the_readme(after, min_value):
     """ema-pytorch (update_every=1): update k (from 0) copies while k <= update_after_step, then
-    uses 1 - (1 + (k - update_after_step) / inv_gamma) ** -power clipped to [min_value, beta]. README
-    says start_step=update_after_step gives the same decays, but for update k itself when
+    uses 1 - (1 + (k - update_after_step) / inv_gamma) ** -power clipped to [min_value, beta].
+    docs/schedules.md says start_step=update_after_step gives the same decays, but for update k itself when
     min_value > 0."""
     beta, power, inv_gamma = 0.999, 0.75, 2.0
 

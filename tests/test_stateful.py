@@ -7,7 +7,7 @@ is bit-exactly what it must be: its raw trained value, or while averages are app
 bias-corrected average (per the float64 oracle) of the EMA applied last; after any restore, bit-exactly
 the value it had before that apply.
 
-``PADDLE_EMA_DEEP=1`` runs many more examples (see README); CI runs a modest number.
+``PADDLE_EMA_DEEP=1`` runs many more examples (see docs/development.md); CI runs a modest number.
 """
 
 from __future__ import annotations
