@@ -188,7 +188,7 @@ class ScopeSwap(Swap):
         swap = cls(label, scope, [slot.param for slot in slots], slots)
         # Found, not declared: a child scope sees its parent's parameters, and declaring one in the
         # child would hide the trained parameter behind an empty one from every later run in it.
-        swap.params = tuple(_ir.find_scope_tensor(slot.param, scope) for slot in swap.slots)
+        swap.params = tuple(_ir.variable_tensor(swap.variables[slot.param]) for slot in swap.slots)
         for slot, param in zip(swap.slots, swap.params):
             if param is None or not _ir.holds_memory(param):
                 raise RuntimeError(

@@ -32,6 +32,7 @@ __all__ = [
     "fill_scope_tensor",
     "find_scope_tensor",
     "find_scope_variable",
+    "variable_tensor",
     "in_pir_mode",
     "initialized_place",
     "is_graph_variable",
@@ -349,8 +350,12 @@ def find_scope_variable(name: str, scope: Any) -> Any | None:
 
 def find_scope_tensor(name: str, scope: Any) -> Any | None:
     """A handle to tensor ``name`` of ``scope``, or None if the scope has no such variable."""
-    var = scope.find_var(name)
-    return None if var is None else var.get_tensor()
+    return variable_tensor(scope.find_var(name))
+
+
+def variable_tensor(variable: Any | None) -> Any | None:
+    """A handle to the tensor scope variable ``variable`` holds (None for None)."""
+    return None if variable is None else variable.get_tensor()
 
 
 def declare_output(name: str, scope: Any) -> None:

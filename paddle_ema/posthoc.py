@@ -327,8 +327,7 @@ class PostHocEMA:
     def synthesize(self, sigma_rel: float, step: int | None = None) -> dict[str, paddle.Tensor]:
         """The EMA of width ``sigma_rel`` at snapshot step ``step`` (default: this run's latest
         snapshot), from this run's snapshots. See :func:`synthesize`."""
-        totals, dtype = _snapshots.combine(self._dir, self._manifest, sigma_rel, step)
-        return {name: paddle.to_tensor(total.astype(dtype)) for name, total in totals.items()}
+        return _as_tensors(*_snapshots.combine(self._dir, self._manifest, sigma_rel, step))
 
     def apply(self, sigma_rel: float, step: int | None = None, need_restore: bool = True) -> _apply.Restorer:
         """Swap the synthesized EMA of width ``sigma_rel`` at snapshot ``step`` into the model; leaving
@@ -502,7 +501,11 @@ def synthesize(
         ValueError: ``sigma_rel`` out of range, ``step`` not a snapshot step, or a snapshot that does
             not match the run's manifest (a hand-edited or foreign file; named).
     """
-    totals, dtype = _snapshots.combine(os.fspath(snapshot_dir), _read_run(snapshot_dir), sigma_rel, step)
+    return _as_tensors(*_snapshots.combine(os.fspath(snapshot_dir), _read_run(snapshot_dir), sigma_rel, step))
+
+
+def _as_tensors(totals: dict[str, np.ndarray], dtype: str) -> dict[str, paddle.Tensor]:
+    """Combined float64 arrays as CPU tensors of the snapshots' dtype."""
     return {name: paddle.to_tensor(total.astype(dtype)) for name, total in totals.items()}
 
 
