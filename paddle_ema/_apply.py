@@ -30,7 +30,7 @@ import numpy as np
 from paddle_ema import _ir, _select
 
 __all__ = [
-    "EagerSwap", "Restorer", "ScopeSwap", "Swap", "applied", "apply", "check_need_restore",
+    "EagerSwap", "Restorer", "ScopeSwap", "Swap", "any_applied", "applied", "apply", "check_need_restore",
     "overlapping", "restore",
 ]
 
@@ -98,6 +98,11 @@ def check_need_restore(need_restore: Any) -> bool:
             f"{type(need_restore).__name__}; pass need_restore=False to restore yourself later"
         )
     return bool(need_restore)
+
+
+def any_applied() -> bool:
+    """Whether any EMA is applied (the common answer, no: then nothing can overlap)."""
+    return bool(_APPLIED)
 
 
 def applied(owner: object) -> Swap | None:
@@ -262,12 +267,14 @@ class EagerSwap(Swap):
         self.bindings: Any = None
 
     @classmethod
-    def of(cls, label: str, layer: Any, tensors: dict[str, Any], results: dict[str, Any]) -> EagerSwap:
+    def of(cls, label: str, layer: Any, tensors: dict[str, Any], results: dict[str, Any],
+           bindings: Any = None) -> EagerSwap:
         """Set every tensor of ``tensors`` aside (a new tensor object takes over its data: no copy)
-        with ``results`` to swap in; no weight changes."""
+        with ``results`` to swap in; no weight changes. ``bindings``: the layer's, if the caller
+        has just checked that they hold (else they are taken)."""
         swap = cls(label, layer, dict(tensors), results)
         swap.backups = {name: _ir.eager_set_aside(tensor) for name, tensor in tensors.items()}
-        swap.bindings = _ir.LayerBindings.of(layer)
+        swap.bindings = bindings if bindings is not None else _ir.LayerBindings.of(layer)
         return swap
 
     def swap_in(self) -> None:

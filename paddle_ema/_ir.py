@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -27,6 +28,9 @@ __all__ = [
     "declare_output",
     "detached_tensor",
     "dtype_name",
+    "eager_coalesce",
+    "eager_holder",
+    "eager_pieces",
     "eager_set_aside",
     "eager_swap_in",
     "fill_scope_tensor",
@@ -403,15 +407,59 @@ def release(tensor: Any) -> None:
     tensor._clear()
 
 
-def eager_set_aside(tensor: Any) -> Any:
-    """A new eager tensor that takes over ``tensor``'s data (no copy), for :func:`eager_swap_in`.
+def eager_holder() -> Any:
+    """A new eager tensor object holding no data, made without running a kernel.
 
-    Private but present from Paddle 2.6 to 3.3: ``Tensor._share_underline_tensor_to`` points another
-    tensor object at the same underlying DenseTensor (shape, dtype and memory).
+    ``paddle.Tensor()`` runs an ``empty`` kernel on Paddle 3.x (one per tensor an apply sets aside);
+    the typed constructor of ``core.eager.Tensor`` (dtype, dims, name, var type, persistable) does
+    not. What it holds is replaced before it is read (see :func:`eager_coalesce`).
     """
-    aside = paddle.Tensor()
-    tensor._share_underline_tensor_to(aside)
-    return aside
+    from paddle.base import core
+
+    var_type = core.VarDesc.VarType
+    holder = core.eager.Tensor(var_type.FP32, [1], "paddle_ema_holder", var_type.LOD_TENSOR, False)
+    holder.stop_gradient = True
+    return holder
+
+
+def eager_set_aside(tensor: Any) -> Any:
+    """A new eager tensor holding ``tensor``'s data (no copy, no kernel), for :func:`eager_swap_in`:
+    ``tensor`` can then be pointed elsewhere and back."""
+    return tensor.detach()
+
+
+def eager_pieces(flat: Any, shapes: Sequence[Sequence[int]]) -> list[Any]:
+    """New eager tensors holding consecutive pieces of 1-d eager tensor ``flat``, shaped ``shapes``.
+
+    One ``split`` kernel (on Paddle 3.x a stride kernel: the pieces are views of ``flat``; on 2.6,
+    copies), then each piece's dims set in place with ``DenseTensor._set_dims`` (private, present
+    from Paddle 2.6 to 3.3), where a ``reshape`` per piece would cost a call through the op
+    dispatcher each.
+    """
+    pieces = paddle._C_ops.split(flat, [math.prod(shape) for shape in shapes], 0)
+    for piece, shape in zip(pieces, shapes):
+        piece.get_tensor()._set_dims(list(shape))
+    return pieces
+
+
+def eager_coalesce(sources: Sequence[Any], views: Sequence[Any], flat: Any, copy: bool) -> None:
+    """Point each of eager tensors ``views`` at consecutive rows of eager tensor ``flat`` (1-d, of
+    ``sources``' dtype), shaped as the matching ``sources`` tensor, copying the sources in if ``copy``.
+
+    One kernel whatever the count, and no allocation when ``flat`` already holds enough memory: the
+    legacy ``coalesce_tensor`` operator (present from Paddle 2.6 to 3.3, which Paddle's fused
+    optimizers use to put parameters in one buffer) takes its outputs and fused buffer as arguments
+    and re-points them; ``paddle._C_ops.coalesce_tensor`` makes new ones each call. Its CPU kernels
+    exist for float32 and float64 only. ``views`` must not share data with any other tensor: their
+    DenseTensors are re-pointed in place.
+    """
+    from paddle.base import core
+
+    var_type = {"float32": core.VarDesc.VarType.FP32, "float64": core.VarDesc.VarType.FP64}
+    paddle._legacy_C_ops.coalesce_tensor(
+        list(sources), list(views), flat, "copy_data", copy, "use_align", False,
+        "dtype", int(var_type[dtype_name(sources[0])]),
+    )
 
 
 def eager_swap_in(tensor: Any, source: Any) -> None:
@@ -441,6 +489,12 @@ class LayerBindings:
     dicts: tuple[tuple[dict, tuple[str, ...], str], ...]
     dtypes: tuple[tuple[Any, Any], ...]
 
+    def __post_init__(self) -> None:
+        # What hold() compares, bound once: it runs every update, over every entry.
+        lookups = tuple((owned.get, key, value) for owned, key, value, _, _ in self.entries)
+        object.__setattr__(self, "_lookups", lookups)
+        object.__setattr__(self, "_sizes", tuple((owned, len(keys)) for owned, keys, _ in self.dicts))
+
     @classmethod
     def of(cls, layer: Any) -> LayerBindings:
         entries, dicts, dtypes = [], [], []
@@ -457,9 +511,9 @@ class LayerBindings:
         """Whether the layer still holds the same objects under the same names, no more, and was
         not cast since."""
         return (
-            all(len(owned) == len(keys) for owned, keys, _ in self.dicts)
-            and all(owned.get(key) is value for owned, key, value, _, _ in self.entries)
-            and all(vars(sublayer).get("_dtype") is dtype for sublayer, dtype in self.dtypes)
+            all([len(owned) == size for owned, size in self._sizes])
+            and all([get(key) is value for get, key, value in self._lookups])
+            and all([vars(sublayer).get("_dtype") is dtype for sublayer, dtype in self.dtypes])
         )
 
     def put_back(self) -> list[str]:
@@ -470,6 +524,8 @@ class LayerBindings:
             What was undone besides buffers bound anew (which a forward does, e.g. a counter),
             described for a log line.
         """
+        if self.hold():
+            return []
         undone = []
         for owned, key, value, kind, name in self.entries:
             if owned.get(key) is not value:

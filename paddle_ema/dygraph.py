@@ -6,12 +6,12 @@ import copy
 import logging
 import numbers
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import paddle
 
-from paddle_ema import _apply, _graph, _ir, _select, schedule
+from paddle_ema import _apply, _flat, _graph, _interrupts, _ir, _select, schedule
 from paddle_ema._select import short_repr
 
 __all__ = ["ModelEMA"]
@@ -49,7 +49,8 @@ def _frozen_names(layer: Any) -> set[str]:
 
 def _holds_non_finite(tensor: Any) -> bool:
     """Whether ``tensor`` holds an infinity or a NaN (one reduction and a read back)."""
-    return not bool(paddle.isfinite(tensor).all())
+    # (an empty tensor holds neither; Paddle 2.6's ``all`` of an empty tensor fails)
+    return tensor.size > 0 and not bool(paddle.isfinite(tensor).all())
 
 
 def _update_keeping_infinities(average: Any, target: Any, weight: float, positive: Any,
@@ -93,9 +94,12 @@ class ModelEMA:
         a_t = d_t\\,a_{t-1} + (1 - d_t)\\,\\theta_t, \\qquad a_0 = 0,
 
     and :meth:`apply` swaps in :math:`a_t / (1 - \\prod_{i \\le t} d_i)`, restoring the trained weights
-    bit-exactly on exit. Each update runs two flat in-place kernels per tensor under
-    ``paddle.no_grad()`` (``a -= w a``, ``a += w \\theta``, faster than ``lerp_`` at every size).
-    float16 and bfloat16 tensors get float32 averages; the bias denominator is a float64 number.
+    bit-exactly on exit. An update runs two flat in-place kernels (``a -= w a``, ``a += w \\theta``,
+    faster than ``lerp_`` at every size) under ``paddle.no_grad()``: over one buffer holding the
+    averages of all small float32 (and one of all float64) tensors, after one copy of those tensors
+    into a second buffer, and per tensor for the others; so an update is a few kernels whatever the
+    tensor count, and apply and restore too. float16 and bfloat16 tensors get float32 averages; the
+    bias denominator is a float64 number.
 
     The decay :math:`d_t` of the ``t``-th update (from 0): 0 for the first ``start_step`` updates;
     then ``decay`` (``warmup=None``), :math:`\\min(\\text{decay}, (1 + t) / (10 + t))`
@@ -259,6 +263,7 @@ class ModelEMA:
         self._init = init
         for name in names:
             self._start_average(name, self._initial_average)
+        self._groups: list[_flat.FlatGroup] = []  # averages of small tensors in flat buffers
         self._pair_for_updates()
         self._update_every = update_every
         self._start_counting()
@@ -289,10 +294,11 @@ class ModelEMA:
     def update(self) -> None:
         """Move every average toward the model's current weights; call it after ``optimizer.step()``.
 
-        If interrupted (``KeyboardInterrupt``) half-way, some averages have taken this update and
-        the others not, and the update count has not moved; the model's weights are never touched.
-        If a kernel fails half-way (an error, not an interrupt), the EMA refuses every later call
-        until :meth:`set_state_dict` sets a state back: its averages would be silently wrong.
+        An update is whole or not at all: Ctrl-C (SIGINT) arriving while it writes the averages is
+        held back and raises its KeyboardInterrupt once the update is done and counted. If a kernel
+        fails half-way (or another exception stops it there), the EMA refuses every later call until
+        :meth:`set_state_dict` sets a state back: its averages would be silently wrong. The model's
+        weights are never touched.
 
         Raises:
             RuntimeError: averages (this EMA's or another's over the same weights) are applied to the
@@ -303,7 +309,7 @@ class ModelEMA:
                 kernel failed half-way, in this call or an earlier one (see above).
         """
         self._check_not_failed()
-        if _apply.overlapping(self._swap_probe()):
+        if _apply.any_applied() and _apply.overlapping(self._swap_probe()):
             raise RuntimeError(
                 "update() while averages are applied to the model (by this ModelEMA or another) "
                 "would average the averages; call ema.restore() (or leave the `with ema.apply():` "
@@ -315,11 +321,13 @@ class ModelEMA:
         self._follow_model()  # (a model it cannot follow changes nothing)
         call = self._calls + 1  # counted once every average took it
         weight = self._next_weight(call)
-        with paddle.no_grad():
-            for positive, negative in self._weights.values():
-                positive.fill_(weight)
-                negative.fill_(-weight)
+        with paddle.no_grad(), _interrupts.SigintDeferred():
             try:
+                for positive, negative in self._weights.values():
+                    positive.fill_(weight)
+                    negative.fill_(-weight)
+                for group in self._groups:
+                    group.update(*self._weights[group.dtype])
                 for average, tensor, cast, (positive, negative), infinities in self._update_plan:
                     # (a float16/bfloat16 weight is read as float32: one cast, the only temporary)
                     target = tensor.astype(average.dtype) if cast else tensor
@@ -327,18 +335,20 @@ class ModelEMA:
                         _update_keeping_infinities(average, target, weight, positive, negative)
                     else:
                         _ir.sgd_lerp_(average, target, positive, negative)
-            except Exception as error:
-                # Some averages took this update and the others not: using them would be silently
-                # wrong, so this EMA refuses to until a state is set back.
+            except BaseException as error:
+                # Some averages took this update and the others not (or one took half of it): using
+                # them would be silently wrong, so this EMA refuses to until a state is set back.
                 self._failed = f"{type(error).__name__}: {str(error).strip()[:300]}"
+                if not isinstance(error, Exception):
+                    raise
                 raise RuntimeError(
                     f"ModelEMA.update() failed half-way ({self._failed}); the averages are no longer "
                     "consistent: set_state_dict() a saved state, or build a new ModelEMA"
                 ) from error
-        self._calls = self._last_update_call = call
-        self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
-        self._updates += 1
-        self._last_weight = weight
+            self._calls = self._last_update_call = call
+            self._bias_correction = schedule.next_bias_correction(self._bias_correction, weight)
+            self._updates += 1
+            self._last_weight = weight
 
     def averages(self) -> dict[str, Any]:
         """The bias-corrected averages, as :meth:`apply` would write them, touching nothing.
@@ -355,7 +365,7 @@ class ModelEMA:
         self._check_not_failed()
         self._follow_model()
         with paddle.no_grad():
-            values = dict(self._corrected())
+            values = self._corrected()
             if self._copied:
                 params = dict(self._layer.named_parameters())
                 values.update((n, params[n].clone()) for n in self._copied if n in params)
@@ -400,8 +410,11 @@ class ModelEMA:
             with paddle.no_grad():
                 # New tensors holding the averages (the one pass apply makes); the trained tensors
                 # are set aside as they are (no copy).
-                results = dict(self._corrected())
-                return _apply.EagerSwap.of(self._label(), self._layer, self._tensors, results)
+                results = self._corrected()
+                # (_follow_model has just checked the bindings, or taken them anew, unless another
+                # EMA's averages are applied)
+                bindings = self._bindings if self._bindings.hold() else None
+                return _apply.EagerSwap.of(self._label(), self._layer, self._tensors, results, bindings)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
 
@@ -505,7 +518,7 @@ class ModelEMA:
         self._failed = None
         for name in self._averages:
             self._look_for_non_finite(name)
-        self._pair_for_updates()
+        self._pair_for_updates(regroup=True)
 
     def _next_weight(self, call: int) -> float:
         """The weight :math:`1 - d` of the averaging update at :meth:`update` call number ``call``."""
@@ -599,10 +612,41 @@ class ModelEMA:
         else:
             self._non_finite.discard(name)
 
-    def _pair_for_updates(self) -> None:
-        """What each update step works on: paired once rather than looked up per tensor per step;
-        and what tells cheaply that the model still holds those tensors as they were (see
-        :meth:`_follow_model`)."""
+    def _pair_for_updates(self, regroup: bool = False) -> None:
+        """What each update step works on, paired once rather than looked up per tensor per step:
+        the flat groups of small averages (see :mod:`paddle_ema._flat`) and the other averages with
+        their tensors; and what tells cheaply that the model still holds those tensors as they were
+        (see :meth:`_follow_model`).
+
+        A group whose members and averages are unchanged is kept, pointed at the tensors the model
+        holds now (a buffer a forward re-binds each step costs no copy); others are made anew from
+        the current averages, and with ``regroup`` every group is (after averages were written by
+        name: :meth:`set_state_dict`).
+        """
+        members: dict[tuple[str, str], list[str]] = {}
+        for name, average in self._averages.items():
+            tensor = self._tensors[name]
+            if name not in self._non_finite and _flat.groupable(tensor, average):
+                members.setdefault((_ir.dtype_name(average), str(tensor.place)), []).append(name)
+        kept = {} if regroup else {group.names: group for group in self._groups}
+        groups, grouped = [], set()
+        for names in members.values():
+            if len(names) < 2:
+                continue
+            group = kept.get(tuple(names))
+            if group is not None and group.holds(names, self._averages):
+                group.follow(self._tensors[n] for n in names)
+            else:
+                group = _flat.FlatGroup(names, [self._tensors[n] for n in names],
+                                        [self._averages[n] for n in names])
+                self._averages.update(group.averages)
+            groups.append(group)
+            grouped.update(names)
+        for group in self._groups:  # an average leaving its group gets memory of its own
+            for name in group.names:
+                if name not in grouped and self._averages.get(name) is group.averages[name]:
+                    self._averages[name] = group.averages[name].clone()
+        self._groups = groups
         self._update_plan = [
             (
                 average,
@@ -611,7 +655,7 @@ class ModelEMA:
                 self._weights[_ir.dtype_name(average)],
                 name in self._non_finite,
             )
-            for name, average in self._averages.items()
+            for name, average in self._averages.items() if name not in grouped
         ]
         parameters = {name for name, _ in self._layer.named_parameters()}
         self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
@@ -623,7 +667,7 @@ class ModelEMA:
 
     def _model_unchanged(self) -> bool:
         return self._bindings.hold() and all(
-            t.shape == shape and t.element_size() == size for t, shape, size in self._metas
+            [t.shape == shape and t.element_size() == size for t, shape, size in self._metas]
         )
 
     def _follow_model(self) -> None:
@@ -649,7 +693,8 @@ class ModelEMA:
                 one, or moved between the parameters and the buffers (``weight_norm``/
                 ``spectral_norm`` applied after the EMA was built). Nothing is changed then.
         """
-        if self._applied is not None or _apply.overlapping(self._swap_probe()) or self._model_unchanged():
+        if (_apply.any_applied() and (self._applied is not None or _apply.overlapping(self._swap_probe()))
+                or self._model_unchanged()):
             # While averages (this EMA's or another's) are applied, restore binds back what apply
             # saw: following what a forward bound meanwhile would adopt what restore then removes.
             return
@@ -729,21 +774,28 @@ class ModelEMA:
                 gained[name] = tensor
         return gained
 
-    def _corrected(self) -> Iterator[tuple[str, Any]]:
+    def _corrected(self) -> dict[str, Any]:
         """Each name with its bias-corrected average in its tensor's dtype (the weights before the
-        first update)."""
-        if self._bias_correction == 0.0:
-            for name, tensor in self._tensors.items():
-                yield name, tensor.clone()
-            return
+        first update), in new tensors: a few kernels for the grouped averages."""
+        first = self._bias_correction == 0.0
+        values = {}
         reciprocals = {
             dtype: paddle.full([1], schedule.debias_factor(self._bias_correction, dtype), dtype)
             for dtype in self._weights
-        }
+        } if not first else {}
+        if not first:
+            for group in self._groups:
+                values.update(group.scaled(reciprocals[group.dtype]))
         for name, tensor in self._tensors.items():
+            if name in values:
+                continue
+            if first:
+                values[name] = tensor.clone()
+                continue
             average = self._averages[name]
             value = paddle.scale(average, reciprocals[_ir.dtype_name(average)])
-            yield name, value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
+            values[name] = value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
+        return {name: values[name] for name in self._tensors}
 
 
 def _check_still_averageable(

@@ -458,21 +458,24 @@ def test_set_state_dict_after_the_model_changed_resumes_bit_exactly(dygraph, rng
         np.testing.assert_array_equal(resumed._averages[name].numpy(), value.numpy(), err_msg=name)
 
 
-def test_a_failed_update_makes_the_ema_refuse_until_a_state_is_set(dygraph, rng, monkeypatch):
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_failed_update_makes_the_ema_refuse_until_a_state_is_set(dygraph, rng, monkeypatch, at):
+    """A kernel failing before anything is written (``at`` 1) or between the two kernels of an
+    average (2: every average of the group scaled, none moved)."""
     model = Seen()
     ema = paddle_ema.ModelEMA(model, 0.5)
     train(model, ema, None, rng, 1)
     good = ema.state_dict()
     calls = []
-    original = paddle_ema.dygraph._ir.sgd_lerp_
+    original = paddle._C_ops.sgd_
 
     def failing(*args):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at:
             raise ValueError("a kernel error")
-        original(*args)
+        return original(*args)
 
-    monkeypatch.setattr(paddle_ema.dygraph._ir, "sgd_lerp_", failing)
+    monkeypatch.setattr(paddle._C_ops, "sgd_", failing)
     with pytest.raises(RuntimeError, match="failed half-way .*a kernel error"):
         ema.update()
     monkeypatch.undo()

@@ -1,0 +1,208 @@
+"""ModelEMA's flat groups (paddle_ema._flat): the numbers of the per-tensor path bit for bit, in a
+few kernels whatever the tensor count, and an update that Ctrl-C cannot cut in half."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+import paddle_ema
+from paddle_ema import _flat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from kernels import count_kernels  # noqa: E402
+
+
+class Mixed(paddle.nn.Layer):
+    """Small float32 layers (grouped), one too large to group, two float64 buffers (a float64
+    group), a float16 buffer (a float32 average, per tensor), an empty buffer, and a float32 buffer
+    the forward re-binds every step (``self.seen = self.seen + n``)."""
+
+    def __init__(self, depth: int = 4):
+        super().__init__()
+        self.layers = paddle.nn.Sequential(*(paddle.nn.Linear(6, 6) for _ in range(depth)))
+        self.large = paddle.nn.Linear(200, 200)  # 40,000 elements: more than a group takes
+        self.register_buffer("scale64", paddle.ones([3], "float64"))
+        self.register_buffer("shift64", paddle.zeros([2, 2], "float64"))
+        self.register_buffer("low", paddle.ones([4], "float16"))
+        self.register_buffer("empty", paddle.zeros([0]))
+        self.register_buffer("seen", paddle.zeros([1]))
+
+    def forward(self, x):
+        self.seen = self.seen + x.shape[0]
+        return self.layers(x)
+
+
+def set_random_weights(model, rng):
+    """Every floating-point tensor to new random values (also re-binding ``seen``, as a forward does)."""
+    model(paddle.zeros([1, 6]))
+    with paddle.no_grad():
+        for _, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.size and paddle.is_floating_point(tensor):
+                value = rng.standard_normal(tensor.shape).astype(paddle_ema._ir.dtype_name(tensor))
+                tensor.set_value(value)
+
+
+def numpy_state(model):
+    return {n: t.numpy().astype(np.float64) for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if paddle.is_floating_point(t)}
+
+
+class PerTensor:
+    """Runs a ModelEMA's calls with grouping switched off: the per-tensor path of paddle_ema 0.4."""
+
+    def __init__(self, monkeypatch, ema):
+        self.monkeypatch, self.ema = monkeypatch, ema
+
+    def __getattr__(self, name):
+        method = getattr(self.ema, name)
+
+        def call(*args, **kwargs):
+            with self.monkeypatch.context() as patch:
+                patch.setattr(_flat, "groupable", lambda tensor, average: False)
+                return method(*args, **kwargs)
+        return call
+
+
+def build(monkeypatch, grouped, **options):
+    paddle.seed(3)
+    model = Mixed()
+    if grouped:
+        return model, paddle_ema.ModelEMA(model, 0.9, **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(_flat, "groupable", lambda tensor, average: False)
+        ema = paddle_ema.ModelEMA(model, 0.9, **options)
+    return model, PerTensor(monkeypatch, ema)
+
+
+@pytest.mark.parametrize("options", [{}, {"warmup": "threshold", "update_every": 2}, {"init": "weights"}])
+def test_groups_give_the_per_tensor_numbers_bit_for_bit(dygraph, monkeypatch, options):
+    model, ema = build(monkeypatch, True, **options)
+    twin, reference = build(monkeypatch, False, **options)
+    assert ema._groups and not reference.ema._groups
+    assert {g.dtype for g in ema._groups} == {"float32", "float64"}
+    rngs = np.random.default_rng(0), np.random.default_rng(0)
+    for step in range(12):
+        for m, r in zip((model, twin), rngs):
+            set_random_weights(m, r)
+        ema.update()
+        reference.update()
+        for name, average in ema._averages.items():
+            np.testing.assert_array_equal(average.numpy(), reference.ema._averages[name].numpy(),
+                                          err_msg=f"{name} at update {step}")
+        if step % 4 == 3:
+            trained = numpy_state(model)
+            with ema.apply():
+                applied = numpy_state(model)
+            with reference.apply():
+                applied_reference = numpy_state(twin)
+            for name, value in applied.items():
+                np.testing.assert_array_equal(value, applied_reference[name], err_msg=name)
+            for name, value in numpy_state(model).items():
+                np.testing.assert_array_equal(value, trained[name], err_msg=f"{name} restored")
+
+
+def test_groups_follow_the_oracle(dygraph, rng):
+    """Against a float64 numpy reference of the threshold schedule, written from the doc."""
+    model = Mixed()
+    ema = paddle_ema.ModelEMA(model, 0.9, warmup="threshold")
+    names = ema.names
+    averages = {n: np.zeros(t.shape) for n, t in numpy_state(model).items() if n in names}
+    product = 1.0
+    for step in range(15):
+        set_random_weights(model, rng)
+        decay = min(0.9, (1 + step) / (10 + step))
+        product *= decay
+        for name, value in numpy_state(model).items():
+            if name in averages:
+                averages[name] = decay * averages[name] + (1 - decay) * value
+        ema.update()
+    got = {n: t.numpy().astype(np.float64) for n, t in ema.averages().items()}
+    for name, expected in averages.items():
+        tolerance = 1e-3 if name == "low" else 2e-6  # (float16's applied value is rounded to float16)
+        np.testing.assert_allclose(got[name], expected / (1 - product), rtol=tolerance, atol=1e-6,
+                                   err_msg=name)
+
+
+def kernels_of(fn):
+    fn()  # warm
+    return count_kernels(fn)["operators"]
+
+
+@pytest.mark.parametrize("what", ["update", "apply_restore"])
+def test_an_update_and_an_apply_are_a_few_kernels_whatever_the_tensor_count(dygraph, what):
+    counts = {}
+    for depth in (8, 128):
+        paddle.seed(1)
+        model = paddle.nn.Sequential(*(paddle.nn.Linear(16, 16) for _ in range(depth)))
+        ema = paddle_ema.ModelEMA(model, 0.99)
+        ema.update()
+
+        def apply_restore(ema=ema):
+            with ema.apply():
+                pass
+        counts[depth] = kernels_of(ema.update if what == "update" else apply_restore)
+    # update: two fills of the step weight, the copy of the tensors (an event of its own and its
+    # legacy operator's), two sgd_; apply: the reciprocal, a scale and a split.
+    assert counts[8] == counts[128] <= (6 if what == "update" else 3), counts
+
+
+def test_a_buffer_re_bound_every_step_costs_no_regrouping(dygraph, rng):
+    model = Mixed()
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    groups = list(ema._groups)
+    for _ in range(3):
+        set_random_weights(model, rng)  # re-binds `seen`
+        ema.update()
+    assert all(a is b for a, b in zip(ema._groups, groups)) and len(ema._groups) == len(groups)
+    assert ema._groups[0].tensors[ema._groups[0].names.index("seen")] is model.seen
+
+
+def test_ctrl_c_during_an_update_lands_once_the_update_is_done(dygraph, rng, monkeypatch):
+    model = Mixed()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    set_random_weights(model, rng)
+    expected = {n: v for n, v in numpy_state(model).items() if n in ema.names}  # 0.5 of it, then / 0.5
+    original, calls = paddle._C_ops.sgd_, []
+
+    def sgd_then_ctrl_c(*args):
+        out = original(*args)
+        calls.append(1)
+        if len(calls) == 1:  # between the two kernels of the first group
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(paddle._C_ops, "sgd_", sgd_then_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        ema.update()
+    monkeypatch.undo()
+    assert len(calls) > 2 and signal.getsignal(signal.SIGINT) is handler
+    assert ema.num_updates == 1
+    for name, value in ema.averages().items():
+        np.testing.assert_allclose(value.numpy().astype(np.float64), expected[name], rtol=1e-3, err_msg=name)
+    ema.update()  # usable on
+
+
+def test_an_update_off_the_main_thread_runs(dygraph, rng):
+    model = Mixed()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    errors = []
+
+    def update():
+        try:
+            ema.update()
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    worker = threading.Thread(target=update)
+    worker.start()
+    worker.join()
+    assert ema.num_updates == 1 and not errors
