@@ -527,7 +527,7 @@ class ModelEMA:
 
     def _initial_average(self, tensor: Any, dtype: str) -> Any:
         """A new average of ``tensor`` as ``init`` says: zeros, or a copy of its value."""
-        if self._init == "zeros":
+        if self._init == "zeros" or not tensor.size:  # (Paddle 2.6 cannot clone an empty tensor)
             return paddle.zeros_like(tensor, dtype=dtype)
         return tensor.astype(dtype).clone()
 
