@@ -6,7 +6,8 @@ and with the update of PaddleDetection's ``ModelEMA`` (``ppdet/optimizer/ema.py`
 :class:`PpdetStyleEMA`); each EMA's update alone; and one ``with ema.apply(): pass`` of ModelEMA. Every
 time is a median over repeats, in milliseconds per step, on ``CPUPlace`` in fp32. Before timing, it
 checks that both EMAs compute the same averages, so the comparison is of two implementations of one
-thing. Dygraph does not depend on the static IR flag: run it once per Paddle version (see
+thing. A fourth model, ``yolo``, is a YOLO-like conv net of ~120 conv + batch-norm blocks (~600 small
+tensors). Dygraph does not depend on the static IR flag: run it once per Paddle version (see
 benchmarks/README.md).
 """
 
@@ -36,6 +37,7 @@ DECAY = bench_ema.DECAY  # the static benchmark's decay, recorded as such by ben
 LEARNING_RATE = 1e-4
 FC_BATCH = 8
 CONV_INPUT = (8, 3, 32, 32)
+YOLO_INPUT = (8, 3, 64, 64)
 SEED = 0
 # Training steps of the equivalence check: enough for the weights to move and rounding to accumulate.
 CHECK_STEPS = 20
@@ -103,11 +105,92 @@ class _ConvNet(paddle.nn.Layer):
         return self.head(paddle.mean(self.blocks(self.stem(x)), axis=[2, 3]))
 
 
+class _Bottleneck(paddle.nn.Layer):
+    """YOLO's residual bottleneck: 1x1 conv to ``hidden`` channels, 3x3 conv back, plus the input."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.reduce = _ConvBN(channels, hidden, 1, 1)
+        self.expand = _ConvBN(hidden, channels, 3, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return x + self.expand(self.reduce(x))
+
+
+def _conv_stack(cin: int, cout: int, hidden: int) -> paddle.nn.Sequential:
+    """YOLOv3's five-conv neck stack: 1x1 to ``cout``, then 3x3 to ``hidden`` and 1x1 back, twice."""
+    return paddle.nn.Sequential(
+        _ConvBN(cin, cout, 1, 1), _ConvBN(cout, hidden, 3, 1), _ConvBN(hidden, cout, 1, 1),
+        _ConvBN(cout, hidden, 3, 1), _ConvBN(hidden, cout, 1, 1),
+    )
+
+
+class _Yolo(paddle.nn.Layer):
+    """A YOLO-like detector for its tensor count: many small conv + BatchNorm2D blocks (16-128 channels).
+
+    A Darknet-style backbone (a stride-2 stem, then four stride-2 stages of 8, 16, 10 and 6 residual
+    bottlenecks: 32, 64, 128, 128 channels), a PAN neck over the last three stages (five five-conv
+    stacks, top-down with nearest upsampling and bottom-up with stride-2 convs) and a head per scale
+    (three conv + BN blocks, then a 1x1 conv with bias to 3 anchors x (5 + 10 classes)): 123 conv + BN
+    blocks of five tensors each (conv weight, BN weight and bias, mean, variance) and three output
+    convs, 621 tensors, 3.1M values, 31 of them (3x3 conv weights) above 32768 elements. On an
+    8x3x64x64 input the scales are 8x8, 4x4 and 2x2. The output is every scale's map, flattened and
+    concatenated.
+    """
+
+    OUTPUTS = 3 * (5 + 10)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _ConvBN(YOLO_INPUT[1], 16, 3, 2)
+        stages, cin = [], 16
+        for cout, depth in ((32, 8), (64, 16), (128, 10), (128, 6)):
+            blocks = [_ConvBN(cin, cout, 3, 2)] + [_Bottleneck(cout, cout // 2) for _ in range(depth)]
+            stages.append(paddle.nn.Sequential(*blocks))
+            cin = cout
+        self.stages = paddle.nn.LayerList(stages)
+        # Top-down: P5 (128) -> lateral 1x1 -> up + P4 (128); then -> up + P3 (64).
+        self.top5 = _conv_stack(128, 64, 128)
+        self.lateral5 = _ConvBN(64, 32, 1, 1)
+        self.top4 = _conv_stack(128 + 32, 64, 128)
+        self.lateral4 = _ConvBN(64, 32, 1, 1)
+        self.top3 = _conv_stack(64 + 32, 32, 64)
+        # Bottom-up: N3 -> stride-2 conv + top4 -> N4 -> stride-2 conv + top5 -> N5.
+        self.down3 = _ConvBN(32, 64, 3, 2)
+        self.bottom4 = _conv_stack(64 + 64, 64, 128)
+        self.down4 = _ConvBN(64, 64, 3, 2)
+        self.bottom5 = _conv_stack(64 + 64, 64, 128)
+        self.heads = paddle.nn.LayerList(
+            paddle.nn.Sequential(
+                _ConvBN(cin, 2 * cin, 3, 1), _ConvBN(2 * cin, cin, 1, 1), _ConvBN(cin, 2 * cin, 3, 1),
+                paddle.nn.Conv2D(2 * cin, self.OUTPUTS, 1),
+            )
+            for cin in (32, 64, 64)
+        )
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        c3, c4, c5 = features[1:]
+        up = paddle.nn.functional.interpolate
+        t5 = self.top5(c5)
+        t4 = self.top4(paddle.concat([up(self.lateral5(t5), scale_factor=2), c4], axis=1))
+        n3 = self.top3(paddle.concat([up(self.lateral4(t4), scale_factor=2), c3], axis=1))
+        n4 = self.bottom4(paddle.concat([self.down3(n3), t4], axis=1))
+        n5 = self.bottom5(paddle.concat([self.down4(n4), t5], axis=1))
+        outputs = [head(n) for head, n in zip(self.heads, (n3, n4, n5))]
+        return paddle.concat([paddle.flatten(out, 1) for out in outputs], axis=1)
+
+
 # name: (the layer's constructor, the input's shape)
 DYGRAPH_MODELS: dict[str, tuple[Callable[[], paddle.nn.Layer], tuple[int, ...]]] = {
     "fc512": (lambda: _fc_stack(512, 64), (FC_BATCH, 512)),
     "fc64": (lambda: _fc_stack(64, 256), (FC_BATCH, 64)),
     "convnet": (_ConvNet, CONV_INPUT),
+    "yolo": (_Yolo, YOLO_INPUT),
 }
 
 
@@ -275,7 +358,10 @@ def bench_model(name: str, timer: Timer) -> dict[str, Any]:
     variants = {key: train_variant(name, flavor) for key, flavor in zip(TRAIN_KEYS, flavors)}
     state = next(iter(variants.values()))[0].model.state_dict()
     sizes = {"tensors": len(state), "params": sum(math.prod(t.shape) for t in state.values())}
+    sizes["tensors_over_32768"] = sum(math.prod(t.shape) > 32768 for t in state.values())
     del state
+    print(f"{name}: {sizes['tensors']} tensors ({sizes['tensors_over_32768']} with more than 32768 "
+          f"elements), {sizes['params'] / 1e6:.2f}M values", flush=True)
     timings = timer({key: variant.step for key, (variant, _) in variants.items()})
     health = {key: variant.health() for key, (variant, _) in variants.items()}
     del variants  # free three models, their gradients and two EMAs before the next group
