@@ -6,9 +6,11 @@ and with the update of PaddleDetection's ``ModelEMA`` (``ppdet/optimizer/ema.py`
 :class:`PpdetStyleEMA`); each EMA's update alone; and one ``with ema.apply(): pass`` of ModelEMA. Every
 time is a median over repeats, in milliseconds per step, on ``CPUPlace`` in fp32. Before timing, it
 checks that both EMAs compute the same averages, so the comparison is of two implementations of one
-thing. A fourth model, ``yolo``, is a YOLO-like conv net of ~120 conv + batch-norm blocks (~600 small
-tensors). Dygraph does not depend on the static IR flag: run it once per Paddle version (see
-benchmarks/README.md).
+thing. Beside the updates it times a floor, the cheapest one-pass EMA over as many float32 values
+(two ``sgd_`` kernels on one flat buffer), and it counts the dygraph ops and kernels that one update
+and one apply + restore of ModelEMA launch (``kernels.count_kernels``). A fourth model, ``yolo``, is a
+YOLO-like conv net of ~120 conv + batch-norm blocks (~600 small tensors). Dygraph does not depend on
+the static IR flag: run it once per Paddle version (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import bench_ema
 import numpy as np
 import paddle
 from bench_ema import Timer  # the static benchmark's timer: same warm-up, calibration, rotation
+from kernels import count_kernels, jsonable
 
 import paddle_ema
 
@@ -38,6 +41,9 @@ LEARNING_RATE = 1e-4
 FC_BATCH = 8
 CONV_INPUT = (8, 3, 32, 32)
 YOLO_INPUT = (8, 3, 64, 64)
+# paddle_ema._names.stack_max_numel(): the static EMA stacks the averages of tensors up to this size.
+# The model summary counts the tensors above it, which a fused dygraph update may treat apart too.
+LARGE_NUMEL = 32768
 SEED = 0
 # Training steps of the equivalence check: enough for the weights to move and rounding to accumulate.
 CHECK_STEPS = 20
@@ -50,6 +56,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 TRAIN_KEYS = ("train_no_ema", "train_model_ema", "train_ppdet")
 UPDATE_KEYS = ("update_model_ema", "update_ppdet")
+FLOOR_KEY = "floor_update"
 APPLY_KEY = "apply_restore"
 
 
@@ -305,6 +312,46 @@ def apply_restore(ema: paddle_ema.ModelEMA) -> Callable[[], None]:
     return step
 
 
+class FloorEMA:
+    """The cheapest one-pass EMA over ``numel`` float32 values, as a floor for an update's time.
+
+    One flat float32 average and one flat target of that size, and per update the two in-place
+    ``sgd_`` kernels ModelEMA runs per tensor (``average -= w * average``, ``average += w * target``,
+    w a 0-d float32 tensor): each value is read twice and written twice by two kernels in all, what any
+    EMA over that many values does at least, with no per-tensor cost and no weight to fill.
+    """
+
+    def __init__(self, numel: int, decay: float) -> None:
+        rng = np.random.default_rng(SEED)
+        self.average = paddle.zeros([numel], dtype="float32")
+        self.target = paddle.to_tensor(rng.standard_normal(numel).astype("float32"))
+        self.weight = paddle.to_tensor(1 - decay, dtype="float32")
+        self.weight_neg = paddle.to_tensor(-(1 - decay), dtype="float32")
+
+    def update(self) -> None:
+        paddle._C_ops.sgd_(self.average, self.weight, self.average, None, False)
+        paddle._C_ops.sgd_(self.average, self.weight_neg, self.target, None, False)
+
+
+def model_sizes(model: paddle.nn.Layer) -> dict[str, int]:
+    """``model.state_dict()``'s tensor and element counts, those of its floating-point tensors (what an
+    EMA averages) and how many tensors have more than LARGE_NUMEL elements."""
+    numels = [math.prod(t.shape) for t in model.state_dict().values()]
+    floating = [math.prod(t.shape) for t in model.state_dict().values() if paddle.is_floating_point(t)]
+    return {
+        "tensors": len(numels),
+        "params": sum(numels),
+        "averaged_tensors": len(floating),
+        "averaged_values": sum(floating),
+        f"tensors_over_{LARGE_NUMEL}": sum(n > LARGE_NUMEL for n in numels),
+    }
+
+
+def model_summary(name: str, sizes: dict[str, int]) -> str:
+    return (f"{name}: {sizes['tensors']} tensors ({sizes[f'tensors_over_{LARGE_NUMEL}']} with more than "
+            f"{LARGE_NUMEL} elements), {sizes['params'] / 1e6:.2f}M values")
+
+
 # ----------------------------------------------------------------------------- equivalence check
 
 
@@ -356,24 +403,39 @@ def bench_model(name: str, timer: Timer) -> dict[str, Any]:
         raise SystemExit(f"{name}: ModelEMA and the ppdet-style EMA disagree, nothing timed: {checks}")
     flavors = (None, "model_ema", "ppdet")
     variants = {key: train_variant(name, flavor) for key, flavor in zip(TRAIN_KEYS, flavors)}
-    state = next(iter(variants.values()))[0].model.state_dict()
-    sizes = {"tensors": len(state), "params": sum(math.prod(t.shape) for t in state.values())}
-    sizes["tensors_over_32768"] = sum(math.prod(t.shape) > 32768 for t in state.values())
-    del state
-    print(f"{name}: {sizes['tensors']} tensors ({sizes['tensors_over_32768']} with more than 32768 "
-          f"elements), {sizes['params'] / 1e6:.2f}M values", flush=True)
+    sizes = model_sizes(next(iter(variants.values()))[0].model)
+    print(model_summary(name, sizes), flush=True)
     timings = timer({key: variant.step for key, (variant, _) in variants.items()})
     health = {key: variant.health() for key, (variant, _) in variants.items()}
     del variants  # free three models, their gradients and two EMAs before the next group
     # The EMA alone: each on its own (untrained) model, so neither shares caches or tensors with the other.
     # The models are kept in variables: PpdetStyleEMA, like ppdet's class, holds weak references only.
+    # The floor is timed in the same group, so update / floor is a ratio of one run.
     model_ema_model, ppdet_model = build_model(name)[0], build_model(name)[0]
     model_ema = paddle_ema.ModelEMA(model_ema_model, DECAY)
     ppdet = PpdetStyleEMA(ppdet_model, DECAY)
-    timings.update(timer({"update_model_ema": model_ema.update, "update_ppdet": ppdet.update}))
+    floor = FloorEMA(sizes["averaged_values"], DECAY)
+    updates = {"update_model_ema": model_ema.update, "update_ppdet": ppdet.update, FLOOR_KEY: floor.update}
+    timings.update(timer(updates))
     # After the update group's warm-up and repeats, so apply swaps in real averages.
     timings.update(timer({APPLY_KEY: apply_restore(model_ema)}))
-    return {**sizes, "checks": checks, "health": health, "timings": timings, "derived": derived(timings)}
+    # Counted last: the profiler is not running while anything is timed.
+    kernels = {
+        "update": count_kernels(model_ema.update),
+        APPLY_KEY: count_kernels(apply_restore(model_ema)),
+        "update_ppdet": count_kernels(ppdet.update),
+        "floor": count_kernels(floor.update),
+    }
+    counts = {
+        "kernels_update": kernels["update"]["kernels"],
+        "kernels_apply_restore": kernels[APPLY_KEY]["kernels"],
+        "operators_update": kernels["update"]["operators"],
+        "operators_apply_restore": kernels[APPLY_KEY]["operators"],
+    }
+    return {
+        **sizes, **counts, "kernels": {key: jsonable(c) for key, c in kernels.items()}, "checks": checks,
+        "health": health, "timings": timings, "derived": derived(timings),
+    }
 
 
 def derived(timings: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -386,28 +448,52 @@ def derived(timings: dict[str, dict[str, Any]]) -> dict[str, float]:
         "added_pct_model_ema": (ms["train_model_ema"] / base - 1) * 100,
         "added_pct_ppdet": (ms["train_ppdet"] / base - 1) * 100,
         "update_ppdet_over_model_ema": ms["update_ppdet"] / ms["update_model_ema"],
+        "update_model_ema_over_floor": ms["update_model_ema"] / ms[FLOOR_KEY],
     }
 
 
+def ops_cell(counts: dict[str, Any]) -> str:
+    """A kernel count's ops, most frequent first: ``sgd_ 1024, fill_ 2``."""
+    return ", ".join(f"{op} {n}" for op, n in counts["ops"].items()) or "none"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """One row per model: times in ms per step, the EMAs' added time and the update ratio."""
+    """One row per model: times in ms per step, the EMAs' added time, the update ratios and the kernel
+    counts; then a second table of the ops each count is made of."""
     header = [
         "model", "train, no EMA", "train + ModelEMA", "train + ppdet", "added: ModelEMA", "added: ppdet",
-        "update: ModelEMA", "update: ppdet", "ppdet / ModelEMA", "apply + restore",
+        "update: ModelEMA", "update: ppdet", "ppdet / ModelEMA", "floor", "ModelEMA / floor",
+        "apply + restore", "kernels: update", "kernels: apply + restore",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    rows, op_rows = [], []
     for name, model in results["models"].items():
         ms = {key: timing["ms"] for key, timing in model["timings"].items()}
         d = derived(model["timings"])
-        cells = [
+        rows.append([
             name, *(f"{ms[k]:.3f}" for k in TRAIN_KEYS),
             f"{d['added_ms_model_ema']:+.3f} ({d['added_pct_model_ema']:+.1f} %)",
             f"{d['added_ms_ppdet']:+.3f} ({d['added_pct_ppdet']:+.1f} %)",
             *(f"{ms[k]:.3f}" for k in UPDATE_KEYS),
-            f"{d['update_ppdet_over_model_ema']:.2f}", f"{ms[APPLY_KEY]:.3f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            f"{d['update_ppdet_over_model_ema']:.2f}", f"{ms[FLOOR_KEY]:.3f}",
+            f"{d['update_model_ema_over_floor']:.2f}", f"{ms[APPLY_KEY]:.3f}",
+            str(model["kernels_update"]), str(model["kernels_apply_restore"]),
+        ])
+        kernels = model["kernels"]
+        op_rows.append([
+            name, str(model["tensors"]), str(model[f"tensors_over_{LARGE_NUMEL}"]),
+            ops_cell(kernels["update"]), ops_cell(kernels[APPLY_KEY]),
+            str(kernels["update_ppdet"]["kernels"]),
+        ])
+    ops_header = [
+        "model", "tensors", f"> {LARGE_NUMEL} elements", "ModelEMA update: ops", "apply + restore: ops",
+        "ppdet update: kernels",
+    ]
+    return "\n".join(_table(header, rows) + ["", "Dygraph ops per call:", ""] + _table(ops_header, op_rows))
 
 
 def parse_args() -> argparse.Namespace:
@@ -437,7 +523,8 @@ def main() -> None:
     out = args.out or RESULTS_DIR / f"dygraph-{major_minor}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nPaddle {paddle.__version__}, dygraph, ms per step (median of {args.repeats}):\n")
+    print(f"\nPaddle {paddle.__version__}, dygraph, ms per step (median of {args.repeats}); kernels per "
+          "call:\n")
     print(markdown(results))
     print(f"\nwrote {out}")
 
