@@ -223,6 +223,13 @@ def dygraph_added(model: dict[str, Any], key: str) -> str:
     return f"{with_ema - without:+.3f} ({overhead_pct(model, key):+.1f} %)"
 
 
+def dygraph_kernels(model: dict[str, Any]) -> str:
+    """The kernels one ModelEMA update and one apply + restore launch (runs before they were counted: -)."""
+    if "kernels_update" not in model:
+        return MISSING
+    return f"{model['kernels_update']} / {model['kernels_apply_restore']}"
+
+
 # Columns of the dygraph table after the model and the Paddle version: header and cell.
 DYGRAPH_COLUMNS: list[tuple[str, Cell]] = [
     ("train step, no EMA", lambda m: dygraph_ms(m, "train_no_ema")),
@@ -233,7 +240,10 @@ DYGRAPH_COLUMNS: list[tuple[str, Cell]] = [
     ("update: ModelEMA", lambda m: dygraph_ms(m, "update_model_ema")),
     ("update: ppdet", lambda m: dygraph_ms(m, "update_ppdet")),
     ("**ppdet / ModelEMA** (update)", ratio_cell("update_ppdet", "update_model_ema")),
+    ("floor", lambda m: dygraph_ms(m, "floor_update")),
+    ("**ModelEMA / floor** (update)", ratio_cell("update_model_ema", "floor_update")),
     ("apply + restore: ModelEMA", lambda m: dygraph_ms(m, "apply_restore")),
+    ("kernels: update / apply + restore", dygraph_kernels),
 ]
 
 
@@ -249,7 +259,9 @@ def dygraph_section(results: list[dict[str, Any]]) -> list[str]:
         "## Dygraph",
         "",
         "`bench_dygraph.py`: ms per step (median over repeats) in dygraph mode. *ppdet* is PaddleDetection's",
-        "EMA formulation; *added* is a training step's time with the EMA minus without (and in % of it).",
+        "EMA formulation; *added* is a training step's time with the EMA minus without (and in % of it);",
+        "*floor* is two in-place kernels over one flat float32 buffer of the averaged size (the least a",
+        "one-pass update can cost); *kernels* are counted with Paddle's profiler (benchmarks/kernels.py).",
         "",
     ]
     lines += markdown_table(["model", "Paddle", *(header for header, _ in DYGRAPH_COLUMNS)], rows)
