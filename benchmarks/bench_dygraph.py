@@ -8,7 +8,8 @@ time is a median over repeats, in milliseconds per step, on ``CPUPlace`` in fp32
 checks that both EMAs compute the same averages, so the comparison is of two implementations of one
 thing. Beside the updates it times a floor, the cheapest one-pass EMA over as many float32 values
 (two ``sgd_`` kernels on one flat buffer), and it counts the dygraph ops and kernels that one update
-and one apply + restore of ModelEMA launch (``kernels.count_kernels``). A fourth model, ``yolo``, is a
+and one apply + restore of ModelEMA launch (``kernels.count_kernels``), and what a call that
+``update_every`` skips costs. A fourth model, ``yolo``, is a
 YOLO-like conv net of ~120 conv + batch-norm blocks (~600 small tensors). Dygraph does not depend on
 the static IR flag: run it once per Paddle version (see benchmarks/README.md).
 """
@@ -57,6 +58,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRAIN_KEYS = ("train_no_ema", "train_model_ema", "train_ppdet")
 UPDATE_KEYS = ("update_model_ema", "update_ppdet")
 FLOOR_KEY = "floor_update"
+SKIPPED_KEY = "update_skipped"  # a ModelEMA.update() call that update_every skips
+SKIPPING_EVERY = 2**62
 APPLY_KEY = "apply_restore"
 
 
@@ -419,6 +422,9 @@ def bench_model(name: str, timer: Timer) -> dict[str, Any]:
     timings.update(timer(updates))
     # After the update group's warm-up and repeats, so apply swaps in real averages.
     timings.update(timer({APPLY_KEY: apply_restore(model_ema)}))
+    # A call that update_every skips (it never averages within the run): what the other k - 1 cost.
+    skipping = paddle_ema.ModelEMA(model_ema_model, DECAY, update_every=SKIPPING_EVERY)
+    timings.update(timer({SKIPPED_KEY: skipping.update}))
     # Counted last: the profiler is not running while anything is timed.
     kernels = {
         "update": count_kernels(model_ema.update),
@@ -468,7 +474,7 @@ def markdown(results: dict[str, Any]) -> str:
     header = [
         "model", "train, no EMA", "train + ModelEMA", "train + ppdet", "added: ModelEMA", "added: ppdet",
         "update: ModelEMA", "update: ppdet", "ppdet / ModelEMA", "floor", "ModelEMA / floor",
-        "apply + restore", "kernels: update", "kernels: apply + restore",
+        "apply + restore", "kernels: update", "kernels: apply + restore", "skipped update (µs)",
     ]
     rows, op_rows = [], []
     for name, model in results["models"].items():
@@ -482,6 +488,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{d['update_ppdet_over_model_ema']:.2f}", f"{ms[FLOOR_KEY]:.3f}",
             f"{d['update_model_ema_over_floor']:.2f}", f"{ms[APPLY_KEY]:.3f}",
             str(model["kernels_update"]), str(model["kernels_apply_restore"]),
+            f"{ms[SKIPPED_KEY] * 1000:.2f}" if SKIPPED_KEY in ms else "–",
         ])
         kernels = model["kernels"]
         op_rows.append([

@@ -273,7 +273,7 @@ class EagerSwap(Swap):
         with ``results`` to swap in; no weight changes. ``bindings``: the layer's, if the caller
         has just checked that they hold (else they are taken)."""
         # (an empty tensor has nothing to swap, and Paddle 2.6 cannot share an empty tensor's data)
-        tensors = {name: tensor for name, tensor in tensors.items() if tensor.size}
+        tensors = {name: tensor for name, tensor in tensors.items() if 0 not in tensor.shape}
         swap = cls(label, layer, tensors, {name: results[name] for name in tensors})
         swap.backups = {name: _ir.eager_set_aside(tensor) for name, tensor in tensors.items()}
         swap.bindings = bindings if bindings is not None else _ir.LayerBindings.of(layer)
