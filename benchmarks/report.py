@@ -22,6 +22,7 @@ matplotlib.use("Agg")  # files only, no display; pyplot picks its backend at the
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # bench_dygraph.py's files: one per Paddle version, with other keys than bench_ema.py's.
 DYGRAPH_PREFIX = "dygraph-"
+STATIC_PREFIX = "paddle"  # bench_ema.py's files are named by their mode, e.g. paddle3.3.1-pir.json
 MIN_REPEATS = 9
 MISSING = "–"
 
@@ -158,8 +159,9 @@ def mode_sort_key(result: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def load_results(directory: Path) -> list[dict[str, Any]]:
-    """bench_ema.py's results (every ``*.json`` but bench_dygraph.py's), newest Paddle first."""
-    paths = [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(DYGRAPH_PREFIX)]
+    """bench_ema.py's results (``paddle<version>-<ir>.json``; not bench_dygraph.py's or
+    bench_clients.py's), newest Paddle first."""
+    paths = sorted(directory.glob(f"{STATIC_PREFIX}*.json"))
     return sorted((json.loads(path.read_text()) for path in paths), key=mode_sort_key)
 
 
@@ -244,6 +246,8 @@ DYGRAPH_COLUMNS: list[tuple[str, Cell]] = [
     ("**ModelEMA / floor** (update)", ratio_cell("update_model_ema", "floor_update")),
     ("apply + restore: ModelEMA", lambda m: dygraph_ms(m, "apply_restore")),
     ("kernels: update / apply + restore", dygraph_kernels),
+    ("update_every: a skipped call (µs)", lambda m: fmt(None if ms(m, "update_skipped") is None
+                                                        else ms(m, "update_skipped") * 1000, ".2f")),
 ]
 
 

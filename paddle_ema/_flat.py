@@ -5,10 +5,11 @@ On models with hundreds of small tensors (a detector's convolutions and batch no
 runs two in-place kernels per tensor is bound by the cost of launching them, not by memory. A
 :class:`FlatGroup` holds the averages of tensors of one dtype and place in one 1-d buffer, each
 average a view of its rows with its tensor's shape (so everything that reads or writes an average by
-name sees the buffer). An update copies the tensors into a second buffer kept for the purpose (one
-kernel, nothing allocated) and runs the same two ``sgd_`` kernels as the per-tensor path over the
-whole buffer, elementwise and so with the same numbers. The model's tensors stay where the model and
-its optimizer keep them: only the averages move.
+name sees the buffer). An update runs the same two ``sgd_`` kernels as the per-tensor path,
+elementwise and so with the same numbers: ``average -= w * average`` over the whole buffer, then
+``average += w * tensor`` per slice of at most :data:`SLICE_BYTES`, the slice's tensors concatenated
+(through 1-d views of them made once) into a new block that Paddle's allocator reuses. The model's
+tensors stay where the model and its optimizer keep them: only the averages move.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import paddle
 
 from paddle_ema import _ir, _names
 
-__all__ = ["FlatGroup", "GROUPED_DTYPES", "groupable"]
+__all__ = ["FlatGroup", "GROUPED_DTYPES", "SLICE_BYTES", "groupable"]
+
+# The most bytes of the new block one kernel of an update (the slice's tensors concatenated) or of
+# :meth:`FlatGroup.scaled` (the slice's applied values) writes. Paddle's CPU allocator maps a fresh
+# block for every allocation of 2 MiB or more and unmaps it when freed, so such a temporary is
+# faulted in page by page every time (0.8 ms per 2 MiB measured, 20x the kernel); smaller blocks are
+# reused, with no fault. So a large group costs a few more kernels (two per MiB), not page faults.
+SLICE_BYTES = 1 << 20
 
 # The dtypes whose averages are grouped: those of Paddle's coalesce_tensor CPU kernels. A float16 or
 # bfloat16 tensor has a float32 average, and its update casts it first: it stays on its own.
@@ -47,18 +55,16 @@ class FlatGroup:
 
     def __init__(self, names: Sequence[str], tensors: Sequence[Any], averages: Sequence[Any]) -> None:
         self.names = tuple(names)
-        self.tensors = list(tensors)
         self.dtype = _ir.dtype_name(averages[0])
         self.flat = _ir.eager_holder()
         views = [_ir.eager_holder() for _ in names]
         _ir.eager_coalesce(averages, views, self.flat, copy=True)
         self.averages = dict(zip(self.names, views))
         self._shapes = [list(view.shape) for view in views]
-        # The tensors' values, copied each update into this buffer, through views made for it alone
-        # (the copy re-points them; nothing else may share them).
-        self._gathered = _ir.eager_holder()
-        self._gather_views = [_ir.eager_holder() for _ in names]
-        _ir.eager_coalesce(self.tensors, self._gather_views, self._gathered, copy=True)
+        self._slices = _slices(self.flat, self._shapes)
+        self.tensors: list[Any] = []
+        self._views: list[Any] = []
+        self.follow(tensors)
 
     def holds(self, names: Sequence[str], averages: dict[str, Any]) -> bool:
         """Whether this group is still the home of exactly these names' averages (none replaced)."""
@@ -66,14 +72,44 @@ class FlatGroup:
 
     def follow(self, tensors: Iterable[Any]) -> None:
         """Average ``tensors`` (the model's, by this group's names, in order) from now on."""
-        self.tensors = list(tensors)
+        tensors = list(tensors)
+        known = dict(zip(map(id, self.tensors), self._views))
+        views = [known.get(id(t)) for t in tensors]
+        self._views = [_ir.eager_flat_view(t) if v is None else v for t, v in zip(tensors, views)]
+        self.tensors = tensors
 
     def update(self, weight: Any, weight_neg: Any) -> None:
-        """``average += weight * (tensor - average)`` for every member: three kernels."""
-        _ir.eager_coalesce(self.tensors, self._gather_views, self._gathered, copy=True)
-        _ir.sgd_lerp_(self.flat, self._gathered, weight, weight_neg)
+        """``average += weight * (tensor - average)`` for every member, with the same two ``sgd_``
+        as the per-tensor path: one over the buffer, then per slice one over its rows with the
+        slice's tensors concatenated (a new block of at most :data:`SLICE_BYTES`)."""
+        views = self._views
+        for i in _ir.eager_views_hold(views, self.tensors):  # (a tensor given new memory)
+            views[i] = _ir.eager_flat_view(self.tensors[i])
+        _ir.eager_decay_(self.flat, weight)
+        for rows, start, stop in self._slices:
+            _ir.eager_gather_lerp_(rows, views[start:stop], weight_neg)
 
     def scaled(self, factor: Any) -> dict[str, Any]:
-        """New tensors ``factor * average`` by name, pieces of one new buffer: two kernels."""
-        pieces = _ir.eager_pieces(paddle.scale(self.flat, factor), self._shapes)
+        """New tensors ``factor * average`` by name: two kernels per slice of the buffer, each
+        slice's new values one new block, split into pieces."""
+        pieces = []
+        for rows, start, stop in self._slices:
+            pieces += _ir.eager_pieces(paddle.scale(rows, factor), self._shapes[start:stop])
         return dict(zip(self.names, pieces))
+
+
+def _slices(flat: Any, shapes: Sequence[list[int]]) -> list[tuple[Any, int, int]]:
+    """``(rows, start, stop)``: views of consecutive rows of ``flat`` of at most
+    :data:`SLICE_BYTES` each, holding the averages ``start:stop`` (an average is never cut:
+    each is far below the bound)."""
+    most = SLICE_BYTES // flat.element_size()
+    slices: list[tuple[Any, int, int]] = []
+    first = row = first_row = 0
+    for i, shape in enumerate(shapes):
+        numel = math.prod(shape)
+        if i > first and row + numel - first_row > most:
+            slices.append((_ir.eager_rows(flat, first_row, row), first, i))
+            first, first_row = i, row
+        row += numel
+    slices.append((_ir.eager_rows(flat, first_row, row), first, len(shapes)))
+    return slices

@@ -29,10 +29,15 @@ __all__ = [
     "detached_tensor",
     "dtype_name",
     "eager_coalesce",
+    "eager_decay_",
+    "eager_flat_view",
+    "eager_gather_lerp_",
     "eager_holder",
     "eager_pieces",
+    "eager_rows",
     "eager_set_aside",
     "eager_swap_in",
+    "eager_views_hold",
     "fill_scope_tensor",
     "find_scope_tensor",
     "find_scope_variable",
@@ -440,6 +445,43 @@ def eager_pieces(flat: Any, shapes: Sequence[Sequence[int]]) -> list[Any]:
     for piece, shape in zip(pieces, shapes):
         piece.get_tensor()._set_dims(list(shape))
     return pieces
+
+
+def eager_rows(flat: Any, start: int, stop: int) -> Any:
+    """A new eager tensor viewing rows ``start:stop`` of 1-d eager tensor ``flat``, with no kernel
+    (``DenseTensor._slice`` and ``_share_data_with``, private, present from Paddle 2.6 to 3.3)."""
+    view = eager_holder()
+    view.get_tensor()._share_data_with(flat.get_tensor()._slice(start, stop))
+    return view
+
+
+def eager_flat_view(tensor: Any) -> Any:
+    """A new 1-d eager tensor sharing eager ``tensor``'s data (all its elements), with no kernel."""
+    view = eager_holder()
+    view.get_tensor()._share_data_with(tensor.get_tensor())
+    view.get_tensor()._set_dims([math.prod(tensor.shape)])
+    return view
+
+
+def eager_views_hold(views: Sequence[Any], tensors: Sequence[Any]) -> list[int]:
+    """The positions where ``views[i]`` (from :func:`eager_flat_view`) no longer shares
+    ``tensors[i]``'s data: the tensor was given new memory (a load that re-allocates, a cast)."""
+    shares = type(views[0])._is_shared_buffer_with  # (the unbound method: ~0.07 us a pair)
+    if all(map(shares, views, tensors)):
+        return []
+    return [i for i, (view, tensor) in enumerate(zip(views, tensors)) if not shares(view, tensor)]
+
+
+def eager_gather_lerp_(rows: Any, views: Sequence[Any], weight_neg: Any) -> None:
+    """``rows += weight * concat(views)`` in place, after ``rows -= weight * rows`` (the second
+    ``sgd_`` of :func:`sgd_lerp_`): one ``concat`` into a new block (keep ``rows`` under 2 MiB: see
+    :data:`paddle_ema._flat.SLICE_BYTES`) and one ``sgd_``."""
+    paddle._C_ops.sgd_(rows, weight_neg, paddle._C_ops.concat(list(views), 0), None, False)
+
+
+def eager_decay_(flat: Any, weight: Any) -> None:
+    """``flat -= weight * flat`` in place (the first ``sgd_`` of :func:`sgd_lerp_`)."""
+    paddle._C_ops.sgd_(flat, weight, flat, None, False)
 
 
 def eager_coalesce(sources: Sequence[Any], views: Sequence[Any], flat: Any, copy: bool) -> None:
