@@ -7,13 +7,14 @@ runs two in-place kernels per tensor is bound by the cost of launching them, not
 average a view of its rows with its tensor's shape (so everything that reads or writes an average by
 name sees the buffer). An update runs the same two ``sgd_`` kernels as the per-tensor path,
 elementwise and so with the same numbers: ``average -= w * average`` over the whole buffer, then
-``average += w * tensor`` per slice of at most :data:`SLICE_BYTES`, the slice's tensors concatenated
+``average += w * tensor`` per slice of the buffer (see :class:`Policy`), the slice's tensors concatenated
 (through 1-d views of them made once) into a new block that Paddle's allocator reuses. The model's
 tensors stay where the model and its optimizer keep them: only the averages move.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, Sequence
 
@@ -21,28 +22,52 @@ import paddle
 
 from paddle_ema import _ir, _names
 
-__all__ = ["FlatGroup", "GROUPED_DTYPES", "SLICE_BYTES", "groupable"]
+__all__ = ["CPU_POLICY", "DEVICE_POLICY", "FlatGroup", "GROUPED_DTYPES", "Policy", "groupable", "policy"]
 
-# The most bytes of the new block one kernel of an update (the slice's tensors concatenated) or of
-# :meth:`FlatGroup.scaled` (the slice's applied values) writes. Paddle's CPU allocator maps a fresh
-# block for every allocation of 2 MiB or more and unmaps it when freed, so such a temporary is
-# faulted in page by page every time (0.8 ms per 2 MiB measured, 20x the kernel); smaller blocks are
-# reused, with no fault. So a large group costs a few more kernels (two per MiB), not page faults.
-SLICE_BYTES = 1 << 20
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Which averages a place groups, and in what slices.
+
+    ``max_numel``: the largest tensor grouped. A grouped tensor is copied once more per update (the
+    concatenation: 8 more bytes per float32 value moved), which pays where it saves two kernels'
+    fixed cost and not for larger tensors. ``slice_bytes``: the most bytes of the new block one
+    kernel of an update (the slice's tensors concatenated) or of :meth:`FlatGroup.scaled` (its
+    applied values) writes; ``None`` for the whole buffer at once.
+    """
+
+    max_numel: int
+    slice_bytes: int | None
+
+
+# CPU, measured (Paddle 3.3 and 2.6, 2 cores): grouping tensors above 32k elements too left the
+# 621-tensor YOLO-like model's update as it was (3.0 against 2.9 ms) and made the 16.8M fc512's 1.5x
+# slower (10.2 against 6.7 ms). Paddle's CPU allocator maps a fresh block for every allocation of
+# 2 MiB or more and unmaps it when freed, so such a temporary is faulted in page by page every time
+# (0.8 ms per 2 MiB, 20x the kernel); smaller blocks are reused with no fault: a large group costs
+# two more kernels per MiB, not page faults.
+CPU_POLICY = Policy(max_numel=_names.stack_max_numel(), slice_bytes=1 << 20)
+# Other places (GPU, XPU, ...): not measured here (no such device on the machines this is built
+# on). Their allocators keep freed blocks, so the whole buffer is one slice; a kernel launch costs
+# ~5 us where copying a 4 MB tensor costs a few, so tensors up to 1M elements are grouped.
+DEVICE_POLICY = Policy(max_numel=1 << 20, slice_bytes=None)
 
 # The dtypes whose averages are grouped: those of Paddle's coalesce_tensor CPU kernels. A float16 or
 # bfloat16 tensor has a float32 average, and its update casts it first: it stays on its own.
 GROUPED_DTYPES = ("float32", "float64")
 
 
+def policy(tensor: Any) -> Policy:
+    """The :class:`Policy` of eager ``tensor``'s place."""
+    return CPU_POLICY if tensor.place.is_cpu_place() else DEVICE_POLICY
+
+
 def groupable(tensor: Any, average: Any) -> bool:
     """Whether ``average``, of eager ``tensor``, can live in a :class:`FlatGroup`: of a grouped dtype,
-    the tensor's own, not empty, and small (larger tensors cost a copy for nothing: see
-    :func:`paddle_ema._names.stack_max_numel`)."""
+    the tensor's own, not empty, and no larger than its place's :class:`Policy` groups."""
     dtype = _ir.dtype_name(average)
     numel = math.prod(average.shape)
     return (dtype in GROUPED_DTYPES and _ir.dtype_name(tensor) == dtype
-            and 0 < numel <= _names.stack_max_numel())
+            and 0 < numel <= policy(tensor).max_numel)
 
 
 class FlatGroup:
@@ -61,7 +86,7 @@ class FlatGroup:
         _ir.eager_coalesce(averages, views, self.flat, copy=True)
         self.averages = dict(zip(self.names, views))
         self._shapes = [list(view.shape) for view in views]
-        self._slices = _slices(self.flat, self._shapes)
+        self._slices = _slices(self.flat, self._shapes, policy(tensors[0]).slice_bytes)
         self.tensors: list[Any] = []
         self._views: list[Any] = []
         self.follow(tensors)
@@ -81,7 +106,7 @@ class FlatGroup:
     def update(self, weight: Any, weight_neg: Any) -> None:
         """``average += weight * (tensor - average)`` for every member, with the same two ``sgd_``
         as the per-tensor path: one over the buffer, then per slice one over its rows with the
-        slice's tensors concatenated (a new block of at most :data:`SLICE_BYTES`)."""
+        slice's tensors concatenated (a new block of at most :attr:`Policy.slice_bytes`)."""
         views = self._views
         for i in _ir.eager_views_hold(views, self.tensors):  # (a tensor given new memory)
             views[i] = _ir.eager_flat_view(self.tensors[i])
@@ -98,11 +123,10 @@ class FlatGroup:
         return dict(zip(self.names, pieces))
 
 
-def _slices(flat: Any, shapes: Sequence[list[int]]) -> list[tuple[Any, int, int]]:
-    """``(rows, start, stop)``: views of consecutive rows of ``flat`` of at most
-    :data:`SLICE_BYTES` each, holding the averages ``start:stop`` (an average is never cut:
-    each is far below the bound)."""
-    most = SLICE_BYTES // flat.element_size()
+def _slices(flat: Any, shapes: Sequence[list[int]], slice_bytes: int | None) -> list[tuple[Any, int, int]]:
+    """``(rows, start, stop)``: views of consecutive rows of ``flat`` of at most ``slice_bytes``
+    each (``None``: one), holding the averages ``start:stop`` (an average is never cut)."""
+    most = math.inf if slice_bytes is None else slice_bytes // flat.element_size()
     slices: list[tuple[Any, int, int]] = []
     first = row = first_row = 0
     for i, shape in enumerate(shapes):

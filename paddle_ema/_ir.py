@@ -475,7 +475,7 @@ def eager_views_hold(views: Sequence[Any], tensors: Sequence[Any]) -> list[int]:
 def eager_gather_lerp_(rows: Any, views: Sequence[Any], weight_neg: Any) -> None:
     """``rows += weight * concat(views)`` in place, after ``rows -= weight * rows`` (the second
     ``sgd_`` of :func:`sgd_lerp_`): one ``concat`` into a new block (keep ``rows`` under 2 MiB: see
-    :data:`paddle_ema._flat.SLICE_BYTES`) and one ``sgd_``."""
+    :class:`paddle_ema._flat.Policy`) and one ``sgd_``."""
     paddle._C_ops.sgd_(rows, weight_neg, paddle._C_ops.concat(list(views), 0), None, False)
 
 

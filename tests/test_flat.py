@@ -82,12 +82,22 @@ def build(monkeypatch, grouped, **options):
     return model, PerTensor(monkeypatch, ema)
 
 
+def as_on_a_device(monkeypatch):
+    """Group as on a GPU (one slice, tensors up to 1M elements), here on the CPU."""
+    monkeypatch.setattr(_flat, "policy", lambda tensor: _flat.DEVICE_POLICY)
+
+
+@pytest.mark.parametrize("place_policy", ["cpu", "device"])
 @pytest.mark.parametrize("options", [{}, {"warmup": "threshold", "update_every": 2}, {"init": "weights"}])
-def test_groups_give_the_per_tensor_numbers_bit_for_bit(dygraph, monkeypatch, options):
+def test_groups_give_the_per_tensor_numbers_bit_for_bit(dygraph, monkeypatch, options, place_policy):
+    if place_policy == "device":
+        as_on_a_device(monkeypatch)
     model, ema = build(monkeypatch, True, **options)
     twin, reference = build(monkeypatch, False, **options)
     assert ema._groups and not reference.ema._groups
     assert {g.dtype for g in ema._groups} == {"float32", "float64"}
+    large_grouped = any("large.weight" in g.names for g in ema._groups)
+    assert large_grouped == (place_policy == "device")
     rngs = np.random.default_rng(0), np.random.default_rng(0)
     for step in range(12):
         for m, r in zip((model, twin), rngs):
@@ -165,7 +175,7 @@ def test_a_group_over_a_mib_costs_two_more_kernels_a_mib_and_no_page_fault(dygra
     ema.update()
     (group,) = ema._groups
     slices = len(group._slices)
-    assert slices == -(-4 * sum(p.size for p in model.parameters()) // _flat.SLICE_BYTES) == 5
+    assert slices == -(-4 * sum(p.size for p in model.parameters()) // _flat.CPU_POLICY.slice_bytes) == 5
 
     def apply_restore():
         with ema.apply():
@@ -178,6 +188,21 @@ def test_a_group_over_a_mib_costs_two_more_kernels_a_mib_and_no_page_fault(dygra
         for _ in range(5):
             call()
         assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 50, call
+
+
+def test_on_a_device_a_model_of_large_and_small_tensors_updates_in_five_kernels(dygraph, monkeypatch):
+    as_on_a_device(monkeypatch)
+    paddle.seed(1)
+    model = paddle.nn.Sequential(*(paddle.nn.Linear(64, 64) for _ in range(256)), paddle.nn.Linear(512, 512))
+    ema = paddle_ema.ModelEMA(model, 0.99)
+    ema.update()
+    (group,) = ema._groups
+    assert len(group.names) == 514 and len(group._slices) == 1
+
+    def apply_restore():
+        with ema.apply():
+            pass
+    assert (kernels_of(ema.update), kernels_of(apply_restore)) == (5, 3)
 
 
 def test_a_tensor_given_new_memory_is_averaged_from_there(dygraph, monkeypatch, rng):
