@@ -24,6 +24,7 @@ from paddle_ema import _ir, _names
 
 __all__ = ["CPU_POLICY", "DEVICE_POLICY", "FlatGroup", "GROUPED_DTYPES", "Policy", "groupable", "policy"]
 
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Which averages a place groups, and in what slices.

@@ -488,11 +488,11 @@ def eager_coalesce(sources: Sequence[Any], views: Sequence[Any], flat: Any, copy
     """Point each of eager tensors ``views`` at consecutive rows of eager tensor ``flat`` (1-d, of
     ``sources``' dtype), shaped as the matching ``sources`` tensor, copying the sources in if ``copy``.
 
-    One kernel whatever the count, and no allocation when ``flat`` already holds enough memory: the
-    legacy ``coalesce_tensor`` operator (present from Paddle 2.6 to 3.3, which Paddle's fused
-    optimizers use to put parameters in one buffer) takes its outputs and fused buffer as arguments
-    and re-points them; ``paddle._C_ops.coalesce_tensor`` makes new ones each call. Its CPU kernels
-    exist for float32 and float64 only. ``views`` must not share data with any other tensor: their
+    One kernel whatever the count (it costs ~1.6 us a tensor in the legacy op machinery, so it
+    builds a group and does not run per update): the legacy ``coalesce_tensor`` operator (present
+    from Paddle 2.6 to 3.3, which Paddle's fused optimizers use to put parameters in one buffer)
+    takes its outputs and fused buffer as arguments and re-points them. Its CPU kernels exist for
+    float32 and float64 only. ``views`` must not share data with any other tensor: their
     DenseTensors are re-pointed in place.
     """
     from paddle.base import core
