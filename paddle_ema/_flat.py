@@ -64,11 +64,12 @@ def policy(tensor: Any) -> Policy:
 
 def groupable(tensor: Any, average: Any) -> bool:
     """Whether ``average``, of eager ``tensor``, can live in a :class:`FlatGroup`: of a grouped dtype,
-    the tensor's own, not empty, and no larger than its place's :class:`Policy` groups."""
+    the tensor's own, not empty, no larger than its place's :class:`Policy` groups, and contiguous
+    (a strided view, e.g. a buffer registered as ``x.t()``, cannot be read as flat rows)."""
     dtype = _ir.dtype_name(average)
     numel = math.prod(average.shape)
     return (dtype in GROUPED_DTYPES and _ir.dtype_name(tensor) == dtype
-            and 0 < numel <= policy(tensor).max_numel)
+            and 0 < numel <= policy(tensor).max_numel and tensor.is_contiguous())
 
 
 class FlatGroup:

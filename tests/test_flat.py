@@ -205,6 +205,36 @@ def test_on_a_device_a_model_of_large_and_small_tensors_updates_in_five_kernels(
     assert (kernels_of(ema.update), kernels_of(apply_restore)) == (5, 3)
 
 
+def test_a_strided_buffer_is_averaged_on_its_own(dygraph, rng):
+    """A buffer registered as a transposed view (not contiguous: it cannot be read as flat rows)."""
+
+    class Strided(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.a = paddle.nn.Linear(3, 3)
+            self.register_buffer("tb", paddle.to_tensor(rng.standard_normal([4, 6]).astype("float32")).t())
+
+    model = Strided()
+    assert not model.tb.is_contiguous()
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    assert all("tb" not in group.names for group in ema._groups)
+    expected = {}
+    for _ in range(3):
+        with paddle.no_grad():
+            model.a.weight.set_value(rng.standard_normal([3, 3]).astype("float32"))
+        for name, value in numpy_state(model).items():
+            expected[name] = 0.5 * expected.get(name, 0.0) + 0.5 * value
+        ema.update()
+    for name, value in ema.averages().items():
+        np.testing.assert_allclose(value.numpy(), expected[name] / (1 - 0.5**3), rtol=1e-6, err_msg=name)
+    trained = numpy_state(model)
+    with ema.apply():
+        for name, value in numpy_state(model).items():
+            np.testing.assert_allclose(value, expected[name] / (1 - 0.5**3), rtol=1e-6, err_msg=name)
+    for name, value in numpy_state(model).items():
+        np.testing.assert_array_equal(value, trained[name], err_msg=f"{name} restored")
+
+
 def test_a_tensor_given_new_memory_is_averaged_from_there(dygraph, monkeypatch, rng):
     """A grouped tensor whose DenseTensor is replaced (what a loader or a sharding wrapper may do;
     `set_value` keeps the memory) is read from its new memory: the per-tensor numbers, bit for bit."""
