@@ -40,10 +40,11 @@ class Policy:
     slice_bytes: int | None
 
 
-# CPU, measured (Paddle 3.3 and 2.6, 2 cores): grouping tensors above 32k elements too left the
-# 621-tensor YOLO-like model's update as it was (3.0 against 2.9 ms) and made the 16.8M fc512's 1.5x
-# slower (10.2 against 6.7 ms). Paddle's CPU allocator maps a fresh block for every allocation of
-# 2 MiB or more and unmaps it when freed, so such a temporary is faulted in page by page every time
+# CPU, measured (benchmarks/flat_policy.py; Paddle 3.3 and 2.6, 2 cores): grouping tensors above
+# 32k elements too left the 621-tensor YOLO-like model's update as it was or slower (3.0 against 2.9
+# ms; 4.3 against 3.9) and made the 16.8M fc512's 1.5-1.7x slower (10.2 against 6.7 ms). Paddle's CPU
+# allocator maps a fresh block for every allocation of about 2 MiB or more (3 MiB in every run seen,
+# 2 MiB in some) and unmaps it when freed, so such a temporary is faulted in page by page every time
 # (0.8 ms per 2 MiB, 20x the kernel); smaller blocks are reused with no fault: a large group costs
 # two more kernels per MiB, not page faults.
 CPU_POLICY = Policy(max_numel=_names.stack_max_numel(), slice_bytes=1 << 20)

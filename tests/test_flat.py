@@ -187,7 +187,9 @@ def test_a_group_over_a_mib_costs_two_more_kernels_a_mib_and_no_page_fault(dygra
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(5):
             call()
-        assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 50, call
+        # (one 4 MiB temporary a call faults 1,025 pages; reused blocks none, the allocator's own
+        # bookkeeping a few)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 5 * 300, call
 
 
 def test_on_a_device_a_model_of_large_and_small_tensors_updates_in_five_kernels(dygraph, monkeypatch):
