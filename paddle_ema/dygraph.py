@@ -96,10 +96,10 @@ class ModelEMA:
     and :meth:`apply` swaps in :math:`a_t / (1 - \\prod_{i \\le t} d_i)`, restoring the trained weights
     bit-exactly on exit. An update runs two flat in-place kernels (``a -= w a``, ``a += w \\theta``,
     faster than ``lerp_`` at every size) under ``paddle.no_grad()``: over one buffer holding the
-    averages of all small float32 (and one of all float64) tensors, after one copy of those tensors
-    into a second buffer, and per tensor for the others; so an update is a few kernels whatever the
-    tensor count, and apply and restore too. float16 and bfloat16 tensors get float32 averages; the
-    bias denominator is a float64 number.
+    averages of all small float32 (and one of all float64) tensors, the second kernel per slice of
+    it with the slice's tensors concatenated, and per tensor for the others; so an update is a few
+    kernels whatever the tensor count, and apply and restore too (see docs/dygraph.md). float16 and
+    bfloat16 tensors get float32 averages; the bias denominator is a float64 number.
 
     The decay :math:`d_t` of the ``t``-th update (from 0): 0 for the first ``start_step`` updates;
     then ``decay`` (``warmup=None``), :math:`\\min(\\text{decay}, (1 + t) / (10 + t))`
