@@ -404,16 +404,14 @@ class ModelEMA:
         if self._bias_correction == 0.0:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
-        self._follow_model()
+        bindings_hold = self._follow_model()
 
         def prepare() -> _apply.EagerSwap:
             with paddle.no_grad():
                 # New tensors holding the averages (the one pass apply makes); the trained tensors
                 # are set aside as they are (no copy).
                 results = self._corrected()
-                # (_follow_model has just checked the bindings, or taken them anew, unless another
-                # EMA's averages are applied)
-                bindings = self._bindings if self._bindings.hold() else None
+                bindings = self._bindings if bindings_hold else None  # (else taken anew)
                 return _apply.EagerSwap.of(self._label(), self._layer, self._tensors, results, bindings)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
@@ -670,8 +668,10 @@ class ModelEMA:
             [t.shape == shape and t.element_size() == size for t, shape, size in self._metas]
         )
 
-    def _follow_model(self) -> None:
-        """Average what the model holds now, if it changed since the last look.
+    def _follow_model(self) -> bool:
+        """Average what the model holds now, if it changed since the last look; return whether the
+        model is now known to hold what this EMA's bindings say (not looked at while averages are
+        applied).
 
         * A layer may bind a new tensor to a name (``self.count = self.count + 1`` in ``forward``,
           or ``layer.weight = new_parameter``): the new one is averaged on (PaddleDetection's EMA,
@@ -693,11 +693,12 @@ class ModelEMA:
                 one, or moved between the parameters and the buffers (``weight_norm``/
                 ``spectral_norm`` applied after the EMA was built). Nothing is changed then.
         """
-        if (_apply.any_applied() and (self._applied is not None or _apply.overlapping(self._swap_probe()))
-                or self._model_unchanged()):
+        if _apply.any_applied() and (self._applied is not None or _apply.overlapping(self._swap_probe())):
             # While averages (this EMA's or another's) are applied, restore binds back what apply
             # saw: following what a forward bound meanwhile would adopt what restore then removes.
-            return
+            return False
+        if self._model_unchanged():
+            return True
         params = dict(self._layer.named_parameters())
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
         held = {**params, **buffers} if self._buffers_too else params
@@ -745,6 +746,7 @@ class ModelEMA:
             self._tensors[name] = tensor
             self._start_average(name, self._as_if_always_held)
         self._pair_for_updates()
+        return True
 
     def _as_if_always_held(self, tensor: Any, dtype: str) -> Any:
         """The average ``tensor`` would have if it had always held its value: ``c * tensor``, which
