@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import paddle
 
-from paddle_ema import _apply, _flat, _graph, _interrupts, _ir, _select, schedule
+from paddle_ema import _apply, _flat, _graph, _interrupts, _ir, _select, _sharding, schedule
 from paddle_ema._select import short_repr
 
 __all__ = ["ModelEMA"]
@@ -23,11 +23,25 @@ _INITS = ("zeros", "weights")
 _FROZEN = ("average", "copy", "exclude")
 _DEFAULT_POWER = 2 / 3
 
+
+def _inner_layer(model: Any) -> Any:
+    """``model`` with the wrappers of Paddle's parallel training looked through: ``paddle.DataParallel``
+    and fleet's (``fleet.distributed_model``: ``_layers``), ``group_sharded_parallel``'s (``_layer``)."""
+    while True:
+        wrappers = {cls.__name__ for cls in type(model).__mro__}
+        if isinstance(model, paddle.DataParallel) or "MetaParallelBase" in wrappers:
+            model = model._layers
+        elif wrappers & {"GroupShardedStage2", "GroupShardedStage3"}:
+            model = model._layer
+        else:
+            return model
+
+
 def _named_tensors(model: Any, buffers: bool) -> dict[str, Any]:
     """The model's floating-point parameters (batch-norm statistics included: Paddle makes them
-    parameters) and, with ``buffers``, its floating-point buffers, by structured name. A
-    ``paddle.DataParallel`` wrapper is looked through, so names carry no ``_layers.`` prefix."""
-    layer = model._layers if isinstance(model, paddle.DataParallel) else model
+    parameters) and, with ``buffers``, its floating-point buffers, by structured name. Parallel
+    training's wrappers are looked through (:func:`_inner_layer`), so names carry no prefix of theirs."""
+    layer = _inner_layer(model)
     found: dict[str, Any] = {}
     seen: set[int] = set()
     named = list(layer.named_parameters())
@@ -150,11 +164,22 @@ class ModelEMA:
             current value, as ppdiffusers does) or ``"exclude"`` them (left out, as with
             ``exclude``). Decided when the EMA is built, and for tensors the model gains later.
         tau: The exponential warm-up's time scale (only with ``warmup="exponential"``).
+        sharding: The sharded optimizer the model trains with, under Paddle's dygraph sharding
+            stage 1/2 (what ``fleet.distributed_optimizer`` returns with ``sharding_degree`` > 1,
+            or ``group_sharded_parallel`` at level ``"os"``/``"os_g"``): each rank then averages
+            only the parameters its optimizer partition updates (and, each its own, what is not
+            partitioned: buffers, frozen parameters), with no communication per update.
+            :meth:`averages`, :meth:`apply`, :meth:`averaged_model` and
+            :meth:`consolidated_state_dict` then gather the others' averages (one broadcast per
+            parameter): every rank of the group must call them. See docs/large-models.md.
 
     Raises:
-        TypeError: ``model`` is not a ``paddle.nn.Layer``, or an option has the wrong type.
+        TypeError: ``model`` is not a ``paddle.nn.Layer``, an option has the wrong type, or
+            ``sharding`` is not one of the sharded optimizers above.
         ValueError: an option is out of range, ``inv_gamma``/``power`` are given without
-            ``warmup="power"``, a name matches nothing, or nothing is left to average.
+            ``warmup="power"``, a name matches nothing, nothing is left to average, or
+            ``sharding`` splits or fuses the parameters themselves (stage 3, ``split_param``,
+            tensor fusion: not supported yet).
         RuntimeError: called in static-graph mode (use ExponentialMovingAverage there).
 
     Example:
@@ -194,6 +219,7 @@ class ModelEMA:
         init: str = "zeros",
         frozen: str = "average",
         tau: float = 2000.0,
+        sharding: Any = None,
     ) -> None:
         if not paddle.in_dynamic_mode():
             raise RuntimeError(
@@ -237,7 +263,7 @@ class ModelEMA:
         self._frozen = frozen
         # Parameters that do not train (stop_gradient; batch-norm statistics among them) under
         # frozen="copy"/"exclude": not averaged; "copy" ones are carried at their current value.
-        self._layer = model._layers if isinstance(model, paddle.DataParallel) else model
+        self._layer = _inner_layer(model)
         frozen_names = set() if frozen == "average" else _frozen_names(self._layer)
         held_back = [n for n in candidates if n in frozen_names]
         self._copied = held_back if frozen == "copy" else []
@@ -249,6 +275,18 @@ class ModelEMA:
             raise ValueError(
                 "the model has no floating-point parameter to average (none, or all excluded)"
             )
+        # Under a sharded optimizer: the owner (global rank) of each partitioned averaged
+        # parameter, in the model's order (the order of every gather, the same on every rank), and
+        # those another rank averages. What the optimizer does not partition (buffers, frozen
+        # parameters) is averaged on every rank, each its own, as the ranks' models hold them.
+        self._partition = None if sharding is None else _sharding.Partition.of(sharding)
+        self._owners: dict[str, int] = {}
+        if self._partition is not None:
+            owned = {n: self._partition.owner(candidates[n]) for n in names}
+            self._owners = {n: rank for n, rank in owned.items() if rank is not None}
+        me = self._partition.global_rank if self._partition is not None else None
+        self._elsewhere = [n for n, rank in self._owners.items() if rank != me]
+        names = [n for n in names if n not in set(self._elsewhere)]
         self._buffers_too = buffers
         # How tensors the model gains later are chosen (see _follow_model): by the same rule.
         self._chosen_by_name = parameters is not None
@@ -365,11 +403,23 @@ class ModelEMA:
         self._check_not_failed()
         self._follow_model()
         with paddle.no_grad():
-            values = self._corrected()
+            values = self._with_elsewhere(self._corrected())
             if self._copied:
                 params = dict(self._layer.named_parameters())
                 values.update((n, params[n].clone()) for n in self._copied if n in params)
             return values
+
+    def _with_elsewhere(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` by name (this rank's), with those of the parameters other ranks average
+        received from them, in the model's order. Collective under ``sharding``: every rank of the
+        group calls it, and nothing is written until every value is here."""
+        if self._partition is None:
+            return values
+        params = dict(self._layer.named_parameters())
+        specs = {n: (params[n].shape, params[n].dtype) for n in self._owners}
+        gathered = self._partition.broadcast(self._owners, values, specs)
+        order = [n for n in _named_tensors(self._layer, True) if n in values or n in gathered]
+        return {n: values[n] if n in values else gathered[n] for n in order}
 
     def apply(self, need_restore: bool = True) -> _apply.Restorer:
         """Swap the bias-corrected averages into the model, setting the trained weights aside first.
@@ -410,9 +460,13 @@ class ModelEMA:
             with paddle.no_grad():
                 # New tensors holding the averages (the one pass apply makes); the trained tensors
                 # are set aside as they are (no copy).
-                results = self._corrected()
+                results = self._with_elsewhere(self._corrected())
                 bindings = self._bindings if bindings_hold else None  # (else taken anew)
-                return _apply.EagerSwap.of(self._label(), self._layer, self._tensors, results, bindings)
+                tensors = self._tensors
+                if self._elsewhere:
+                    params = dict(self._layer.named_parameters())
+                    tensors = {n: self._tensors[n] if n in self._tensors else params[n] for n in results}
+                return _apply.EagerSwap.of(self._label(), self._layer, tensors, results, bindings)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
 
@@ -453,12 +507,43 @@ class ModelEMA:
                 name: average.clone() if average.place.is_cpu_place() else average.cpu()
                 for name, average in self._averages.items()
             }
-        return {
+        state = {
             "averages": copies,
             "num_updates": self._updates,
             "update_calls": self._calls,
             "bias_correction": self._bias_correction,
         }
+        if self._partition is not None:
+            state["sharding"] = self._shard_label()
+        return state
+
+    def _shard_label(self) -> dict[str, Any]:
+        """What a sharded state says of the shard it holds (see :meth:`state_dict`)."""
+        partition = self._partition
+        return {"kind": partition.kind, "rank": partition.rank, "world_size": partition.world_size}
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with every average, also those other ranks keep under ``sharding``:
+        the state of one process, which a ModelEMA of the same model loads under any sharding or
+        none. Collective under ``sharding``: every rank of the group calls it (each gets the whole
+        state; save it from one). Without ``sharding``, the same as :meth:`state_dict`.
+        """
+        state = self.state_dict()
+        if self._partition is None:
+            return state
+        params = dict(self._layer.named_parameters())
+        specs = {n: (params[n].shape, _graph.accumulator_dtype(_ir.dtype_name(params[n])))
+                 for n in self._owners}
+        with paddle.no_grad():
+            gathered = self._partition.broadcast(self._owners, self._averages, specs)
+            averages = dict(state["averages"])
+            for name in self._elsewhere:
+                value = gathered[name]
+                averages[name] = value if value.place.is_cpu_place() else value.cpu()
+        order = [n for n in _named_tensors(self._layer, True) if n in averages]
+        state["averages"] = {n: averages[n] for n in order}
+        del state["sharding"]
+        return state
 
     def set_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (e.g. after ``paddle.load``); checks everything first.
@@ -492,6 +577,7 @@ class ModelEMA:
             raise ValueError(
                 f"the state's 'averages' must be a dict of tensors by name, got {type(averages).__name__}"
             )
+        averages = self._this_ranks_part(state.get("sharding"), averages)
         if set(averages) != set(self._averages):
             missing = sorted(set(self._averages) - set(averages))
             extra = sorted(set(averages) - set(self._averages))
@@ -517,6 +603,34 @@ class ModelEMA:
         for name in self._averages:
             self._look_for_non_finite(name)
         self._pair_for_updates(regroup=True)
+
+    def _this_ranks_part(self, saved: Any, averages: dict[str, Any]) -> dict[str, Any]:
+        """The averages of a state this EMA keeps: a shard saved by this rank of the same sharding,
+        or its part of a whole state (one process's, or :meth:`consolidated_state_dict`'s).
+
+        Raises:
+            ValueError: the state is another layout's shard (another rank, world size or kind of
+                sharding, or none).
+        """
+        mine = self._shard_label() if self._partition is not None else None
+        if saved is not None and saved != mine:
+            here = "unsharded" if mine is None else (
+                f"rank {mine['rank']} of {mine['world_size']} under {mine['kind']}")
+            raise ValueError(
+                f"the state is one rank's shard ({short_repr(saved)}) and this ModelEMA is {here}: a "
+                "shard resumes only on the rank and layout that saved it; save "
+                "ema.consolidated_state_dict() instead (the whole state, which any layout loads)"
+            )
+        if saved is None and self._elsewhere:
+            absent = [n for n in self._elsewhere if n not in averages]
+            if absent:
+                raise ValueError(
+                    f"the state lacks the averages of {_select.some_names(absent)}, which other ranks "
+                    "keep: pass a whole state (ModelEMA.consolidated_state_dict() on every rank, or "
+                    "one process's state_dict())"
+                )
+            averages = {n: v for n, v in averages.items() if n not in set(self._elsewhere)}
+        return averages
 
     def _next_weight(self, call: int) -> float:
         """The weight :math:`1 - d` of the averaging update at :meth:`update` call number ``call``."""
@@ -762,10 +876,12 @@ class ModelEMA:
         if self._chosen_by_name:
             return {}
         averaged = {id(t) for t in self._tensors.values()}
+        averaged.update(id(held[n]) for n in self._elsewhere if n in held)
         gained = {}
         frozen = set() if self._frozen == "average" else _frozen_names(self._layer)
         for name, tensor in held.items():
-            if name in self._tensors or id(tensor) in averaged or not paddle.is_floating_point(tensor):
+            if (name in self._tensors or name in self._owners or id(tensor) in averaged
+                    or not paddle.is_floating_point(tensor)):
                 continue
             if name in frozen:  # frozen="copy"/"exclude": held back, as at construction
                 if self._frozen == "copy" and name not in self._copied:
