@@ -21,13 +21,16 @@ refused with the reason.
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 from typing import Any, Sequence
 
 import paddle
 
+from paddle_ema import _ir
 from paddle_ema._select import short_repr
 
-__all__ = ["Partition"]
+__all__ = ["Partition", "layout_code"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,26 +92,81 @@ class Partition:
         return paddle.distributed.get_rank()
 
     def owner(self, tensor: Any) -> int | None:
-        """The global rank whose optimizer updates ``tensor``; None if it is not partitioned."""
+        """The global rank whose optimizer updates ``tensor``; None if no rank's does alone.
+
+        A tensor that does not train (a buffer, a frozen parameter, batch-norm statistics, which
+        Paddle makes parameters) is in the optimizer's partition when the optimizer was given
+        ``model.parameters()``, but its owner neither updates it nor always broadcasts it: every
+        rank's model holds its own (Paddle 3.x's stage 1 broadcasts only what has a gradient, stage
+        2 never), so every rank averages its own.
+        """
+        if getattr(tensor, "stop_gradient", True):
+            return None
         return self.owners.get(getattr(tensor, "name", None))
 
-    def broadcast(self, owners: dict[str, int], values: dict[str, Any],
-                  specs: dict[str, tuple[Sequence[int], Any]]) -> dict[str, Any]:
+    def agree(self, facts: Sequence[float], failure: BaseException | None) -> list[list[float]]:
+        """Every rank's ``facts`` (numbers exact in float64), once every rank of the group got here,
+        in group rank order. A rank that failed before a collective (``failure``) still calls this,
+        so that no other rank waits on it until the group times out.
+
+        Raises:
+            ``failure``, on the rank it happened on; a RuntimeError on the others, naming that rank.
+        """
+        row = [0.0 if failure is not None else 1.0, *map(float, facts)]
+        mine = paddle.to_tensor(row, dtype="float64")
+        rows: list[Any] = []
+        paddle.distributed.all_gather(rows, mine, group=self.group)
+        table = [[float(v) for v in r.numpy()] for r in rows]
+        if failure is not None:
+            raise failure
+        failed = [self.group.ranks[i] for i, r in enumerate(table) if r[0] != 1.0]
+        if failed:
+            raise RuntimeError(
+                f"rank {', '.join(map(str, failed))} of the sharding group failed before gathering "
+                "the EMA's averages (its own error says why); nothing was gathered or changed here"
+            )
+        return [r[1:] for r in table]
+
+    def gather(self, owners: dict[str, int], values: dict[str, Any],
+               specs: dict[str, tuple[Sequence[int], str]]) -> dict[str, Any]:
         """Every rank's copy of ``values[name]``, held by rank ``owners[name]``, for every name of
-        ``owners``: one broadcast per name, in ``owners``' order (the same on every rank). Other
-        ranks receive into new tensors of ``specs[name]``'s shape and dtype. Every rank of the group
-        must call it."""
+        ``owners``; other ranks receive into tensors of ``specs[name]``'s shape and dtype name.
+
+        One broadcast per (owner, dtype) of one flat buffer, which the owner fills with one concat
+        and the others cut into pieces (views on Paddle 3.x): a gloo broadcast costs ~0.2 ms
+        whatever its size up to megabytes, so one per tensor would cost more than the data. Every
+        rank of the group calls it with the same ``owners`` and ``specs`` (in the same order).
+        """
         me = self.global_rank
-        out = {}
+        batches: dict[tuple[int, str], list[str]] = {}
         for name, owner in owners.items():
+            batches.setdefault((owner, specs[name][1]), []).append(name)
+        out: dict[str, Any] = {}
+        for (owner, dtype), names in batches.items():
+            sized = [n for n in names if math.prod(specs[n][0])]
+            for name in names:
+                if name not in sized:  # (Paddle 2.6 cannot concat or broadcast an empty tensor)
+                    out[name] = values[name] if owner == me else paddle.zeros(specs[name][0], dtype)
+            if not sized:
+                continue
+            shapes = [list(specs[n][0]) for n in sized]
             if owner == me:
-                tensor = values[name]
+                flat = paddle.concat([values[n].reshape([-1]) for n in sized])
             else:
-                shape, dtype = specs[name]
-                tensor = paddle.empty(shape, dtype=dtype)
-            paddle.distributed.broadcast(tensor, src=owner, group=self.group)
-            out[name] = tensor
+                flat = paddle.empty([sum(math.prod(s) for s in shapes)], dtype=dtype)
+            paddle.distributed.broadcast(flat, src=owner, group=self.group)
+            if owner == me:
+                out.update((n, values[n]) for n in sized)
+            else:
+                out.update(zip(sized, _ir.eager_pieces(flat, shapes)))
         return out
+
+
+def layout_code(owners: dict[str, int], specs: dict[str, tuple[Sequence[int], str]]) -> int:
+    """A checksum (exact in float64) of who owns what, of which shape and dtype: ranks whose codes
+    differ hold different models or partitions, and a gather between them would mix garbage."""
+    text = ";".join(f"{n}@{owners[n]}:{list(specs[n][0])}:{specs[n][1]}" for n in owners)
+    return zlib.crc32(text.encode())
 
 
 _KNOWN = ("DygraphShardingOptimizer", "DygraphShardingOptimizerV2", "GroupShardedOptimizerStage2")

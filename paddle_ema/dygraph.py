@@ -6,7 +6,7 @@ import copy
 import logging
 import numbers
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import paddle
@@ -31,8 +31,15 @@ def _inner_layer(model: Any) -> Any:
         wrappers = {cls.__name__ for cls in type(model).__mro__}
         if isinstance(model, paddle.DataParallel) or "MetaParallelBase" in wrappers:
             model = model._layers
-        elif wrappers & {"GroupShardedStage2", "GroupShardedStage3"}:
+        elif "GroupShardedStage2" in wrappers:
             model = model._layer
+        elif "GroupShardedStage3" in wrappers:
+            raise ValueError(
+                "model is wrapped by group_sharded_parallel(level='p_g_os') (stage 3), which frees "
+                "each rank's parameters outside forward and keeps only a padded flat slice of them: "
+                "ModelEMA cannot average it yet; shard with level 'os' or 'os_g' (stages 1/2, "
+                "ModelEMA(..., sharding=opt)), or average the model before wrapping it in stage 3"
+            )
         else:
             return model
 
@@ -282,6 +289,12 @@ class ModelEMA:
         self._partition = None if sharding is None else _sharding.Partition.of(sharding)
         self._owners: dict[str, int] = {}
         if self._partition is not None:
+            every = _named_tensors(model, False).values()
+            if all(self._partition.owner(t) is None for t in every):
+                raise ValueError(
+                    f"sharding={type(sharding).__name__}: its partition holds none of this model's "
+                    "trainable parameters; pass the sharded optimizer that trains this model"
+                )
             owned = {n: self._partition.owner(candidates[n]) for n in names}
             self._owners = {n: rank for n, rank in owned.items() if rank is not None}
         me = self._partition.global_rank if self._partition is not None else None
@@ -400,24 +413,67 @@ class ModelEMA:
             RuntimeError: the model no longer has an averaged tensor, or holds one of another shape
                 under its name, or as another kind (see :meth:`update`).
         """
-        self._check_not_failed()
-        self._follow_model()
         with paddle.no_grad():
-            values = self._with_elsewhere(self._corrected())
+            values = self._whole(self._followed(self._corrected))
             if self._copied:
                 params = dict(self._layer.named_parameters())
                 values.update((n, params[n].clone()) for n in self._copied if n in params)
             return values
 
-    def _with_elsewhere(self, values: dict[str, Any]) -> dict[str, Any]:
-        """``values`` by name (this rank's), with those of the parameters other ranks average
-        received from them, in the model's order. Collective under ``sharding``: every rank of the
-        group calls it, and nothing is written until every value is here."""
+    def _followed(self, values: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+        """``values``, called once this EMA is checked and follows the model as it is now."""
+        def local() -> dict[str, Any]:
+            self._check_not_failed()
+            self._follow_model()
+            return values()
+        return local
+
+    def _whole(self, local: Callable[[], dict[str, Any]], stored: bool = False) -> dict[str, Any]:
+        """``local()`` (this rank's values by name) with, under ``sharding``, the values of the
+        parameters other ranks average,
+        received from them, in the model's order: ``stored`` values are averages as kept (in the
+        accumulator dtype), others as applied (in the tensor's dtype).
+
+        Collective under ``sharding``: every rank of the group calls it. Before anything is sent,
+        the ranks agree that none failed (the one that did raises its error, the others say which
+        rank failed, rather than wait on it until the group times out), that they are at the same
+        update, and that they hold the same model and partition; nothing is written before every
+        value is here.
+
+        Raises:
+            RuntimeError: as :meth:`averages`; or, under ``sharding``, another rank failed, or the
+                ranks' EMAs are at different updates or over different models.
+        """
         if self._partition is None:
-            return values
-        params = dict(self._layer.named_parameters())
-        specs = {n: (params[n].shape, params[n].dtype) for n in self._owners}
-        gathered = self._partition.broadcast(self._owners, values, specs)
+            return local()
+        failure, values, specs = None, {}, {}
+        try:
+            values = local()
+            params = dict(self._layer.named_parameters())
+            for name in self._owners:
+                dtype = _ir.dtype_name(params[name])
+                specs[name] = (list(params[name].shape),
+                               _graph.accumulator_dtype(dtype) if stored else dtype)
+        except Exception as error:  # (told to the other ranks, then raised here)
+            failure = error
+        layout = 0 if failure is not None else _sharding.layout_code(self._owners, specs)
+        facts = (self._updates, self._bias_correction, layout)
+        table = self._partition.agree(facts, failure)
+        ranks = self._partition.group.ranks
+        if len({tuple(row[:2]) for row in table}) > 1:
+            counts = ", ".join(f"rank {r}: {int(row[0])} updates" for r, row in zip(ranks, table))
+            raise RuntimeError(
+                f"the sharding group's EMAs are at different updates ({counts}): each rank keeps "
+                "part of the averages, so every rank must call ema.update() after every optimizer "
+                "step and load the same checkpoint's shards; nothing was gathered"
+            )
+        if len({row[2] for row in table}) > 1:
+            raise RuntimeError(
+                "the sharding group's ranks hold different models or partitions (the names, shapes "
+                "or dtypes of the averages they own differ): every rank must build its ModelEMA over "
+                "the same model, with the same sharded optimizer; nothing was gathered"
+            )
+        gathered = self._partition.gather(self._owners, values, specs)
         order = [n for n in _named_tensors(self._layer, True) if n in values or n in gathered]
         return {n: values[n] if n in values else gathered[n] for n in order}
 
@@ -450,17 +506,23 @@ class ModelEMA:
         need_restore = _apply.check_need_restore(need_restore)
         if self._applied is not None:
             raise RuntimeError("the averages are already applied; call ema.restore() before applying again")
-        self._check_not_failed()
         if self._bias_correction == 0.0:
             warnings.warn("ModelEMA.apply(): no update has run yet, so the weights are left as they are",
                           RuntimeWarning, stacklevel=2)
-        bindings_hold = self._follow_model()
+
+        bindings_hold = False
+
+        def corrected() -> dict[str, Any]:
+            nonlocal bindings_hold
+            self._check_not_failed()
+            bindings_hold = self._follow_model()
+            return self._corrected()
 
         def prepare() -> _apply.EagerSwap:
             with paddle.no_grad():
                 # New tensors holding the averages (the one pass apply makes); the trained tensors
                 # are set aside as they are (no copy).
-                results = self._with_elsewhere(self._corrected())
+                results = self._whole(corrected)
                 bindings = self._bindings if bindings_hold else None  # (else taken anew)
                 tensors = self._tensors
                 if self._elsewhere:
@@ -527,22 +589,21 @@ class ModelEMA:
         the state of one process, which a ModelEMA of the same model loads under any sharding or
         none. Collective under ``sharding``: every rank of the group calls it (each gets the whole
         state; save it from one). Without ``sharding``, the same as :meth:`state_dict`.
+
+        Raises:
+            RuntimeError: as :meth:`averages`.
         """
-        state = self.state_dict()
         if self._partition is None:
-            return state
-        params = dict(self._layer.named_parameters())
-        specs = {n: (params[n].shape, _graph.accumulator_dtype(_ir.dtype_name(params[n])))
-                 for n in self._owners}
+            return self.state_dict()
         with paddle.no_grad():
-            gathered = self._partition.broadcast(self._owners, self._averages, specs)
-            averages = dict(state["averages"])
-            for name in self._elsewhere:
-                value = gathered[name]
-                averages[name] = value if value.place.is_cpu_place() else value.cpu()
-        order = [n for n in _named_tensors(self._layer, True) if n in averages]
-        state["averages"] = {n: averages[n] for n in order}
+            averages = self._whole(self._followed(lambda: dict(self._averages)), stored=True)
+        state = self.state_dict()  # (this rank's averages copied, and the counts)
         del state["sharding"]
+        state["averages"] = {
+            n: state["averages"][n] if n in state["averages"] else
+            average if average.place.is_cpu_place() else average.cpu()
+            for n, average in averages.items()
+        }
         return state
 
     def set_state_dict(self, state: dict[str, Any]) -> None:

@@ -142,3 +142,166 @@ def test_a_consolidated_state_resumes_in_one_process_and_under_another_partition
         assert set(resumed) == set(expected), stem
         for name, value in resumed.items():
             np.testing.assert_array_equal(value, expected[name], err_msg=f"{stem}: {name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_norm_statistics_stay_each_ranks_own_and_ranks_out_of_step_are_refused(tmp_path, mode):
+    """Batch-norm statistics are parameters that do not train, in the optimizer's partition too, and
+    each rank's model holds its own: each rank averages its own (before the fix, the owner's
+    averages were applied on every rank). The sharded EMA equals an unsharded EMA over the same
+    rank's model, bit for bit; its consolidated state follows model.to(float64); a gather with a
+    rank that failed, or between ranks at different updates, raises on every rank."""
+    python, env, out = sys.executable, _env(), tmp_path / "out"
+    _run([python, "-m", "paddle.distributed.launch", "--nproc_per_node=2", "--log_dir",
+          str(tmp_path / "log"), str(WORKER), str(out), "--mode", mode, "--batch-norm"], env,
+         tmp_path / "launch.log")
+    ranks = [_load(out / f"batch_norm_{mode}_{r}.npz") for r in range(2)]
+    statistics = {"body.2._mean", "body.2._variance"}
+    for r, (data, report) in enumerate(ranks):
+        assert statistics <= set(report["kept_names"]), report  # averaged on every rank
+        assert report["collectives_in_updates"] == {}, report
+        reference = _part(data, "reference/")
+        average = _part(data, "average/")
+        assert set(average) == set(reference) and statistics <= set(average)
+        for name, value in reference.items():
+            np.testing.assert_array_equal(average[name], value, err_msg=f"rank {r}: {name}")
+            np.testing.assert_array_equal(data[f"applied/{name}"], value, err_msg=f"rank {r}: {name}")
+            np.testing.assert_array_equal(data[f"restored/{name}"], data[f"weight/{name}"], err_msg=name)
+        whole, reference64 = _part(data, "whole64/"), _part(data, "reference64/")
+        assert set(whole) == set(reference64) and report["whole64_dtypes"] == ["float64"], report
+        for name, value in reference64.items():
+            np.testing.assert_array_equal(whole[name], value, err_msg=f"rank {r}: {name}")
+        failed = report["failed_gather"]
+        assert failed is not None and report["failed_gather_s"] < 10, report
+        assert ("rank 1 of the sharding group failed" in failed) == (r == 0), failed
+        stale = "EMAs are at different updates (rank 0: 7 updates, rank 1: 6 updates)"
+        for key in ("stale_gather", "stale_apply", "stale_whole"):
+            assert stale in report[key], report
+        assert report["weights_unchanged"], report
+    # The statistics are the ranks' own: they differ between ranks (3.x); the weights agree.
+    trained = [n for n in _part(ranks[0][0], "weight/") if n not in statistics]
+    for name in trained:
+        np.testing.assert_array_equal(ranks[0][0][f"weight/{name}"], ranks[1][0][f"weight/{name}"])
+
+
+def test_the_gather_sends_one_flat_buffer_per_owner_and_dtype_and_cuts_it_back(dygraph, monkeypatch):
+    """Partition.gather in one process, with paddle.distributed's broadcast and rank played by a
+    fake two-rank group: rank 0 and rank 1 each send what they own (float32 and float64, an empty
+    tensor among them) in one buffer per dtype, and each receives the other's values exactly."""
+    import paddle
+
+    from paddle_ema import _sharding
+
+    rng = np.random.default_rng(0)
+    specs = {"a": ([3, 2], "float32"), "b": ([0, 4], "float32"), "c": ([5], "float64"),
+             "d": ([2, 2], "float32"), "e": ([1], "float64")}
+    owners = {"a": 0, "b": 0, "c": 1, "d": 1, "e": 0}
+    truth = {n: rng.standard_normal(shape).astype(dtype) for n, (shape, dtype) in specs.items()}
+    # Call number -> (sender, flat buffer), worked out independently of the code under test.
+    expected = {**_flat_sends(owners, specs, truth, 0), **_flat_sends(owners, specs, truth, 1)}
+    assert sorted(expected) == [0, 1, 2, 3]  # (0, f32: a, b empty) (1, f64) (1, f32) (0, f64)
+    playing = {"rank": 0, "calls": 0}
+
+    def broadcast(tensor, src, group=None):
+        sender, flat = expected[playing["calls"]]
+        playing["calls"] += 1
+        assert src == sender
+        if src == playing["rank"]:  # what the owner sends is its values, flat, in order
+            np.testing.assert_array_equal(tensor.numpy(), flat)
+        else:
+            assert list(tensor.shape) == [flat.size] and str(tensor.numpy().dtype) == str(flat.dtype)
+            tensor.set_value(paddle.to_tensor(flat))
+
+    class Group:
+        ranks, rank, nranks = [0, 1], 0, 2
+
+    monkeypatch.setattr(paddle.distributed, "broadcast", broadcast)
+    partition = _sharding.Partition("test", Group(), 0, 2, {})
+    for rank in (0, 1):
+        monkeypatch.setattr(paddle.distributed, "get_rank", lambda r=rank: r)
+        playing.update(rank=rank, calls=0)
+        mine = {n: paddle.to_tensor(truth[n]) for n, r in owners.items() if r == rank}
+        got = partition.gather(owners, mine, specs)
+        assert playing["calls"] == 4 and set(got) == set(owners)
+        for name, value in got.items():
+            assert list(value.shape) == specs[name][0] and str(value.numpy().dtype) == specs[name][1]
+            np.testing.assert_array_equal(value.numpy(), truth[name], err_msg=f"rank {rank}: {name}")
+
+
+def _flat_sends(owners, specs, truth, rank) -> dict:
+    """What rank ``rank`` sends, by call number: the flat buffers per (owner, dtype) in first-seen
+    order, skipping empty tensors (independent of the code under test's own concat)."""
+    batches: dict = {}
+    for name, owner in owners.items():
+        batches.setdefault((owner, specs[name][1]), []).append(name)
+    sends, call = {}, 0
+    for (owner, _), names in batches.items():
+        sized = [n for n in names if np.prod(specs[n][0])]
+        if not sized:
+            continue
+        if owner == rank:
+            sends[call] = (owner, np.concatenate([truth[n].ravel() for n in sized]))
+        call += 1
+    return sends
+
+
+def _fake_stage2(model, owner_of):
+    """An object Partition.of reads as group_sharded_parallel's optimizer (two ranks, this one 0),
+    whose partition puts each parameter of ``model`` on ``owner_of(structured name)``."""
+    class Group:
+        ranks, rank, nranks = [0, 1], 0, 2
+
+    class GroupShardedOptimizerStage2:
+        _group = Group()
+        param2rank = {p.name: owner_of(n) for n, p in model.named_parameters()}
+
+    return GroupShardedOptimizerStage2()
+
+
+def test_statistics_and_frozen_parameters_are_averaged_on_every_rank(dygraph):
+    """The optimizer's partition holds batch-norm statistics and frozen parameters when it was
+    given model.parameters(); no rank's optimizer updates them, each rank's model holds its own, so
+    each rank averages its own, whoever the partition says owns them."""
+    import paddle
+
+    import paddle_ema
+
+    model = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.BatchNorm1D(4), paddle.nn.Linear(4, 2))
+    model[2].bias.stop_gradient = True
+    ema = paddle_ema.ModelEMA(model, 0.9, sharding=_fake_stage2(model, lambda name: 1))
+    assert ema.names == ["1._mean", "1._variance", "2.bias"]
+    assert sorted(ema._elsewhere) == ["0.bias", "0.weight", "1.bias", "1.weight", "2.weight"]
+
+
+def test_an_optimizer_whose_partition_holds_none_of_the_model_is_refused(dygraph):
+    import paddle
+
+    import paddle_ema
+
+    model, other = paddle.nn.Linear(3, 2), paddle.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="its partition holds none of this model's trainable parameters"):
+        paddle_ema.ModelEMA(model, 0.9, sharding=_fake_stage2(other, lambda name: 0))
+    frozen = paddle.nn.Linear(3, 2)  # (a partition of only parameters that do not train)
+    for p in frozen.parameters():
+        p.stop_gradient = True
+    with pytest.raises(ValueError, match="its partition holds none"):
+        paddle_ema.ModelEMA(frozen, 0.9, sharding=_fake_stage2(frozen, lambda name: 0))
+    # parameters= choosing only a buffer is still an EMA of this model under its optimizer.
+    with_buffer = paddle.nn.BatchNorm1D(2)
+    ema = paddle_ema.ModelEMA(with_buffer, 0.9, parameters=["_mean"],
+                              sharding=_fake_stage2(with_buffer, lambda name: 1))
+    assert ema.names == ["_mean"] and ema._elsewhere == []
+
+
+def test_a_stage_3_model_is_refused_with_the_reason(dygraph):
+    import paddle
+
+    import paddle_ema
+
+    class GroupShardedStage3(paddle.nn.Layer):  # (what group_sharded_parallel's p_g_os returns)
+        def __init__(self, layer):
+            super().__init__()
+            self._layer = layer
+
+    with pytest.raises(ValueError, match=r"level='p_g_os'\) \(stage 3\), which frees"):
+        paddle_ema.ModelEMA(GroupShardedStage3(paddle.nn.Linear(3, 2)), 0.9)

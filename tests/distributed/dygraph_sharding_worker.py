@@ -40,12 +40,15 @@ PADDLE2 = paddle.__version__.startswith("2.")
 
 
 class Net(paddle.nn.Layer):
-    """Linear(5,8)-ReLU-Linear(8,8)-ReLU-Linear(8,3) and a float32 buffer that scales the output."""
+    """Linear(5,8)-ReLU-Linear(8,8)-ReLU-Linear(8,3) and a float32 buffer that scales the output;
+    with ``batch_norm``, a BatchNorm1D(8) after the first ReLU (its statistics are parameters that
+    do not train, which the sharded optimizer's partition holds too)."""
 
-    def __init__(self):
+    def __init__(self, batch_norm: bool = False):
         super().__init__()
-        self.body = paddle.nn.Sequential(paddle.nn.Linear(5, 8), paddle.nn.ReLU(), paddle.nn.Linear(8, 8),
-                                         paddle.nn.ReLU(), paddle.nn.Linear(8, 3))
+        norm = [paddle.nn.BatchNorm1D(8)] if batch_norm else []
+        self.body = paddle.nn.Sequential(paddle.nn.Linear(5, 8), paddle.nn.ReLU(), *norm,
+                                         paddle.nn.Linear(8, 8), paddle.nn.ReLU(), paddle.nn.Linear(8, 3))
         self.register_buffer("scale", paddle.full([3], 0.5, dtype="float32"))
 
     def forward(self, x):
@@ -190,12 +193,62 @@ def check_states(ema, report: dict) -> dict:
     return whole
 
 
+def check_against_reference(ema, reference, model, report: dict) -> dict:
+    """With batch norm: the sharded EMA against an unsharded one over the same rank's model, then
+    what a rank out of step with the others gets. Each rank's batch-norm statistics are its own
+    (Paddle 3.x broadcasts no tensor without a gradient), so a rank's averages must be its own
+    EMA's, bit for bit, for the partitioned parameters (the ranks' weights agree) and the
+    statistics alike; a gather between ranks at different updates, or with a rank that failed,
+    raises on every rank."""
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    result = {f"weight/{n}": p.numpy() for n, p in named.items()}
+    result.update({f"average/{n}": a.numpy() for n, a in ema.averages().items()})
+    result.update({f"reference/{n}": a.numpy() for n, a in reference.averages().items()})
+    with ema.apply():
+        result.update({f"applied/{n}": p.numpy() for n, p in named.items()})
+    result.update({f"restored/{n}": p.numpy() for n, p in named.items()})
+    # model.to(float64) after the EMAs were built: the consolidated state follows the cast.
+    model.to(dtype="float64")
+    whole = ema.consolidated_state_dict()
+    result.update({f"whole64/{n}": a.numpy() for n, a in whole["averages"].items()})
+    result.update({f"reference64/{n}": a.numpy() for n, a in reference.state_dict()["averages"].items()})
+    report["whole64_dtypes"] = sorted({str(a.numpy().dtype) for a in whole["averages"].values()})
+
+    def refusal(call) -> str | None:
+        try:
+            call()
+        except RuntimeError as error:
+            return str(error)
+        return None
+    # One rank fails before the gather (its model re-bound an averaged tensor to another shape):
+    # each rank hears it at once.
+    rank, norm = dist.get_rank(), model.body[2]
+    saved = norm._mean
+    if rank == 1:
+        norm._mean = paddle.create_parameter([4], "float64")
+    start = time.perf_counter()
+    report["failed_gather"] = refusal(ema.averages)
+    report["failed_gather_s"] = time.perf_counter() - start
+    norm._mean = saved
+    # One rank skips an update: the next gather is refused on every rank, with nothing changed.
+    if rank == 0:
+        ema.update()
+    report["stale_gather"] = refusal(ema.averages)
+    report["stale_apply"] = refusal(ema.apply)
+    report["stale_whole"] = refusal(ema.consolidated_state_dict)
+    report["weights_unchanged"] = all(np.array_equal(p.numpy(), result[f"weight/{n}"].astype("float64"))
+                                      for n, p in named.items())
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--mode", choices=["fleet1", "os", "os_g"], required=True)
     parser.add_argument("--single", action="store_true")
     parser.add_argument("--resume", help="a whole EMA state (paddle.save) to load before training")
+    parser.add_argument("--batch-norm", action="store_true",
+                        help="a model with batch norm, checked against an unsharded EMA on each rank")
     args = parser.parse_args()
     paddle.set_device("cpu")
     if not args.single:
@@ -209,7 +262,7 @@ def main() -> int:
             dist.init_parallel_env()
     rank = 0 if args.single else dist.get_rank()
     paddle.seed(SEED)  # the same initial weights on every rank and in the single process
-    model = Net()
+    model = Net(args.batch_norm)
     named = dict(model.named_parameters())  # structured names of the unwrapped model
     opt = paddle.optimizer.AdamW(0.05, parameters=model.parameters(), weight_decay=0.01)
     start = time.perf_counter()
@@ -222,6 +275,7 @@ def main() -> int:
     mine = slice(0, 2 * LOCAL_BATCH) if args.single else slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     ema = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold",
                               sharding=None if args.single else stepper)
+    reference = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold") if args.batch_norm else None
     resumed = {}
     if args.resume:  # (another layout's whole state: each rank takes its part; then go on afresh)
         ema.set_state_dict(paddle.load(args.resume))
@@ -238,7 +292,16 @@ def main() -> int:
         stepper.clear_grad()
         with counting_collectives(counts):
             ema.update()
+        if reference is not None:
+            reference.update()
     train_s = time.perf_counter() - start
+    if reference is not None:
+        report = {"kept_names": sorted(ema._averages), "collectives_in_updates": counts}
+        result = check_against_reference(ema, reference, model, report)
+        result["report"] = np.array(json.dumps(report))
+        os.makedirs(args.out, exist_ok=True)
+        np.savez(os.path.join(args.out, f"batch_norm_{args.mode}_{rank}.npz"), **result)
+        return 0
     if args.mode != "fleet1" and not args.single:
         # The same partition as the stage-2 layer sees it (filled on the first forward, not at wrap).
         assert trained._trainable_param2rank == stepper.param2rank, trained._trainable_param2rank
