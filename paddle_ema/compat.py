@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from paddle_ema import _ir, schedule
+from paddle_ema import schedule
 from paddle_ema._select import short_repr
 from paddle_ema.dygraph import ModelEMA
 
@@ -77,18 +77,19 @@ def _from_applied(ema: ModelEMA, applied: dict[str, Any], updates: int, source: 
         raise ValueError(
             f"step must be an int of at least 0 (the EMA's update count), got {short_repr(updates)}"
         )
-    missing = [n for n in ema.names if n not in applied]
+    dtypes = ema._stored_dtypes()  # (under sharding, also the averages other ranks keep)
+    missing = [n for n in dtypes if n not in applied]
     if missing:
         raise ValueError(f"{source} has no average of {missing[:5]}: it was not written for this model")
     correction = _bias_correction(ema, int(updates))
     if updates > 0 and correction == 0.0:
         raise ValueError(f"{source}: {updates} updates of this schedule leave no average (decay 0)")
     averages = {}
-    for name in ema.names:
+    for name, dtype in dtypes.items():
         value = _numpy(applied[name])
         if value.dtype not in (np.float16, np.float32, np.float64):
             raise ValueError(f"{source} holds {name!r} as {value.dtype}, not a floating-point array")
-        averages[name] = (value.astype(np.float64) * correction).astype(_ir.dtype_name(ema._averages[name]))
+        averages[name] = (value.astype(np.float64) * correction).astype(dtype)
     ema.set_state_dict({
         "averages": averages, "num_updates": int(updates), "update_calls": int(updates),
         "bias_correction": correction,
@@ -115,6 +116,8 @@ def load(ema: ModelEMA, source: Any, *, format: str, step: int | None = None) ->
         step: The EMA's update count, where the format does not hold it: ppdet (read from
             ``{prefix}.pdopt``'s scheduler when there), PaddleSeg (read from ``iter_N``); ppcls
             needs none (constant decay: 0 if not given). ppdiffusers holds its own.
+
+    Under ``sharding`` every rank loads the same checkpoint and takes its part.
 
     Raises:
         TypeError: ``ema`` is not a ModelEMA.
@@ -175,7 +178,7 @@ def _load_ppdiffusers(ema: ModelEMA, state: Any) -> None:
               if k in state and not np.isclose(float(state[k]), float(v))]
     if differ:
         raise ValueError(f"the ppdiffusers EMA was configured otherwise: {', '.join(differ)}")
-    extra = [n for n in ema.names if n not in names]
+    extra = [n for n in ema._stored_dtypes() if n not in names]
     if extra:
         raise ValueError(
             f"ppdiffusers keeps averages of parameters only; this ModelEMA averages {extra[:5]} too: "
@@ -203,20 +206,41 @@ def save(ema: ModelEMA, path_prefix: str, *, format: str) -> None:
     ppdiffusers: ``{path_prefix}.pdparams`` holding what ``EMAModel.state_dict()`` returns, for
     ``EMAModel.load_state_dict(paddle.load(...))``.
 
+    Under ``sharding`` (see :class:`paddle_ema.ModelEMA`) every rank of the group calls it: the
+    averages are gathered, the sharding group's rank 0 writes the files, and every rank returns
+    once they are written (or raises if writing failed).
+
     Raises:
         TypeError, ValueError: as :func:`load`.
+        RuntimeError: under ``sharding``, another rank failed (as :meth:`ModelEMA.averages`).
     """
     _check(ema, format)
     if not isinstance(path_prefix, (str, os.PathLike)):
         raise TypeError(f"path_prefix must be a str, got {type(path_prefix).__name__}")
+    applied = _applied_state(ema)  # (collective under sharding)
+    partition = ema._partition
+    failure = None
+    if partition is None or partition.rank == 0:
+        try:
+            _write(ema, applied, path_prefix, format)
+        except Exception as error:  # (told to the other ranks, then raised here)
+            failure = error
+    if partition is not None:
+        partition.agree((), failure)  # every rank returns once the files are written
+    elif failure is not None:
+        raise failure
+
+
+def _write(ema: ModelEMA, applied: dict[str, Any], path_prefix: str, format: str) -> None:
+    """Write the files of ``format`` at ``path_prefix``, with ``applied`` the model's state dict
+    with every average applied."""
     if format in ("ppdet", "ppcls"):
-        paddle.save(_applied_state(ema), f"{path_prefix}.pdparams")
+        paddle.save(applied, f"{path_prefix}.pdparams")
         paddle.save(ema._layer.state_dict(), f"{path_prefix}.pdema")
     elif format == "ppseg":
         os.makedirs(path_prefix, exist_ok=True)
-        paddle.save(_applied_state(ema), os.path.join(path_prefix, "ema_model.pdparams"))
+        paddle.save(applied, os.path.join(path_prefix, "ema_model.pdparams"))
     else:
-        applied = _applied_state(ema)
         plan = ema._schedule
         paddle.save({
             "decay": plan.decay, "min_decay": plan.min_decay, "optimization_step": ema.num_updates,

@@ -174,11 +174,12 @@ class ModelEMA:
         sharding: The sharded optimizer the model trains with, under Paddle's dygraph sharding
             stage 1/2 (what ``fleet.distributed_optimizer`` returns with ``sharding_degree`` > 1,
             or ``group_sharded_parallel`` at level ``"os"``/``"os_g"``): each rank then averages
-            only the parameters its optimizer partition updates (and, each its own, what is not
-            partitioned: buffers, frozen parameters), with no communication per update.
-            :meth:`averages`, :meth:`apply`, :meth:`averaged_model` and
-            :meth:`consolidated_state_dict` then gather the others' averages (one broadcast per
-            parameter): every rank of the group must call them. See docs/large-models.md.
+            only the parameters its optimizer partition updates (and, each its own, what no
+            rank's optimizer updates alone: buffers, frozen parameters, batch-norm statistics),
+            with no communication per update. :meth:`averages`, :meth:`apply`,
+            :meth:`averaged_model` and :meth:`consolidated_state_dict` then gather the others'
+            averages (one broadcast per owning rank and dtype): every rank of the group must call
+            them. See docs/large-models.md.
 
     Raises:
         TypeError: ``model`` is not a ``paddle.nn.Layer``, an option has the wrong type, or
@@ -186,7 +187,8 @@ class ModelEMA:
         ValueError: an option is out of range, ``inv_gamma``/``power`` are given without
             ``warmup="power"``, a name matches nothing, nothing is left to average, or
             ``sharding`` splits or fuses the parameters themselves (stage 3, ``split_param``,
-            tensor fusion: not supported yet).
+            tensor fusion: not supported yet) or its partition holds none of the model's
+            trainable parameters.
         RuntimeError: called in static-graph mode (use ExponentialMovingAverage there).
 
     Example:
@@ -583,6 +585,15 @@ class ModelEMA:
         """What a sharded state says of the shard it holds (see :meth:`state_dict`)."""
         partition = self._partition
         return {"kind": partition.kind, "rank": partition.rank, "world_size": partition.world_size}
+
+    def _stored_dtypes(self) -> dict[str, str]:
+        """The dtype each average is kept in, by name, in the model's order: this rank's and, under
+        ``sharding``, those other ranks keep (as they keep them: the accumulator dtype of the
+        parameter as this rank's model holds it)."""
+        params = dict(self._layer.named_parameters())
+        dtypes = {n: _ir.dtype_name(a) for n, a in self._averages.items()}
+        dtypes.update((n, _graph.accumulator_dtype(_ir.dtype_name(params[n]))) for n in self._elsewhere)
+        return {n: dtypes[n] for n in _named_tensors(self._layer, True) if n in dtypes}
 
     def consolidated_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` with every average, also those other ranks keep under ``sharding``:

@@ -67,6 +67,8 @@ class PowerEMA(ModelEMA):
         parameters: As in :class:`~paddle_ema.ModelEMA`.
         exclude: As in :class:`~paddle_ema.ModelEMA`.
         buffers: As in :class:`~paddle_ema.ModelEMA`.
+        sharding: As in :class:`~paddle_ema.ModelEMA`: under Paddle's dygraph sharding stage 1/2,
+            each rank averages only what its optimizer partition updates.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -102,12 +104,13 @@ class PowerEMA(ModelEMA):
         parameters: Sequence[Any] | None = None,
         exclude: Sequence[str] | None = None,
         buffers: bool = True,
+        sharding: Any = None,
     ) -> None:
         self._gamma = _exponent(sigma_rel, gamma)
         # decay 0 bounds the schedule's weights at 1, so set_state_dict accepts a bias correction of
         # exactly 1 after the first update (the first power-function update copies) and 0 before.
         super().__init__(model, 0.0, update_every=update_every, parameters=parameters, exclude=exclude,
-                         buffers=buffers)
+                         buffers=buffers, sharding=sharding)
 
     @property
     def gamma(self) -> float:

@@ -148,8 +148,10 @@ def test_a_consolidated_state_resumes_in_one_process_and_under_another_partition
 def test_batch_norm_statistics_stay_each_ranks_own_and_ranks_out_of_step_are_refused(tmp_path, mode):
     """Batch-norm statistics are parameters that do not train, in the optimizer's partition too, and
     each rank's model holds its own: each rank averages its own (before the fix, the owner's
-    averages were applied on every rank). The sharded EMA equals an unsharded EMA over the same
-    rank's model, bit for bit; its consolidated state follows model.to(float64); a gather with a
+    averages were applied on every rank). The sharded EMA (and PowerEMA) equals an unsharded one
+    over the same rank's model, bit for bit; a ppdet checkpoint compat.save writes under sharding
+    loads back with compat.load on every rank; the consolidated state follows model.to(float64);
+    a gather with a
     rank that failed, or between ranks at different updates, raises on every rank."""
     python, env, out = sys.executable, _env(), tmp_path / "out"
     _run([python, "-m", "paddle.distributed.launch", "--nproc_per_node=2", "--log_dir",
@@ -167,6 +169,16 @@ def test_batch_norm_statistics_stay_each_ranks_own_and_ranks_out_of_step_are_ref
             np.testing.assert_array_equal(average[name], value, err_msg=f"rank {r}: {name}")
             np.testing.assert_array_equal(data[f"applied/{name}"], value, err_msg=f"rank {r}: {name}")
             np.testing.assert_array_equal(data[f"restored/{name}"], data[f"weight/{name}"], err_msg=name)
+        power, power_reference = _part(data, "power/"), _part(data, "power_reference/")
+        assert set(power) == set(reference)
+        for name, value in power_reference.items():  # PowerEMA(sharding=): the same, bit for bit
+            np.testing.assert_array_equal(power[name], value, err_msg=f"rank {r}: {name}")
+        # compat.save/load under sharding: the file is one model's (rank 0's, its statistics too),
+        # and every rank loads all of it.
+        ppdet = _part(data, "ppdet/")
+        assert set(ppdet) == set(reference)
+        for name, value in _part(ranks[0][0], "reference/").items():
+            np.testing.assert_allclose(ppdet[name], value, rtol=1e-6, atol=1e-7, err_msg=f"rank {r}: {name}")
         whole, reference64 = _part(data, "whole64/"), _part(data, "reference64/")
         assert set(whole) == set(reference64) and report["whole64_dtypes"] == ["float64"], report
         for name, value in reference64.items():

@@ -193,7 +193,7 @@ def check_states(ema, report: dict) -> dict:
     return whole
 
 
-def check_against_reference(ema, reference, model, report: dict) -> dict:
+def check_against_reference(ema, reference, model, report: dict, others: dict, out: str) -> dict:
     """With batch norm: the sharded EMA against an unsharded one over the same rank's model, then
     what a rank out of step with the others gets. Each rank's batch-norm statistics are its own
     (Paddle 3.x broadcasts no tensor without a gradient), so a rank's averages must be its own
@@ -207,6 +207,17 @@ def check_against_reference(ema, reference, model, report: dict) -> dict:
     with ema.apply():
         result.update({f"applied/{n}": p.numpy() for n, p in named.items()})
     result.update({f"restored/{n}": p.numpy() for n, p in named.items()})
+    # A PowerEMA given the sharded optimizer, against one that is not.
+    result.update({f"power/{n}": a.numpy() for n, a in others["power"].averages().items()})
+    unsharded = others["power_reference"].averages()
+    result.update({f"power_reference/{n}": a.numpy() for n, a in unsharded.items()})
+    # A client's checkpoint: every rank saves (rank 0 writes), every rank loads its part.
+    prefix = os.path.join(out, "ppdet_ema")
+    paddle_ema.compat.save(ema, prefix, format="ppdet")
+    others["fresh"].set_state_dict(ema.state_dict())  # (anything else first: load must overwrite)
+    others["fresh"].reset()
+    paddle_ema.compat.load(others["fresh"], prefix, format="ppdet", step=ema.num_updates)
+    result.update({f"ppdet/{n}": a.numpy() for n, a in others["fresh"].averages().items()})
     # model.to(float64) after the EMAs were built: the consolidated state follows the cast.
     model.to(dtype="float64")
     whole = ema.consolidated_state_dict()
@@ -275,7 +286,12 @@ def main() -> int:
     mine = slice(0, 2 * LOCAL_BATCH) if args.single else slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     ema = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold",
                               sharding=None if args.single else stepper)
-    reference = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold") if args.batch_norm else None
+    reference, others = None, {}
+    if args.batch_norm:
+        reference = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold")
+        others = {"power": paddle_ema.PowerEMA(trained, 0.1, sharding=stepper),
+                  "power_reference": paddle_ema.PowerEMA(trained, 0.1),
+                  "fresh": paddle_ema.ModelEMA(trained, 0.9, warmup="threshold", sharding=stepper)}
     resumed = {}
     if args.resume:  # (another layout's whole state: each rank takes its part; then go on afresh)
         ema.set_state_dict(paddle.load(args.resume))
@@ -294,10 +310,12 @@ def main() -> int:
             ema.update()
         if reference is not None:
             reference.update()
+            others["power"].update()
+            others["power_reference"].update()
     train_s = time.perf_counter() - start
     if reference is not None:
         report = {"kept_names": sorted(ema._averages), "collectives_in_updates": counts}
-        result = check_against_reference(ema, reference, model, report)
+        result = check_against_reference(ema, reference, model, report, others, args.out)
         result["report"] = np.array(json.dumps(report))
         os.makedirs(args.out, exist_ok=True)
         np.savez(os.path.join(args.out, f"batch_norm_{args.mode}_{rank}.npz"), **result)
