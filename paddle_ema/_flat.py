@@ -66,11 +66,13 @@ def policy(tensor: Any) -> Policy:
 def groupable(tensor: Any, average: Any) -> bool:
     """Whether ``average``, of eager ``tensor``, can live in a :class:`FlatGroup`: of a grouped dtype,
     the tensor's own, not empty, no larger than its place's :class:`Policy` groups, and contiguous
-    (a strided view, e.g. a buffer registered as ``x.t()``, cannot be read as flat rows)."""
+    (a strided view, e.g. a buffer registered as ``x.t()``, cannot be read as flat rows), and not
+    an auto-parallel DistTensor (its data is a local piece, which a flat buffer cannot view)."""
     dtype = _ir.dtype_name(average)
     numel = math.prod(average.shape)
     return (dtype in GROUPED_DTYPES and _ir.dtype_name(tensor) == dtype
-            and 0 < numel <= policy(tensor).max_numel and tensor.is_contiguous())
+            and 0 < numel <= policy(tensor).max_numel and not _ir.is_dist(tensor)
+            and tensor.is_contiguous())
 
 
 class FlatGroup:

@@ -29,6 +29,7 @@ __all__ = [
     "create_state",
     "declare_output",
     "detached_tensor",
+    "dist_unsupported",
     "dtype_name",
     "eager_coalesce",
     "eager_decay_",
@@ -46,15 +47,18 @@ __all__ = [
     "variable_tensor",
     "in_pir_mode",
     "initialized_place",
+    "is_dist",
     "is_graph_variable",
     "LayerBindings",
     "last_writer",
     "lerp_",
+    "made_whole",
     "op_count",
     "parameters_written",
     "persistable_name",
     "persistable_names",
     "persistable_specs",
+    "placed_like",
     "program_of",
     "program_parameters",
     "read_array",
@@ -504,6 +508,42 @@ def eager_coalesce(sources: Sequence[Any], views: Sequence[Any], flat: Any, copy
         list(sources), list(views), flat, "copy_data", copy, "use_align", False,
         "dtype", int(var_type[dtype_name(sources[0])]),
     )
+
+
+def is_dist(tensor: Any) -> bool:
+    """Whether eager ``tensor`` is an auto-parallel ``DistTensor`` (``paddle.distributed.shard_tensor``):
+    its data is this rank's local piece, which the DenseTensor-level helpers here cannot take."""
+    return bool(getattr(tensor, "is_dist", None) and tensor.is_dist())
+
+
+def dist_unsupported(name: str, tensor: Any) -> str | None:
+    """Why auto-parallel DistTensor ``tensor`` (the model's ``name``) cannot be averaged on this
+    Paddle, or None: Paddle 2.6's ``clone`` of a sharded DistTensor comes back ``Replicate()``
+    (a copy of another shape: an average could not be saved nor set aside)."""
+    if paddle.__version__.startswith("2."):
+        return (f"the model's {name!r} is an auto-parallel DistTensor (paddle.distributed.shard_tensor), "
+                "which ModelEMA averages on Paddle 3.0 and later: Paddle 2.6's DistTensor.clone() "
+                "drops the placements (a Shard(1) tensor comes back Replicate()); upgrade Paddle, or "
+                "average the model before sharding it")
+    return None
+
+
+def placed_like(value: Any, tensor: Any) -> Any:
+    """``value`` (the whole value on every rank, or a DistTensor) as a DistTensor on ``tensor``'s
+    process mesh with its placements: ``value`` itself if it is one already."""
+    mesh, placements = tensor.process_mesh, tensor.placements
+    if not is_dist(value):
+        return paddle.distributed.shard_tensor(value, mesh, placements)
+    if value.process_mesh == mesh and value.placements == placements:
+        return value
+    return paddle.distributed.reshard(value, mesh, placements)
+
+
+def made_whole(value: Any) -> Any:
+    """DistTensor ``value``'s whole value, a dense tensor on every rank (collective over its mesh:
+    every rank of it calls this)."""
+    replicated = [paddle.distributed.Replicate()] * len(value.placements)
+    return paddle.distributed.reshard(value, value.process_mesh, replicated)._local_value()
 
 
 def eager_swap_in(tensor: Any, source: Any) -> None:

@@ -269,6 +269,10 @@ class ModelEMA:
             tau=tau if warmup == "exponential" else None,
         )
         candidates = _named_tensors(model, buffers)
+        for name, tensor in candidates.items():
+            unsupported = _ir.dist_unsupported(name, tensor) if _ir.is_dist(tensor) else None
+            if unsupported:
+                raise TypeError(unsupported)
         self._frozen = frozen
         # Parameters that do not train (stop_gradient; batch-norm statistics among them) under
         # frozen="copy"/"exclude": not averaged; "copy" ones are carried at their current value.
@@ -599,19 +603,22 @@ class ModelEMA:
         """:meth:`state_dict` with every average, also those other ranks keep under ``sharding``:
         the state of one process, which a ModelEMA of the same model loads under any sharding or
         none. Collective under ``sharding``: every rank of the group calls it (each gets the whole
-        state; save it from one). Without ``sharding``, the same as :meth:`state_dict`.
+        state; save it from one). Over an auto-parallel model, the averages of DistTensors are made
+        whole, collective over their mesh too. Otherwise the same as :meth:`state_dict`.
 
         Raises:
             RuntimeError: as :meth:`averages`.
         """
-        if self._partition is None:
+        if self._partition is None and not any(map(_ir.is_dist, self._averages.values())):
             return self.state_dict()
         with paddle.no_grad():
             averages = self._whole(self._followed(lambda: dict(self._averages)), stored=True)
+            # (cloned: a Replicate average's whole value may be its own memory)
+            whole = {n: _ir.made_whole(a).clone() for n, a in averages.items() if _ir.is_dist(a)}
         state = self.state_dict()  # (this rank's averages copied, and the counts)
-        del state["sharding"]
+        state.pop("sharding", None)
         state["averages"] = {
-            n: state["averages"][n] if n in state["averages"] else
+            n: whole[n].cpu() if n in whole else state["averages"][n] if n in state["averages"] else
             average if average.place.is_cpu_place() else average.cpu()
             for n, average in averages.items()
         }
@@ -663,8 +670,9 @@ class ModelEMA:
         with paddle.no_grad():
             # Every conversion before the first write: nothing is changed if one fails.
             values = {
-                name: (value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)).astype(
-                    _ir.dtype_name(self._averages[name]))
+                name: _placed_as(self._averages[name], (
+                    value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)).astype(
+                    _ir.dtype_name(self._averages[name])))
                 for name, value in averages.items()
             }
             for name, value in values.items():
@@ -917,12 +925,23 @@ class ModelEMA:
                 _logger.debug("ModelEMA follows %s, re-bound by the model", name)
                 self._tensors[name] = now
             average = self._averages[name]
+            if _ir.is_dist(now) and _ir.placed_like(average, now) is not average:
+                # (sharded by paddle.distributed.shard_tensor after the EMA was built: the average
+                # is kept as the tensor is, each rank its piece; its old value is whole on every rank)
+                _logger.debug("ModelEMA places the average of %s as the tensor: %s", name, now.placements)
+                self._start_average(
+                    name, lambda _, dtype, a=average, t=now: _ir.placed_like(a, t).astype(dtype))
+                average = self._averages[name]
             if _graph.accumulator_dtype(_ir.dtype_name(now)) != _ir.dtype_name(average):
                 _logger.debug("ModelEMA casts the average of %s to %s", name, _ir.dtype_name(now))
                 self._start_average(name, lambda _, dtype, a=average: a.astype(dtype))
             elif changed:  # (a cast may have made a value infinite: -1e9 in float16)
                 self._look_for_non_finite(name)
         gained = self._gained_tensors(held)
+        for name, tensor in gained.items():
+            unsupported = _ir.dist_unsupported(name, tensor) if _ir.is_dist(tensor) else None
+            if unsupported:
+                raise RuntimeError(unsupported)
         if gained:
             _logger.warning(
                 "ModelEMA averages %s, new in the model, from now on, as if it had always held its "
@@ -984,6 +1003,8 @@ class ModelEMA:
                 continue
             average = self._averages[name]
             value = paddle.scale(average, reciprocals[_ir.dtype_name(average)])
+            if _ir.is_dist(tensor):  # (Paddle 3.3 replicates an unevenly sharded tensor's scale)
+                value = _ir.placed_like(value, tensor)
             values[name] = value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
         return {name: values[name] for name in self._tensors}
 
@@ -1012,11 +1033,27 @@ def _check_still_averageable(
             f"{dtype}{list(shape)} one this ModelEMA averages (a floating-point tensor of that "
             "shape); build a new ModelEMA for the changed model"
         )
+    unsupported = _ir.dist_unsupported(name, now) if _ir.is_dist(now) else None
+    if unsupported:
+        raise RuntimeError(unsupported)
+
+
+def _placed_as(average: Any, value: Any) -> Any:
+    """``value`` (checked by :func:`_check_average`) as ``average`` is placed: a whole value this
+    rank's piece of it, if ``average`` is an auto-parallel DistTensor."""
+    return _ir.placed_like(value, average) if _ir.is_dist(average) else value
 
 
 def _check_average(name: str, value: Any, average: Any) -> None:
     """Raise a ValueError unless ``value`` can be the average of ``name``: a floating-point paddle
-    Tensor or numpy array of ``average``'s shape."""
+    Tensor or numpy array of ``average``'s shape, a DistTensor only if ``average`` is one."""
+    if _ir.is_dist(value) and not _ir.is_dist(average):
+        raise ValueError(
+            f"the average of {name!r} is an auto-parallel DistTensor ({value.placements}), the "
+            "model's tensor is not: in the auto-parallel run, save ema.consolidated_state_dict() "
+            "(whole averages, which any ModelEMA of the model loads), or load this state into a "
+            "ModelEMA over the model sharded as it was"
+        )
     if isinstance(value, paddle.Tensor):
         floating, dtype = paddle.is_floating_point(value), _ir.dtype_name(value)
     elif isinstance(value, np.ndarray):
