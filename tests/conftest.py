@@ -23,11 +23,28 @@ def pytest_report_header(config):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "eager: runs eager code only; once per Paddle release (see "
+                            "pytest_collection_modifyitems)")
     # Each tox env says which mode it means to test; a mismatch (wrong wheel, flag not applied) would
     # make the whole run test the wrong thing, so stop before any test passes.
     expected = os.environ.get("PADDLE_EMA_EXPECT_MODE")
     if expected and expected != ir_mode():
         pytest.exit(f"tox env expects Paddle mode {expected}, but this run is {ir_mode()}", returncode=3)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under the legacy IR of Paddle 3.x, deselect the tests marked ``eager`` (the default: see
+    ``PADDLE_EMA_EAGER_EVERY_IR``). They run eager code only, with no program and no
+    ``paddle.jit.to_static``, and ``FLAGS_enable_pir_api`` selects the IR of static programs only
+    (``paddle.framework.in_pir_mode()`` is False in dygraph either way): they run once per Paddle
+    release, under PIR, rather than twice the same. Paddle 2.6 has one mode and runs them there."""
+    mode = ir_mode()
+    if mode.startswith("2.") or not mode.endswith("-legacy") or os.environ.get("PADDLE_EMA_EAGER_EVERY_IR"):
+        return
+    eager = [item for item in items if item.get_closest_marker("eager")]
+    if eager:
+        config.hook.pytest_deselected(items=eager)
+        items[:] = [item for item in items if not item.get_closest_marker("eager")]
 
 
 @pytest.fixture

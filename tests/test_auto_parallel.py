@@ -18,6 +18,9 @@ import pytest
 from conftest import ir_mode
 from test_distributed import HERE, _env, _run
 
+# Eager code only: once per Paddle release (conftest.py).
+pytestmark = pytest.mark.eager
+
 WORKER = HERE / "auto_parallel_worker.py"
 STEPS, DECAY = 4, 0.9
 PADDLE2 = paddle.__version__.startswith("2.")

@@ -14,6 +14,9 @@ import pytest
 
 import paddle_ema
 
+# Eager code only: once per Paddle release (conftest.py).
+pytestmark = pytest.mark.eager
+
 RTOL = 1e-5
 STEPS = 30
 

@@ -14,6 +14,9 @@ from test_clients import Net, floats, train_step
 import paddle_ema
 from paddle_ema import compat
 
+# Eager code only: once per Paddle release (conftest.py).
+pytestmark = pytest.mark.eager
+
 K, M = 5, 4  # steps before the checkpoint, and after the resume
 
 

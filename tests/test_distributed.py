@@ -233,7 +233,8 @@ def test_fleet_sharding_each_rank_averages_the_parameters_it_owns(tmp_path):
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
 
 
-@pytest.mark.parametrize("to_static", [False, True], ids=["eager", "to_static"])
+@pytest.mark.parametrize("to_static", [pytest.param(False, marks=pytest.mark.eager, id="eager"),
+                                       pytest.param(True, id="to_static")])
 def test_model_ema_under_dygraph_data_parallel(tmp_path, to_static):
     """paddle.DataParallel in 2 processes: every rank's ModelEMA is the same, and one process's over
     both ranks' batches (the forward also compiled with paddle.jit.to_static)."""

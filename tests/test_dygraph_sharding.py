@@ -18,6 +18,9 @@ import pytest
 from conftest import ir_mode
 from test_distributed import HERE, _env, _run
 
+# Eager code only: once per Paddle release (conftest.py).
+pytestmark = pytest.mark.eager
+
 WORKER = HERE / "dygraph_sharding_worker.py"
 MODES = ["fleet1", "os", "os_g"]  # all three run on 3.3.1 and 2.6.2 (the worker shims os/os_g for CPU)
 

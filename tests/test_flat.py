@@ -19,6 +19,9 @@ from paddle_ema import _flat
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from kernels import count_kernels  # noqa: E402
 
+# Eager code only: once per Paddle release (conftest.py).
+pytestmark = pytest.mark.eager
+
 
 class Mixed(paddle.nn.Layer):
     """Small float32 layers (grouped), one too large to group, two float64 buffers (a float64

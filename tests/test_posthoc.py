@@ -13,6 +13,9 @@ import pytest
 import paddle_ema
 from paddle_ema import _snapshots, power
 
+# Eager code only: once per Paddle release (conftest.py).
+pytestmark = pytest.mark.eager
+
 # EDM2's Algorithm 2 target values (sigma_rel -> gamma, 4 decimals), as the issue lists them.
 CONVERSIONS = {0.05: 16.9722, 0.10: 6.9372, 0.15: 3.5579, 0.28: 0.1693}
 
