@@ -104,10 +104,12 @@ class Partition:
             return None
         return self.owners.get(getattr(tensor, "name", None))
 
-    def agree(self, facts: Sequence[float], failure: BaseException | None) -> list[list[float]]:
+    def agree(self, facts: Sequence[float], failure: BaseException | None,
+              step: str = "before gathering the EMA's averages") -> list[list[float]]:
         """Every rank's ``facts`` (numbers exact in float64), once every rank of the group got here,
         in group rank order. A rank that failed before a collective (``failure``) still calls this,
-        so that no other rank waits on it until the group times out.
+        so that no other rank waits on it until the group times out; the others' error says it
+        failed ``step``.
 
         Raises:
             ``failure``, on the rank it happened on; a RuntimeError on the others, naming that rank.
@@ -122,8 +124,8 @@ class Partition:
         failed = [self.group.ranks[i] for i, r in enumerate(table) if r[0] != 1.0]
         if failed:
             raise RuntimeError(
-                f"rank {', '.join(map(str, failed))} of the sharding group failed before gathering "
-                "the EMA's averages (its own error says why); nothing was gathered or changed here"
+                f"rank {', '.join(map(str, failed))} of the sharding group failed {step} (its own "
+                "error says why); nothing was gathered or changed here"
             )
         return [r[1:] for r in table]
 

@@ -226,7 +226,7 @@ def save(ema: ModelEMA, path_prefix: str, *, format: str) -> None:
         except Exception as error:  # (told to the other ranks, then raised here)
             failure = error
     if partition is not None:
-        partition.agree((), failure)  # every rank returns once the files are written
+        partition.agree((), failure, "writing the files")  # every rank returns once they are written
     elif failure is not None:
         raise failure
 

@@ -530,13 +530,20 @@ class ModelEMA:
                 # are set aside as they are (no copy).
                 results = self._whole(corrected)
                 bindings = self._bindings if bindings_hold else None  # (else taken anew)
-                tensors = self._tensors
+                tensors = self._averaged_tensors()
                 if self._elsewhere:
-                    params = dict(self._layer.named_parameters())
-                    tensors = {n: self._tensors[n] if n in self._tensors else params[n] for n in results}
+                    tensors = {n: tensors[n] for n in results}
                 return _apply.EagerSwap.of(self._label(), self._layer, tensors, results, bindings)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
+
+    def _averaged_tensors(self) -> dict[str, Any]:
+        """The model's tensors this EMA averages, by name: under ``sharding``, those whose averages
+        other ranks keep too."""
+        if not self._elsewhere:
+            return self._tensors
+        params = dict(self._layer.named_parameters())
+        return {**self._tensors, **{n: params[n] for n in self._elsewhere}}
 
     def restore(self) -> None:
         """Put back the weights that :meth:`apply` backed up. Does nothing (logs a warning) if

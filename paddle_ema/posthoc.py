@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import paddle
 
-from paddle_ema import _apply, _snapshots, power
+from paddle_ema import _apply, _ir, _snapshots, power
 from paddle_ema._select import short_repr
 from paddle_ema.dygraph import ModelEMA
 
@@ -187,6 +187,13 @@ class PostHocEMA:
     the tracked ones extrapolate (large coefficients of both signs): a synthesized value that no
     snapshot could have (a negative batch-norm variance) is logged as a warning.
 
+    In a multi-process run, one process writes: the process of rank 0 (under ``sharding``, rank 0
+    of the sharding group, which writes the averages gathered from every rank; the others return
+    once it has written). Every process tracks the EMAs, and every one can synthesize from the
+    directory once the snapshots are written (a filesystem all of them read). Without ``sharding``
+    there is no communication: a process other than rank 0 reading the directory during training
+    reads what rank 0 has written so far.
+
     A snapshot directory belongs to one run: :meth:`update` refuses to write into a directory that
     holds another run's snapshots (start in an empty one, or :meth:`set_state_dict` that run's state
     to resume it). A resumed run moves the snapshots the replaced run took after the resumed step into
@@ -204,6 +211,9 @@ class PostHocEMA:
         exclude: As in :class:`~paddle_ema.ModelEMA`.
         buffers: As in :class:`~paddle_ema.ModelEMA`.
         snapshot_dtype: ``"float32"`` (default) or ``"float64"``.
+        sharding: As in :class:`~paddle_ema.ModelEMA`: under Paddle's dygraph sharding stage 1/2,
+            each rank averages only what its optimizer partition updates; every snapshot gathers
+            the averages (every rank calls :meth:`update`).
 
     Raises:
         TypeError, ValueError: an argument is of the wrong type or out of range (named).
@@ -241,6 +251,7 @@ class PostHocEMA:
         exclude: Sequence[str] | None = None,
         buffers: bool = True,
         snapshot_dtype: str = "float32",
+        sharding: Any = None,
     ) -> None:
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
             raise TypeError(
@@ -267,12 +278,17 @@ class PostHocEMA:
             raise TypeError(f"snapshot_dir must be a path, got {short_repr(snapshot_dir)}")
         if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
             raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} is a file; pass a directory")
-        found = _snapshots.Manifest.read(os.fspath(snapshot_dir)) if os.path.isdir(snapshot_dir) else None
         self._emas = [
             PowerEMA(model, gamma=g, update_every=update_every, parameters=parameters, exclude=exclude,
-                     buffers=buffers, sigma_rel=None)
+                     buffers=buffers, sigma_rel=None, sharding=sharding)
             for g in gammas
         ]
+        partition = self._emas[0]._partition
+        # One writer: every process writing its own run into one directory would mix the runs.
+        self._writes = (partition.rank if partition is not None else paddle.distributed.get_rank()) == 0
+        found = None
+        if self._writes and os.path.isdir(snapshot_dir):
+            found = _snapshots.Manifest.read(os.fspath(snapshot_dir))
         self._sigma_rels = [float(s) for s in sigma_rels]
         self._dir = os.fspath(snapshot_dir)
         self._every = snapshot_every
@@ -309,7 +325,7 @@ class PostHocEMA:
                 :meth:`set_state_dict` a saved state); or a snapshot could not be written (it is kept
                 and written by the next call).
         """
-        if self._foreign is not None:
+        if self._foreign is not None:  # (only ever found by the writer)
             raise ValueError(
                 f"snapshot_dir {self._dir!r} holds the snapshots of another run "
                 f"({len(self._foreign.entries)} listed in its phema-run.json); start this run in an empty "
@@ -330,7 +346,12 @@ class PostHocEMA:
     def synthesize(self, sigma_rel: float, step: int | None = None) -> dict[str, paddle.Tensor]:
         """The EMA of width ``sigma_rel`` at snapshot step ``step`` (default: this run's latest
         snapshot), from this run's snapshots. See :func:`synthesize`."""
-        return _as_tensors(*_snapshots.combine(self._dir, self._manifest, sigma_rel, step))
+        return _as_tensors(*_snapshots.combine(self._dir, self._written(), sigma_rel, step))
+
+    def _written(self) -> _snapshots.Manifest:
+        """The manifest of this run's snapshots: this process's, if it writes them; else the one
+        in the directory (the writing process's)."""
+        return self._manifest if self._writes else _read_run(self._dir)
 
     def apply(self, sigma_rel: float, step: int | None = None, need_restore: bool = True) -> _apply.Restorer:
         """Swap the synthesized EMA of width ``sigma_rel`` at snapshot ``step`` into the model; leaving
@@ -348,8 +369,8 @@ class PostHocEMA:
             raise RuntimeError("a synthesized EMA is already applied; call restore() before applying again")
         for ema in self._emas:
             ema._follow_model()
-        tensors = self._emas[0]._tensors
-        totals, _ = _snapshots.combine(self._dir, self._manifest, sigma_rel, step)
+        tensors = self._emas[0]._averaged_tensors()
+        totals, _ = _snapshots.combine(self._dir, self._written(), sigma_rel, step)
         for name, total in totals.items():
             if name in tensors and list(total.shape) != list(tensors[name].shape):
                 raise ValueError(
@@ -365,7 +386,8 @@ class PostHocEMA:
         def prepare() -> _apply.EagerSwap:
             with paddle.no_grad():
                 results = {
-                    name: paddle.to_tensor(totals[name], place=tensor.place).astype(tensor.dtype)
+                    name: _placed_as(tensor, paddle.to_tensor(totals[name], place=tensor.place).astype(
+                        tensor.dtype))
                     for name, tensor in swapped.items()
                 }
                 return _apply.EagerSwap.of(f"PostHocEMA of {type(self._emas[0]._layer).__name__}",
@@ -413,7 +435,9 @@ class PostHocEMA:
                 f"the state took snapshots every {short_repr(state['snapshot_every'])} steps, this one "
                 f"{self._every}"
             )
-        found = self._foreign if self._foreign is not None else _snapshots.Manifest.read(self._dir)
+        found = None
+        if self._writes:  # (the directory is the writing process's to check and change)
+            found = self._foreign if self._foreign is not None else _snapshots.Manifest.read(self._dir)
         if found is not None and found.run != run:
             raise ValueError(
                 f"snapshot_dir {self._dir!r} holds the snapshots of another run than the state's; pass the "
@@ -435,19 +459,34 @@ class PostHocEMA:
                     ema.set_state_dict(ema_state)
             raise
         manifest = found or _snapshots.Manifest(run)
-        moved = _snapshots.replace_later_than(self._dir, manifest, self.step)
+        moved = _snapshots.replace_later_than(self._dir, manifest, self.step) if self._writes else []
         if moved:
             _logger.info("%d snapshots after step %d, of the run being replaced, moved to %s", len(moved),
                          self.step, os.path.join(self._dir, "replaced"))
         self._manifest, self._foreign, self._unwritten = manifest, None, []
 
     def _take_snapshots(self) -> None:
-        """Copy every EMA's averages now and write them (see :meth:`_write_unwritten`)."""
+        """Copy every EMA's averages now and write them (see :meth:`_write_unwritten`); under
+        ``sharding``, gather them first, and return once the writer has written them (collective)."""
         for sigma_rel, ema in zip(self._sigma_rels, self._emas):
             with paddle.no_grad():
-                averages = {name: a.astype(self._dtype).numpy() for name, a in ema._averages.items()}
-            self._unwritten.append((sigma_rel, ema, ema.step, averages))
-        self._write_unwritten()
+                kept = ema._whole(lambda e=ema: dict(e._averages), stored=True)
+                # (an auto-parallel DistTensor's whole value: collective over its mesh)
+                kept = {n: _ir.made_whole(a) if _ir.is_dist(a) else a for n, a in kept.items()}
+                if self._writes:
+                    averages = {name: a.astype(self._dtype).numpy() for name, a in kept.items()}
+                    self._unwritten.append((sigma_rel, ema, ema.step, averages))
+        partition = self._emas[0]._partition
+        failure = None
+        try:
+            self._write_unwritten()
+        except Exception as error:  # (told to the other ranks, then raised here)
+            failure = error
+        if partition is not None:  # every rank returns once the snapshots are written
+            partition.agree((), failure, "writing the PostHocEMA's snapshots (kept; the next update() "
+                            "writes them)")
+        elif failure is not None:
+            raise failure
 
     def _write_unwritten(self) -> None:
         """Write the snapshots taken but not yet written, then list them in the manifest.
@@ -505,6 +544,12 @@ def synthesize(
             not match the run's manifest (a hand-edited or foreign file; named).
     """
     return _as_tensors(*_snapshots.combine(os.fspath(snapshot_dir), _read_run(snapshot_dir), sigma_rel, step))
+
+
+def _placed_as(tensor: Any, value: Any) -> Any:
+    """Whole ``value`` as ``tensor`` is placed: this rank's piece, if ``tensor`` is an auto-parallel
+    DistTensor."""
+    return _ir.placed_like(value, tensor) if _ir.is_dist(tensor) else value
 
 
 def _as_tensors(totals: dict[str, np.ndarray], dtype: str) -> dict[str, paddle.Tensor]:

@@ -152,7 +152,9 @@ def test_batch_norm_statistics_stay_each_ranks_own_and_ranks_out_of_step_are_ref
     """Batch-norm statistics are parameters that do not train, in the optimizer's partition too, and
     each rank's model holds its own: each rank averages its own (before the fix, the owner's
     averages were applied on every rank). The sharded EMA (and PowerEMA) equals an unsharded one
-    over the same rank's model, bit for bit; a ppdet checkpoint compat.save writes under sharding
+    over the same rank's model, bit for bit; PostHocEMA(sharding=)'s snapshots, which rank 0 writes,
+    are an unsharded PostHocEMA's, and one directory shared by unsharded PostHocEMAs on both ranks
+    is written by rank 0 alone; a ppdet checkpoint compat.save writes under sharding
     loads back with compat.load on every rank; the consolidated state follows model.to(float64);
     a gather with a
     rank that failed, or between ranks at different updates, raises on every rank."""
@@ -176,6 +178,26 @@ def test_batch_norm_statistics_stay_each_ranks_own_and_ranks_out_of_step_are_ref
         assert set(power) == set(reference)
         for name, value in power_reference.items():  # PowerEMA(sharding=): the same, bit for bit
             np.testing.assert_array_equal(power[name], value, err_msg=f"rank {r}: {name}")
+        # PostHocEMA(sharding=): rank 0 wrote every snapshot, gathered, as an unsharded PostHocEMA of
+        # rank 0 writes it (bit for bit); an unsharded one on both ranks over one directory: rank 0
+        # alone wrote it. Both ranks synthesize (and apply) from the files.
+        taken = [(w, t) for w in (0.05, 0.1) for t in (2, 4, 6)]
+        listed = ["phema-run.json"] + [f"phema-{w}-{t:010d}.pdparams" for w, t in taken]
+        for label in ("posthoc_files", "posthoc_reference_files"):
+            assert sorted(report[label]) == sorted(listed), report
+        assert sorted(map(tuple, report["posthoc_snapshots"])) == taken
+        snapshots = _part(data, "posthoc_snapshot/")
+        assert len(snapshots) == 6 * len(reference)
+        for key, value in snapshots.items():
+            np.testing.assert_array_equal(value, data[f"posthoc_reference_snapshot/{key}"], err_msg=key)
+            np.testing.assert_array_equal(value, ranks[0][0][f"posthoc_snapshot/{key}"], err_msg=key)
+        synthesized = _part(data, "posthoc_synth/")
+        assert set(synthesized) == set(reference)
+        for name, value in synthesized.items():
+            np.testing.assert_array_equal(value, data[f"posthoc_reference_synth/{name}"], err_msg=name)
+            np.testing.assert_array_equal(value, ranks[0][0][f"posthoc_synth/{name}"], err_msg=name)
+            np.testing.assert_array_equal(data[f"posthoc_applied/{name}"], value, err_msg=name)
+        assert report["posthoc_restored"], report
         # compat.save/load under sharding: the file is one model's (rank 0's, its statistics too),
         # and every rank loads all of it.
         ppdet = _part(data, "ppdet/")

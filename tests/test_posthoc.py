@@ -311,6 +311,52 @@ def test_posthoc_resume_neither_loses_nor_duplicates_snapshots(dygraph, rng, tmp
             np.testing.assert_array_equal(a, b, err_msg=f"{target} at {step}")
 
 
+def test_in_a_multi_process_run_rank_0_alone_writes_and_every_rank_synthesizes(dygraph, rng, tmp_path,
+                                                                           monkeypatch):
+    """Data parallel: every rank tracks a PostHocEMA over one snapshot_dir (ranks 0 and 1 played in
+    one process). Rank 0 alone writes (before, each rank wrote its own run into the directory);
+    rank 1 writes nothing, synthesizes and applies from rank 0's files, resumes rank 0's state
+    without moving a file, and takes no snapshot copies."""
+    steps, n = 40, 6
+    path = trajectory(rng, steps, n)
+    paddle.seed(1)
+    model = Holder(n)
+    emas = {}
+    for rank in (1, 0):
+        monkeypatch.setattr(paddle.distributed, "get_rank", lambda r=rank: r)
+        emas[rank] = paddle_ema.PostHocEMA(model, snapshot_dir=tmp_path / "run", snapshot_every=10)
+    monkeypatch.setattr(paddle.distributed, "get_rank", lambda: 1)  # (only the construction decides)
+    alone = paddle_ema.PostHocEMA(Holder(n), snapshot_dir=tmp_path / "alone", snapshot_every=10)
+    for t in range(steps):
+        model.w.set_value(path[t].astype(np.float32))
+        alone._emas[0]._layer.w.set_value(path[t].astype(np.float32))
+        if t == 25:  # rank 1 reads the directory mid-run: what rank 0 has written so far
+            np.testing.assert_array_equal(emas[1].synthesize(0.08)["w"].numpy(),
+                                          emas[0].synthesize(0.08)["w"].numpy())
+        emas[0].update()
+        emas[1].update()
+        alone.update()
+        assert emas[1]._unwritten == []
+        if t + 1 == 20:
+            saved = emas[0].state_dict()
+    assert os.listdir(tmp_path / "alone") == []  # (a lone process of rank 1 writes nothing either)
+    files = sorted(os.listdir(tmp_path / "run"))
+    assert files == ["phema-0.05-0000000010.pdparams", "phema-0.05-0000000020.pdparams",
+                     "phema-0.05-0000000030.pdparams", "phema-0.05-0000000040.pdparams",
+                     "phema-0.1-0000000010.pdparams", "phema-0.1-0000000020.pdparams",
+                     "phema-0.1-0000000030.pdparams", "phema-0.1-0000000040.pdparams", "phema-run.json"]
+    for target, step in ((0.08, None), (0.12, 20)):
+        expected = paddle_ema.posthoc.synthesize(tmp_path / "run", target, step)["w"].numpy()
+        for rank in (0, 1):
+            np.testing.assert_array_equal(emas[rank].synthesize(target, step)["w"].numpy(), expected)
+    with emas[1].apply(0.08):
+        np.testing.assert_array_equal(model.w.numpy(), emas[0].synthesize(0.08)["w"].numpy())
+    np.testing.assert_array_equal(model.w.numpy(), path[-1].astype(np.float32))
+    # Resume rank 0's state of step 20 on rank 1: the later snapshots stay where rank 0 wrote them.
+    emas[1].set_state_dict(saved)
+    assert emas[1].step == 20 and sorted(os.listdir(tmp_path / "run")) == files
+
+
 def test_posthoc_apply_restores_bit_exactly_and_refuses_training_meanwhile(dygraph, rng, tmp_path):
     model = paddle.nn.Sequential(paddle.nn.Linear(4, 4), paddle.nn.BatchNorm1D(4))
     opt = paddle.optimizer.SGD(learning_rate=0.1, parameters=model.parameters())

@@ -211,6 +211,25 @@ def check_against_reference(ema, reference, model, report: dict, others: dict, o
     result.update({f"power/{n}": a.numpy() for n, a in others["power"].averages().items()})
     unsharded = others["power_reference"].averages()
     result.update({f"power_reference/{n}": a.numpy() for n, a in unsharded.items()})
+    # PostHocEMA(sharding=): rank 0 writes the gathered snapshots; an unsharded PostHocEMA on each
+    # rank over the same directory, where rank 0 only writes (the other would mix its run in).
+    sharded, unsharded = others["posthoc"], others["posthoc_reference"]
+    for label, posthoc in (("posthoc", sharded), ("posthoc_reference", unsharded)):
+        report[f"{label}_files"] = sorted(os.listdir(posthoc.snapshot_dir))
+        result.update({f"{label}_synth/{n}": t.numpy() for n, t in posthoc.synthesize(0.07).items()})
+    for (sigma_rel, step, path), (_, _, reference_path) in zip(
+            paddle_ema.posthoc.snapshots(sharded.snapshot_dir),
+            paddle_ema.posthoc.snapshots(unsharded.snapshot_dir)):
+        snapshot, reference_snapshot = paddle.load(path), paddle.load(reference_path)
+        report.setdefault("posthoc_snapshots", []).append([sigma_rel, step])
+        result.update({f"posthoc_snapshot/{sigma_rel}/{step}/{n}": np.asarray(v)
+                       for n, v in snapshot["averages"].items()})
+        result.update({f"posthoc_reference_snapshot/{sigma_rel}/{step}/{n}": np.asarray(v)
+                       for n, v in reference_snapshot["averages"].items()})
+    with sharded.apply(0.07):
+        result.update({f"posthoc_applied/{n}": p.numpy() for n, p in named.items()})
+    report["posthoc_restored"] = all(np.array_equal(p.numpy(), result[f"weight/{n}"])
+                                     for n, p in named.items())
     # A client's checkpoint: every rank saves (rank 0 writes), every rank loads its part.
     prefix = os.path.join(out, "ppdet_ema")
     paddle_ema.compat.save(ema, prefix, format="ppdet")
@@ -289,7 +308,12 @@ def main() -> int:
     reference, others = None, {}
     if args.batch_norm:
         reference = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold")
+        phema = os.path.join(args.out, f"phema_{args.mode}")
         others = {"power": paddle_ema.PowerEMA(trained, 0.1, sharding=stepper),
+                  "posthoc": paddle_ema.PostHocEMA(trained, snapshot_dir=phema, snapshot_every=2,
+                                                   sharding=stepper),
+                  "posthoc_reference": paddle_ema.PostHocEMA(trained, snapshot_dir=phema + "_reference",
+                                                             snapshot_every=2),
                   "power_reference": paddle_ema.PowerEMA(trained, 0.1),
                   "fresh": paddle_ema.ModelEMA(trained, 0.9, warmup="threshold", sharding=stepper)}
     resumed = {}
@@ -312,6 +336,8 @@ def main() -> int:
             reference.update()
             others["power"].update()
             others["power_reference"].update()
+            others["posthoc"].update()
+            others["posthoc_reference"].update()
     train_s = time.perf_counter() - start
     if reference is not None:
         report = {"kept_names": sorted(ema._averages), "collectives_in_updates": counts}
