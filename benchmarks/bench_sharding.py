@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ import bench_ema
 import numpy as np
 import paddle
 import paddle.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from process_tree import kill_tree  # noqa: E402
 
 import paddle_ema
 
@@ -78,32 +80,6 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc): the launcher starts each rank in a session of
-    its own, so killing the launcher's process group would leave the ranks running."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    pids = _descendants(proc.pid)  # (before the launcher dies and its ranks are re-parented)
-    for pid in [proc.pid, *pids]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-
-
 def launch(args: argparse.Namespace, work: Path) -> float:
     """Run the 2 ranks under paddle.distributed.launch; their JSON lands in ``work``. Return wall seconds.
 
@@ -124,7 +100,7 @@ def launch(args: argparse.Namespace, work: Path) -> float:
             rc = None
         finally:
             if proc.poll() is None:  # (a timeout, or Ctrl-C here)
-                _kill_tree(proc)
+                kill_tree(proc)
     wall = time.monotonic() - start
     if rc != 0:
         logs = "".join(f"\n--- {log.name}\n{log.read_text()[-3000:]}"

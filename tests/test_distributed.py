@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ir_mode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from process_tree import kill_tree  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "distributed"
 WORKER = HERE / "dp_worker.py"
@@ -45,34 +47,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc). The launcher starts each worker in a session of
-    its own, so killing the launcher's process group leaves the workers running."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    pids = _descendants(proc.pid)  # before the launcher dies and its workers are re-parented
-    for pid in [proc.pid, *pids]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
 def _run(cmd: list[str], env: dict[str, str], log: Path) -> float:
     """Run ``cmd`` in its own process group, kill the whole group after TIMEOUT; return wall seconds."""
     start = time.monotonic()
@@ -82,11 +56,11 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> float:
         try:
             rc = proc.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            _kill_tree(proc)
+            kill_tree(proc)
             pytest.fail(f"{cmd} timed out after {TIMEOUT}s; see {log}")
         finally:
             if proc.poll() is None:  # e.g. KeyboardInterrupt
-                _kill_tree(proc)
+                kill_tree(proc)
     wall = time.monotonic() - start
     if rc != 0:
         logs = "".join(p.read_text()[-3000:] for p in sorted(log.parent.glob("**/workerlog.*")))
