@@ -189,13 +189,6 @@ def agree_max(values: list[int]) -> list[int]:
     return [int(v) for v in tensor.numpy()]
 
 
-def _ms_per_run(step: Callable[[], Any], runs: int) -> float:
-    start = time.perf_counter()
-    for _ in range(runs):
-        step()
-    return (time.perf_counter() - start) / runs * 1e3
-
-
 @dataclasses.dataclass
 class Timer:
     """bench_ema.Timer for ranks that communicate: warm-up runs, then ``repeats`` repeats of enough
@@ -218,7 +211,7 @@ class Timer:
         wanted = []
         for name in names:
             sync()
-            one = _ms_per_run(steps[name], 1) / 1e3
+            one = bench_ema._ms_per_run(steps[name], 1) / 1e3
             wanted.append(max(self.min_runs, min(self.max_runs, round(self.target_s / max(one, 1e-9)))))
         if same_runs:
             wanted = [max(wanted)] * len(wanted)
@@ -229,7 +222,7 @@ class Timer:
             for name in names[repeat % len(names):] + names[: repeat % len(names)]:
                 sync()
                 with counters[name].counting():
-                    samples[name].append(_ms_per_run(steps[name], runs[name]))
+                    samples[name].append(bench_ema._ms_per_run(steps[name], runs[name]))
         results = {}
         for name in names:
             calls = runs[name] * self.repeats

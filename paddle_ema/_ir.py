@@ -58,6 +58,7 @@ __all__ = [
     "persistable_name",
     "persistable_names",
     "persistable_specs",
+    "is_placed_like",
     "placed_like",
     "program_of",
     "program_parameters",
@@ -517,10 +518,10 @@ def is_dist(tensor: Any) -> bool:
 
 
 def dist_unsupported(name: str, tensor: Any) -> str | None:
-    """Why auto-parallel DistTensor ``tensor`` (the model's ``name``) cannot be averaged on this
-    Paddle, or None: Paddle 2.6's ``clone`` of a sharded DistTensor comes back ``Replicate()``
-    (a copy of another shape: an average could not be saved nor set aside)."""
-    if paddle.__version__.startswith("2."):
+    """Why ``tensor`` (the model's ``name``), an auto-parallel DistTensor, cannot be averaged on this
+    Paddle, or None (also for any other tensor): Paddle 2.6's ``clone`` of a sharded DistTensor
+    comes back ``Replicate()`` (a copy of another shape: an average could not be saved nor set aside)."""
+    if is_dist(tensor) and paddle.__version__.startswith("2."):
         return (f"the model's {name!r} is an auto-parallel DistTensor (paddle.distributed.shard_tensor), "
                 "which ModelEMA averages on Paddle 3.0 and later: Paddle 2.6's DistTensor.clone() "
                 "drops the placements (a Shard(1) tensor comes back Replicate()); upgrade Paddle, or "
@@ -528,15 +529,23 @@ def dist_unsupported(name: str, tensor: Any) -> str | None:
     return None
 
 
+def is_placed_like(value: Any, tensor: Any) -> bool:
+    """Whether ``value`` is placed as ``tensor``: both dense, or both DistTensors on one process
+    mesh with the same placements."""
+    if not is_dist(tensor) or not is_dist(value):
+        return is_dist(tensor) == is_dist(value)
+    return value.process_mesh == tensor.process_mesh and value.placements == tensor.placements
+
+
 def placed_like(value: Any, tensor: Any) -> Any:
-    """``value`` (the whole value on every rank, or a DistTensor) as a DistTensor on ``tensor``'s
-    process mesh with its placements: ``value`` itself if it is one already."""
-    mesh, placements = tensor.process_mesh, tensor.placements
-    if not is_dist(value):
-        return paddle.distributed.shard_tensor(value, mesh, placements)
-    if value.process_mesh == mesh and value.placements == placements:
+    """``value`` (the whole value on every rank, or a DistTensor) placed as ``tensor``: ``value``
+    itself if it is already (a dense ``tensor`` takes any ``value`` as it is), else a DistTensor on
+    ``tensor``'s process mesh with its placements."""
+    if not is_dist(tensor) or is_placed_like(value, tensor):
         return value
-    return paddle.distributed.reshard(value, mesh, placements)
+    if not is_dist(value):
+        return paddle.distributed.shard_tensor(value, tensor.process_mesh, tensor.placements)
+    return paddle.distributed.reshard(value, tensor.process_mesh, tensor.placements)
 
 
 def made_whole(value: Any) -> Any:

@@ -270,7 +270,7 @@ class ModelEMA:
         )
         candidates = _named_tensors(model, buffers)
         for name, tensor in candidates.items():
-            unsupported = _ir.dist_unsupported(name, tensor) if _ir.is_dist(tensor) else None
+            unsupported = _ir.dist_unsupported(name, tensor)
             if unsupported:
                 raise TypeError(unsupported)
         self._frozen = frozen
@@ -677,9 +677,9 @@ class ModelEMA:
         with paddle.no_grad():
             # Every conversion before the first write: nothing is changed if one fails.
             values = {
-                name: _placed_as(self._averages[name], (
+                name: _ir.placed_like((
                     value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)).astype(
-                    _ir.dtype_name(self._averages[name])))
+                    _ir.dtype_name(self._averages[name])), self._averages[name])
                 for name, value in averages.items()
             }
             for name, value in values.items():
@@ -932,7 +932,7 @@ class ModelEMA:
                 _logger.debug("ModelEMA follows %s, re-bound by the model", name)
                 self._tensors[name] = now
             average = self._averages[name]
-            if _ir.is_dist(now) and _ir.placed_like(average, now) is not average:
+            if _ir.is_dist(now) and not _ir.is_placed_like(average, now):
                 # (sharded by paddle.distributed.shard_tensor after the EMA was built: the average
                 # is kept as the tensor is, each rank its piece; its old value is whole on every rank)
                 _logger.debug("ModelEMA places the average of %s as the tensor: %s", name, now.placements)
@@ -946,7 +946,7 @@ class ModelEMA:
                 self._look_for_non_finite(name)
         gained = self._gained_tensors(held)
         for name, tensor in gained.items():
-            unsupported = _ir.dist_unsupported(name, tensor) if _ir.is_dist(tensor) else None
+            unsupported = _ir.dist_unsupported(name, tensor)
             if unsupported:
                 raise RuntimeError(unsupported)
         if gained:
@@ -1010,8 +1010,7 @@ class ModelEMA:
                 continue
             average = self._averages[name]
             value = paddle.scale(average, reciprocals[_ir.dtype_name(average)])
-            if _ir.is_dist(tensor):  # (Paddle 3.3 replicates an unevenly sharded tensor's scale)
-                value = _ir.placed_like(value, tensor)
+            value = _ir.placed_like(value, tensor)  # (3.3 replicates an unevenly sharded tensor's scale)
             values[name] = value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
         return {name: values[name] for name in self._tensors}
 
@@ -1040,15 +1039,9 @@ def _check_still_averageable(
             f"{dtype}{list(shape)} one this ModelEMA averages (a floating-point tensor of that "
             "shape); build a new ModelEMA for the changed model"
         )
-    unsupported = _ir.dist_unsupported(name, now) if _ir.is_dist(now) else None
+    unsupported = _ir.dist_unsupported(name, now)
     if unsupported:
         raise RuntimeError(unsupported)
-
-
-def _placed_as(average: Any, value: Any) -> Any:
-    """``value`` (checked by :func:`_check_average`) as ``average`` is placed: a whole value this
-    rank's piece of it, if ``average`` is an auto-parallel DistTensor."""
-    return _ir.placed_like(value, average) if _ir.is_dist(average) else value
 
 
 def _check_average(name: str, value: Any, average: Any) -> None:

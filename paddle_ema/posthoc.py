@@ -386,8 +386,8 @@ class PostHocEMA:
         def prepare() -> _apply.EagerSwap:
             with paddle.no_grad():
                 results = {
-                    name: _placed_as(tensor, paddle.to_tensor(totals[name], place=tensor.place).astype(
-                        tensor.dtype))
+                    name: _ir.placed_like(
+                        paddle.to_tensor(totals[name], place=tensor.place).astype(tensor.dtype), tensor)
                     for name, tensor in swapped.items()
                 }
                 return _apply.EagerSwap.of(f"PostHocEMA of {type(self._emas[0]._layer).__name__}",
@@ -544,12 +544,6 @@ def synthesize(
             not match the run's manifest (a hand-edited or foreign file; named).
     """
     return _as_tensors(*_snapshots.combine(os.fspath(snapshot_dir), _read_run(snapshot_dir), sigma_rel, step))
-
-
-def _placed_as(tensor: Any, value: Any) -> Any:
-    """Whole ``value`` as ``tensor`` is placed: this rank's piece, if ``tensor`` is an auto-parallel
-    DistTensor."""
-    return _ir.placed_like(value, tensor) if _ir.is_dist(tensor) else value
 
 
 def _as_tensors(totals: dict[str, np.ndarray], dtype: str) -> dict[str, paddle.Tensor]:
