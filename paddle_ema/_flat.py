@@ -65,13 +65,14 @@ def policy(tensor: Any) -> Policy:
 
 def groupable(tensor: Any, average: Any) -> bool:
     """Whether ``average``, of eager ``tensor``, can live in a :class:`FlatGroup`: of a grouped dtype,
-    the tensor's own, not empty, no larger than its place's :class:`Policy` groups, and contiguous
+    the tensor's own, not empty, no larger than the average's place's :class:`Policy` groups (the
+    place where the group's kernels run), and contiguous
     (a strided view, e.g. a buffer registered as ``x.t()``, cannot be read as flat rows), and not
     an auto-parallel DistTensor (its data is a local piece, which a flat buffer cannot view)."""
     dtype = _ir.dtype_name(average)
     numel = math.prod(average.shape)
     return (dtype in GROUPED_DTYPES and _ir.dtype_name(tensor) == dtype
-            and 0 < numel <= policy(tensor).max_numel and not _ir.is_dist(tensor)
+            and 0 < numel <= policy(average).max_numel and not _ir.is_dist(tensor)
             and tensor.is_contiguous())
 
 
@@ -80,7 +81,9 @@ class FlatGroup:
 
     Built from the current averages (copied in: the group's views replace them). ``tensors`` are
     the model's tensors under those names, in order; :meth:`follow` points the group at tensors the
-    model re-bound to the same names (same shapes) without copying anything.
+    model re-bound to the same names (same shapes) without copying anything. The averages may live
+    on another device than the tensors (host memory, ``ModelEMA(offload=True)``): an update then
+    copies each slice's concatenated tensors there, and :meth:`scaled` can copy its values back.
     """
 
     def __init__(self, names: Sequence[str], tensors: Sequence[Any], averages: Sequence[Any]) -> None:
@@ -91,7 +94,8 @@ class FlatGroup:
         _ir.eager_coalesce(averages, views, self.flat, copy=True)
         self.averages = dict(zip(self.names, views))
         self._shapes = [list(view.shape) for view in views]
-        self._slices = _slices(self.flat, self._shapes, policy(tensors[0]).slice_bytes)
+        self._slices = _slices(self.flat, self._shapes, policy(averages[0]).slice_bytes)
+        self._moves = not _ir.same_place(averages[0], tensors[0])
         self.tensors: list[Any] = []
         self._views: list[Any] = []
         self.follow(tensors)
@@ -117,14 +121,17 @@ class FlatGroup:
             views[i] = _ir.eager_flat_view(self.tensors[i])
         _ir.eager_decay_(self.flat, weight)
         for rows, start, stop in self._slices:
-            _ir.eager_gather_lerp_(rows, views[start:stop], weight_neg)
+            _ir.eager_gather_lerp_(rows, views[start:stop], weight_neg, self._moves)
 
-    def scaled(self, factor: Any) -> dict[str, Any]:
-        """New tensors ``factor * average`` by name: two kernels per slice of the buffer, each
-        slice's new values one new block, split into pieces."""
+    def scaled(self, factor: Any, place: Any = None) -> dict[str, Any]:
+        """New tensors ``factor * average`` by name, on ``place`` (default: the averages'): two
+        kernels per slice of the buffer (and a copy, to another place), each slice's new values one
+        new block, split into pieces."""
         pieces = []
         for rows, start, stop in self._slices:
-            pieces += _ir.eager_pieces(paddle.scale(rows, factor), self._shapes[start:stop])
+            block = paddle.scale(rows, factor)
+            block = block if place is None else _ir.moved_to(block, place)
+            pieces += _ir.eager_pieces(block, self._shapes[start:stop])
         return dict(zip(self.names, pieces))
 
 

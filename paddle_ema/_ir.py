@@ -32,6 +32,7 @@ __all__ = [
     "dist_unsupported",
     "dtype_name",
     "eager_coalesce",
+    "eager_copy",
     "eager_decay_",
     "eager_flat_view",
     "eager_gather_lerp_",
@@ -44,21 +45,23 @@ __all__ = [
     "fill_scope_tensor",
     "find_scope_tensor",
     "find_scope_variable",
-    "variable_tensor",
+    "holds_memory",
+    "host_copy",
     "in_pir_mode",
     "initialized_place",
     "is_dist",
     "is_graph_variable",
-    "LayerBindings",
+    "is_placed_like",
     "last_writer",
+    "LayerBindings",
     "lerp_",
     "made_whole",
+    "moved_to",
     "op_count",
     "parameters_written",
     "persistable_name",
     "persistable_names",
     "persistable_specs",
-    "is_placed_like",
     "placed_like",
     "program_of",
     "program_parameters",
@@ -66,14 +69,15 @@ __all__ = [
     "read_scalar",
     "release",
     "rows_of",
+    "same_place",
     "scale_into",
     "schedule_role",
     "scope_tensor",
-    "share_memory",
-    "holds_memory",
     "sgd_lerp_",
+    "share_memory",
     "tensor_spec",
     "update_role",
+    "variable_tensor",
 ]
 
 
@@ -479,11 +483,40 @@ def eager_views_hold(views: Sequence[Any], tensors: Sequence[Any]) -> list[int]:
     return [i for i, (view, tensor) in enumerate(zip(views, tensors)) if not shares(view, tensor)]
 
 
-def eager_gather_lerp_(rows: Any, views: Sequence[Any], weight_neg: Any) -> None:
+def eager_gather_lerp_(rows: Any, views: Sequence[Any], weight_neg: Any, move: bool = False) -> None:
     """``rows += weight * concat(views)`` in place, after ``rows -= weight * rows`` (the second
     ``sgd_`` of :func:`sgd_lerp_`): one ``concat`` into a new block (keep ``rows`` under 2 MiB: see
-    :class:`paddle_ema._flat.Policy`) and one ``sgd_``."""
-    paddle._C_ops.sgd_(rows, weight_neg, paddle._C_ops.concat(list(views), 0), None, False)
+    :class:`paddle_ema._flat.Policy`) and one ``sgd_``; with ``move``, the block is copied to
+    ``rows``' place first (``views`` live on another device)."""
+    block = paddle._C_ops.concat(list(views), 0)
+    paddle._C_ops.sgd_(rows, weight_neg, moved_to(block, rows.place) if move else block, None, False)
+
+
+def eager_copy(tensor: Any) -> Any:
+    """A copy of eager ``tensor`` on its device; an empty tensor as it is (it holds no value that
+    could change, and Paddle 2.6 copies none: "We can only support initialized tensor in clone")."""
+    return tensor.clone() if tensor.size else tensor
+
+
+def host_copy(tensor: Any) -> Any:
+    """A copy of eager ``tensor`` in host memory (``Tensor.cpu()`` of a host tensor would share its
+    memory); an empty tensor as it is (see :func:`eager_copy`)."""
+    if not tensor.size or tensor.place.is_cpu_place():
+        return eager_copy(tensor)
+    return tensor.cpu()
+
+
+def same_place(a: Any, b: Any) -> bool:
+    """Whether eager tensors ``a`` and ``b`` are on the same device."""
+    return a.place._equals(b.place)
+
+
+def moved_to(tensor: Any, place: Any) -> Any:
+    """Eager ``tensor`` on ``place``: itself if it is there or empty (no memory to move; Paddle 2.6
+    copies no uninitialized tensor), else a copy (the copy done on return)."""
+    if not tensor.size or tensor.place._equals(place):
+        return tensor
+    return tensor._copy_to(place, True)
 
 
 def eager_decay_(flat: Any, weight: Any) -> None:

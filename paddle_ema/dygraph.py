@@ -180,6 +180,12 @@ class ModelEMA:
             :meth:`averaged_model` and :meth:`consolidated_state_dict` then gather the others'
             averages (one broadcast per owning rank and dtype): every rank of the group must call
             them. See docs/large-models.md.
+        offload: Keep the averages (and update them) in host memory, for runs whose device memory
+            is full: an update copies the model's tensors to the host (one copy per flat slice or
+            tensor) and averages them there; :meth:`apply` and :meth:`averages` copy the results
+            back to each tensor's device. The numbers are the same as without it. On a CPU run it
+            changes nothing: the averages are in host memory either way. Not with auto-parallel
+            DistTensors, whose averages are placed like them.
 
     Raises:
         TypeError: ``model`` is not a ``paddle.nn.Layer``, an option has the wrong type, or
@@ -188,7 +194,8 @@ class ModelEMA:
             ``warmup="power"``, a name matches nothing, nothing is left to average, or
             ``sharding`` splits or fuses the parameters themselves (stage 3, ``split_param``,
             tensor fusion: not supported yet) or its partition holds none of the model's
-            trainable parameters.
+            trainable parameters; or ``offload=True`` over a model holding auto-parallel
+            DistTensors.
         RuntimeError: called in static-graph mode (use ExponentialMovingAverage there).
 
     Example:
@@ -229,6 +236,7 @@ class ModelEMA:
         frozen: str = "average",
         tau: float = 2000.0,
         sharding: Any = None,
+        offload: bool = False,
     ) -> None:
         if not paddle.in_dynamic_mode():
             raise RuntimeError(
@@ -263,6 +271,9 @@ class ModelEMA:
             raise ValueError(f"update_every must be an int of at least 1, got {short_repr(update_every)}")
         if not isinstance(buffers, bool):
             raise TypeError(f"buffers must be a bool, got {short_repr(buffers)}")
+        if not isinstance(offload, bool):
+            raise TypeError(f"offload must be a bool, got {short_repr(offload)}")
+        self._offload = offload
         self._schedule = schedule.Schedule.make(
             decay, threshold=warmup == "threshold", start_step=start_step,
             power=power if warmup == "power" else None, inv_gamma=inv_gamma, min_decay=min_decay,
@@ -288,6 +299,9 @@ class ModelEMA:
             raise ValueError(
                 "the model has no floating-point parameter to average (none, or all excluded)"
             )
+        refused = next(filter(None, (self._cannot_offload(n, candidates[n]) for n in names)), None)
+        if refused:
+            raise ValueError(refused)
         # Under a sharded optimizer: the owner (global rank) of each partitioned averaged
         # parameter, in the model's order (the order of every gather, the same on every rank), and
         # those another rank averages. What the optimizer does not partition (buffers, frozen
@@ -385,9 +399,11 @@ class ModelEMA:
                     negative.fill_(-weight)
                 for group in self._groups:
                     group.update(*self._weights[group.dtype])
-                for average, tensor, cast, (positive, negative), infinities in self._update_plan:
-                    # (a float16/bfloat16 weight is read as float32: one cast, the only temporary)
+                for average, tensor, cast, move, (positive, negative), infinities in self._update_plan:
+                    # (a float16/bfloat16 weight is read as float32: one cast, the only temporary;
+                    # offloaded, one more: the copy to host memory)
                     target = tensor.astype(average.dtype) if cast else tensor
+                    target = _ir.moved_to(target, average.place) if move else target
                     if infinities:
                         _update_keeping_infinities(average, target, weight, positive, negative)
                     else:
@@ -423,7 +439,7 @@ class ModelEMA:
             values = self._whole(self._followed(self._corrected))
             if self._copied:
                 params = dict(self._layer.named_parameters())
-                values.update((n, params[n].clone()) for n in self._copied if n in params)
+                values.update((n, _ir.eager_copy(params[n])) for n in self._copied if n in params)
             return values
 
     def _followed(self, values: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
@@ -577,11 +593,7 @@ class ModelEMA:
         """
         self._check_not_failed()
         with paddle.no_grad():
-            # Tensor.cpu() of a CPU tensor shares its memory: clone those.
-            copies = {
-                name: average.clone() if average.place.is_cpu_place() else average.cpu()
-                for name, average in self._averages.items()
-            }
+            copies = {name: _ir.host_copy(average) for name, average in self._averages.items()}
         state = {
             "averages": copies,
             "num_updates": self._updates,
@@ -606,6 +618,13 @@ class ModelEMA:
         dtypes.update((n, _graph.accumulator_dtype(_ir.dtype_name(params[n]))) for n in self._elsewhere)
         return {n: dtypes[n] for n in _named_tensors(self._layer, True) if n in dtypes}
 
+    def _kept_for_gather(self) -> dict[str, Any]:
+        """The averages as kept, by name; under ``sharding`` with ``offload``, copied to their
+        tensors' devices, where the group's collectives send from."""
+        if self._partition is None or not self._offload:
+            return dict(self._averages)
+        return {n: _ir.moved_to(a, self._tensors[n].place) for n, a in self._averages.items()}
+
     def consolidated_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` with every average, also those other ranks keep under ``sharding``:
         the state of one process, which a ModelEMA of the same model loads under any sharding or
@@ -619,7 +638,7 @@ class ModelEMA:
         if self._partition is None and not any(map(_ir.is_dist, self._averages.values())):
             return self.state_dict()
         with paddle.no_grad():
-            averages = self._whole(self._followed(lambda: dict(self._averages)), stored=True)
+            averages = self._whole(self._followed(self._kept_for_gather), stored=True)
             # (cloned: a Replicate average's whole value may be its own memory)
             whole = {n: _ir.made_whole(a).clone() for n, a in averages.items() if _ir.is_dist(a)}
         state = self.state_dict()  # (this rank's averages copied, and the counts)
@@ -677,9 +696,9 @@ class ModelEMA:
         with paddle.no_grad():
             # Every conversion before the first write: nothing is changed if one fails.
             values = {
-                name: _ir.placed_like((
+                name: _ir.placed_like(_ir.moved_to((
                     value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)).astype(
-                    _ir.dtype_name(self._averages[name])), self._averages[name])
+                    _ir.dtype_name(self._averages[name])), self._averages[name].place), self._averages[name])
                 for name, value in averages.items()
             }
             for name, value in values.items():
@@ -793,17 +812,27 @@ class ModelEMA:
             )
 
     def _start_average(self, name: str, initial: Any) -> None:
-        """Make the average of ``self._tensors[name]``, beside it on its device: ``initial(tensor,
-        dtype=accumulator dtype)``, and look at whether the tensor holds a non-finite value."""
+        """Make the average of ``self._tensors[name]``, beside it on its device (in host memory
+        with ``offload``): ``initial(tensor, dtype=accumulator dtype)``, and look at whether the
+        tensor holds a non-finite value."""
         tensor = self._tensors[name]
         dtype = _graph.accumulator_dtype(_ir.dtype_name(tensor))
+        home = paddle.CPUPlace() if self._offload else tensor.place
         with paddle.no_grad():
-            self._averages[name] = initial(tensor, dtype=dtype)
+            self._averages[name] = _ir.moved_to(initial(tensor, dtype=dtype), home)
             if dtype not in self._weights:
                 self._weights[dtype] = tuple(
-                    paddle.to_tensor(0.0, dtype=dtype, place=tensor.place) for _ in range(2)
+                    paddle.to_tensor(0.0, dtype=dtype, place=home) for _ in range(2)
                 )
         self._look_for_non_finite(name)
+
+    def _cannot_offload(self, name: str, tensor: Any) -> str | None:
+        """Why ``offload`` cannot keep the average of the model's ``tensor`` in host memory, or None."""
+        if self._offload and _ir.is_dist(tensor):
+            return (f"offload=True keeps the averages in host memory, but the model's {name!r} is an "
+                    "auto-parallel DistTensor, whose average is placed like it (each rank its piece); "
+                    "build the EMA without offload")
+        return None
 
     def _look_for_non_finite(self, name: str) -> None:
         if _holds_non_finite(self._tensors[name]) or _holds_non_finite(self._averages[name]):
@@ -851,6 +880,7 @@ class ModelEMA:
                 average,
                 self._tensors[name],
                 self._tensors[name].dtype != average.dtype,
+                not _ir.same_place(average, self._tensors[name]),
                 self._weights[_ir.dtype_name(average)],
                 name in self._non_finite,
             )
@@ -908,6 +938,8 @@ class ModelEMA:
             now = (params if self._kinds[name] == "parameter" else buffers).get(name)
             _check_still_averageable(name, self._kinds[name], now, self._dtypes[name],
                                      self._averages[name].shape, params, buffers)
+            if self._cannot_offload(name, now):
+                raise RuntimeError(self._cannot_offload(name, now))
             current[name] = now
         # An old tensor the model still holds under a name no average has: its average follows it.
         # (Not when parameters= named what to average: the names decide then.)
@@ -946,7 +978,7 @@ class ModelEMA:
                 self._look_for_non_finite(name)
         gained = self._gained_tensors(held)
         for name, tensor in gained.items():
-            unsupported = _ir.dist_unsupported(name, tensor)
+            unsupported = _ir.dist_unsupported(name, tensor) or self._cannot_offload(name, tensor)
             if unsupported:
                 raise RuntimeError(unsupported)
         if gained:
@@ -1001,15 +1033,15 @@ class ModelEMA:
         } if not first else {}
         if not first:
             for group in self._groups:
-                values.update(group.scaled(reciprocals[group.dtype]))
+                values.update(group.scaled(reciprocals[group.dtype], group.tensors[0].place))
         for name, tensor in self._tensors.items():
             if name in values:
                 continue
             if first:
-                values[name] = tensor.clone()
+                values[name] = _ir.eager_copy(tensor)
                 continue
             average = self._averages[name]
-            value = paddle.scale(average, reciprocals[_ir.dtype_name(average)])
+            value = _ir.moved_to(paddle.scale(average, reciprocals[_ir.dtype_name(average)]), tensor.place)
             value = _ir.placed_like(value, tensor)  # (3.3 replicates an unevenly sharded tensor's scale)
             values[name] = value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
         return {name: values[name] for name in self._tensors}

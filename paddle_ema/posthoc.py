@@ -69,6 +69,7 @@ class PowerEMA(ModelEMA):
         buffers: As in :class:`~paddle_ema.ModelEMA`.
         sharding: As in :class:`~paddle_ema.ModelEMA`: under Paddle's dygraph sharding stage 1/2,
             each rank averages only what its optimizer partition updates.
+        offload: As in :class:`~paddle_ema.ModelEMA`: keep the averages in host memory.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -105,12 +106,13 @@ class PowerEMA(ModelEMA):
         exclude: Sequence[str] | None = None,
         buffers: bool = True,
         sharding: Any = None,
+        offload: bool = False,
     ) -> None:
         self._gamma = _exponent(sigma_rel, gamma)
         # decay 0 bounds the schedule's weights at 1, so set_state_dict accepts a bias correction of
         # exactly 1 after the first update (the first power-function update copies) and 0 before.
         super().__init__(model, 0.0, update_every=update_every, parameters=parameters, exclude=exclude,
-                         buffers=buffers, sharding=sharding)
+                         buffers=buffers, sharding=sharding, offload=offload)
 
     @property
     def gamma(self) -> float:
@@ -214,6 +216,8 @@ class PostHocEMA:
         sharding: As in :class:`~paddle_ema.ModelEMA`: under Paddle's dygraph sharding stage 1/2,
             each rank averages only what its optimizer partition updates; every snapshot gathers
             the averages (every rank calls :meth:`update`).
+        offload: As in :class:`~paddle_ema.ModelEMA`: keep every tracked EMA's averages in host
+            memory (a PostHocEMA keeps one copy of the model per width).
 
     Raises:
         TypeError, ValueError: an argument is of the wrong type or out of range (named).
@@ -252,6 +256,7 @@ class PostHocEMA:
         buffers: bool = True,
         snapshot_dtype: str = "float32",
         sharding: Any = None,
+        offload: bool = False,
     ) -> None:
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
             raise TypeError(
@@ -280,7 +285,7 @@ class PostHocEMA:
             raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} is a file; pass a directory")
         self._emas = [
             PowerEMA(model, gamma=g, update_every=update_every, parameters=parameters, exclude=exclude,
-                     buffers=buffers, sigma_rel=None, sharding=sharding)
+                     buffers=buffers, sigma_rel=None, sharding=sharding, offload=offload)
             for g in gammas
         ]
         partition = self._emas[0]._partition
@@ -470,7 +475,7 @@ class PostHocEMA:
         ``sharding``, gather them first, and return once the writer has written them (collective)."""
         for sigma_rel, ema in zip(self._sigma_rels, self._emas):
             with paddle.no_grad():
-                kept = ema._whole(lambda e=ema: dict(e._averages), stored=True)
+                kept = ema._whole(ema._kept_for_gather, stored=True)
                 # (an auto-parallel DistTensor's whole value: collective over its mesh)
                 kept = {n: _ir.made_whole(a) if _ir.is_dist(a) else a for n, a in kept.items()}
                 if self._writes:

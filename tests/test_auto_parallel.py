@@ -115,6 +115,31 @@ def test_a_dist_tensor_is_averaged_as_placed_in_one_process(dygraph, shard):
 
 
 @needs_paddle3
+@pytest.mark.parametrize("shard", ["before", "after"])
+def test_offload_refuses_dist_tensors_and_changes_nothing(dygraph, shard):
+    """offload=True keeps averages in host memory; a DistTensor's average is placed like it."""
+    import paddle_ema
+
+    model, _, shard_it = _sharded_linear()
+    refusal = r"offload=True keeps the averages in host memory, but the model's 'weight' is an auto-parallel"
+    if shard == "before":
+        shard_it()
+        with pytest.raises(ValueError, match=refusal):
+            paddle_ema.ModelEMA(model, DECAY, offload=True)
+        return
+    ema = paddle_ema.ModelEMA(model, DECAY, offload=True)
+    ema.update()
+    before = {n: a.numpy().copy() for n, a in ema._averages.items()}
+    shard_it()
+    for call in (ema.update, ema.averages, ema.apply):
+        with pytest.raises(RuntimeError, match=refusal):
+            call()
+    assert ema.num_updates == 1
+    for name, average in ema._averages.items():  # (nothing changed)
+        np.testing.assert_array_equal(average.numpy(), before[name])
+
+
+@needs_paddle3
 def test_a_whole_state_loads_into_a_sharded_ema_and_a_sharded_one_only_made_whole(dygraph):
     """A whole state (one process's) loads into an EMA over the sharded model, placed as its weight;
     a state holding DistTensors is refused by an EMA over a dense model (nothing changed), which

@@ -457,3 +457,33 @@ def test_decay_zero_state_round_trips(dygraph):
     twin.set_state_dict(ema.state_dict())
     for name, value in twin.averages().items():
         np.testing.assert_array_equal(value.numpy(), model.state_dict()[name].numpy(), err_msg=name)
+
+
+def test_an_empty_buffer_is_carried_through_every_call(dygraph, rng, tmp_path):
+    """A model with an empty floating-point buffer (Paddle 2.6 clones no empty tensor: before the
+    fix, state_dict() and an apply before the first update raised "We can only support initialized
+    tensor in clone" there)."""
+    model = paddle.nn.Linear(3, 2)
+    model.register_buffer("empty", paddle.zeros([0]))
+    ema = paddle_ema.ModelEMA(model, 0.9)
+    assert "empty" in ema.names
+    ema.state_dict()
+    with pytest.warns(RuntimeWarning, match="no update has run yet"):
+        with ema.apply():
+            assert model.empty.shape == [0]
+    oracle = EmaOracle(0.9, ["weight", "bias"])
+    for _ in range(3):
+        with paddle.no_grad():
+            for p in model.parameters():
+                p.set_value(rng.standard_normal(p.shape).astype("float32"))
+        oracle.step({n: p.numpy() for n, p in model.named_parameters()})
+        ema.update()
+    paddle.save(ema.state_dict(), str(tmp_path / "ema.pdparams"))
+    resumed = paddle_ema.ModelEMA(model, 0.9)
+    resumed.set_state_dict(paddle.load(str(tmp_path / "ema.pdparams")))
+    trained = model.weight.numpy().copy()
+    with resumed.apply():
+        assert model.empty.shape == [0]
+        np.testing.assert_allclose(model.weight.numpy(), oracle.debiased("weight"), rtol=1e-6)
+    np.testing.assert_array_equal(model.weight.numpy(), trained)
+    assert resumed.averages()["empty"].shape == [0]

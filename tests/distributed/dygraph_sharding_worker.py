@@ -310,8 +310,10 @@ def main() -> int:
         reference = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold")
         phema = os.path.join(args.out, f"phema_{args.mode}")
         others = {"power": paddle_ema.PowerEMA(trained, 0.1, sharding=stepper),
+                  # (offload: on the CPU the averages stay where they are; the gathers take the path
+                  # that copies them to their tensors' devices)
                   "posthoc": paddle_ema.PostHocEMA(trained, snapshot_dir=phema, snapshot_every=2,
-                                                   sharding=stepper),
+                                                   sharding=stepper, offload=True),
                   "posthoc_reference": paddle_ema.PostHocEMA(trained, snapshot_dir=phema + "_reference",
                                                              snapshot_every=2),
                   "power_reference": paddle_ema.PowerEMA(trained, 0.1),
