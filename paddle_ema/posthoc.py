@@ -220,7 +220,8 @@ class PostHocEMA:
             memory (a PostHocEMA keeps one copy of the model per width).
 
     Raises:
-        TypeError, ValueError: an argument is of the wrong type or out of range (named).
+        TypeError, ValueError: an argument is of the wrong type or out of range (named), or the
+            model is wrapped by stage 3 sharding (not supported yet).
 
     Example:
         .. code-block:: python
@@ -288,6 +289,12 @@ class PostHocEMA:
                      buffers=buffers, sigma_rel=None, sharding=sharding, offload=offload)
             for g in gammas
         ]
+        if self._emas[0]._slices is not None:
+            raise ValueError(
+                "PostHocEMA does not follow group_sharded_parallel(level='p_g_os') (stage 3) yet: "
+                "track paddle_ema.PowerEMA(model, sigma_rel) for each width instead, or shard with "
+                "level 'os'/'os_g' (PostHocEMA(..., sharding=opt))"
+            )
         partition = self._emas[0]._partition
         # One writer: every process writing its own run into one directory would mix the runs.
         self._writes = (partition.rank if partition is not None else paddle.distributed.get_rank()) == 0
