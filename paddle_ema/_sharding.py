@@ -226,15 +226,18 @@ class Slices(Layout):
         return cls("group_sharded_parallel stage 3", group, rank, world_size, params, sizes, rows,
                    wrapper._task_flow)
 
-    def local(self) -> dict[str, Any]:
-        """Each sliced parameter's slice on this rank, by name, as the model holds it now.
+    def local(self, names: Sequence[str]) -> dict[str, Any]:
+        """The slices on this rank of the sliced parameters ``names``, as the model holds them now
+        (a frozen one the EMA leaves out may be whole: stage 3 keeps those sliced only until the
+        first backward).
 
         Raises:
             RuntimeError: a parameter holds no slice (it is gathered whole: called inside a
                 forward, or after a forward that stopped half-way) or one of another size.
         """
         found = {}
-        for name, param in self.params.items():
+        for name in names:
+            param = self.params[name]
             piece = getattr(param, "fw_storage", None)
             if piece is None or list(piece.shape) != [self.size[name]]:
                 raise RuntimeError(

@@ -344,9 +344,10 @@ class ModelEMA:
         # How tensors the model gains later are chosen (see _follow_model): by the same rule.
         self._chosen_by_name = parameters is not None
         self._exclude = list(exclude or [])
-        slices = {} if self._slices is None else self._slices.local()
+        # (their tensors are this rank's slices)
+        self._sliced = [] if self._slices is None else [n for n in names if n in self._slices.params]
+        slices = {} if self._slices is None else self._slices.local(self._sliced)
         self._tensors = {name: slices.get(name, candidates[name]) for name in names}
-        self._sliced = [n for n in names if n in slices]  # (their tensors are this rank's slices)
         self._averages: dict[str, Any] = {}
         # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled
         # in place each update: an update allocates nothing but the casts of low-precision weights.
@@ -583,13 +584,29 @@ class ModelEMA:
                 tensors = self._averaged_tensors()
                 if self._elsewhere:
                     tensors = {n: tensors[n] for n in results}
-                swap = _apply.EagerSwap.of(self._label(), self._layer, tensors, results, bindings)
-                if self._slices is not None:
-                    slices = {n: tensors[n] for n in self._sliced}
-                    swap.after_swap_back = lambda: self._slices.put_back(slices)
-                return swap
+                return self._swap(self._label(), tensors, results, bindings)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
+
+    def _swap(self, label: str, tensors: dict[str, Any], results: dict[str, Any],
+              bindings: Any = None) -> _apply.EagerSwap:
+        """The swap of ``results`` into the model's ``tensors`` (see :class:`_apply.EagerSwap`);
+        under stage 3, its restore makes the trained slices the parameters' again."""
+        swap = _apply.EagerSwap.of(label, self._layer, tensors, results, bindings)
+        if self._slices is not None:
+            slices = {n: tensors[n] for n in self._sliced if n in tensors}
+            swap.after_swap_back = lambda: self._slices.put_back(slices)
+        return swap
+
+    def _whole_shape(self, name: str, tensor: Any) -> list[int]:
+        """The shape of the model's ``tensor`` (named ``name``) whole: under stage 3 a rank holds
+        a slice of it."""
+        return list((self._slices.params[name] if name in self._sliced else tensor).shape)
+
+    def _local_part(self, name: str, whole: Any) -> Any:
+        """What this rank holds of tensor ``name``'s whole value ``whole``: under stage 3 its
+        slice, else ``whole``."""
+        return self._slices.cut(name, whole) if name in self._sliced else whole
 
     def _averaged_tensors(self) -> dict[str, Any]:
         """The model's tensors this EMA averages, by name: under ``sharding``, those whose averages
@@ -997,7 +1014,7 @@ class ModelEMA:
             return True
         params = dict(self._layer.named_parameters())
         if self._slices is not None:
-            params.update((n, t) for n, t in self._slices.local().items() if n in self._tensors)
+            params.update(self._slices.local(self._sliced))
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
         held = {**params, **buffers} if self._buffers_too else params
         current = {}
@@ -1067,7 +1084,7 @@ class ModelEMA:
             RuntimeError: a parameter is held whole (see ``_sharding.Slices.local``); nothing is
                 changed then.
         """
-        now = self._slices.local()
+        now = self._slices.local(self._sliced)
         moved = [n for n in self._sliced if now[n] is not self._tensors[n]]
         if moved:
             self._tensors.update((n, now[n]) for n in moved)

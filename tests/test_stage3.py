@@ -101,10 +101,11 @@ def test_each_rank_averages_its_slices_with_no_collective(runs):
                                        err_msg=name)
             if name in expected:
                 np.testing.assert_allclose(value, expected[name], rtol=2e-5, atol=1e-6, err_msg=name)
-        for name, value in _part(data, "power/").items():  # (a PowerEMA shards the same way)
-            np.testing.assert_array_equal(value, _part(runs[1 - rank][0], "power/")[name], err_msg=name)
-            np.testing.assert_allclose(value, _part(single, "power/")[name], rtol=1e-5, atol=1e-6,
-                                       err_msg=name)
+        for kind in ("power", "synthesized"):  # (a PowerEMA's, and a PostHocEMA's from its snapshots)
+            for name, value in _part(data, f"{kind}/").items():
+                np.testing.assert_array_equal(value, _part(runs[1 - rank][0], f"{kind}/")[name], err_msg=name)
+                np.testing.assert_allclose(value, _part(single, f"{kind}/")[name], rtol=1e-5, atol=1e-6,
+                                           err_msg=name)
         for name, value in _part(data, "weight/").items():  # (training as in one process)
             np.testing.assert_allclose(value, _part(single, "weight/")[name], rtol=1e-5, atol=1e-6)
 
@@ -118,12 +119,16 @@ def test_apply_gives_the_forward_the_averages_and_restore_is_bit_exact(runs):
         np.testing.assert_allclose(out["applied"], _part(single, "out/")["applied"], rtol=1e-5, atol=1e-6)
         assert not np.allclose(out["applied"], out["trained"])
         np.testing.assert_array_equal(out["restored"], out["trained"])
+        np.testing.assert_array_equal(out["posthoc"], _part(runs[1 - rank][0], "out/")["posthoc"])
+        np.testing.assert_allclose(out["posthoc"], _part(single, "out/")["posthoc"], rtol=1e-5, atol=1e-6)
+        assert not np.allclose(out["posthoc"], out["applied"])
         # A forward that raised half-way inside `with ema.apply()` left its layer's weight gathered
         # whole (holding averages): restore makes the trained slice the weight's again.
         assert report["half_way"]
         np.testing.assert_array_equal(out["after_half_way"], out["trained"])
         for name, value in _part(data, "slice/").items():
             np.testing.assert_array_equal(_part(data, "restored/")[name], value, err_msg=name)
+            np.testing.assert_array_equal(_part(data, "restored_posthoc/")[name], value, err_msg=name)
             np.testing.assert_array_equal(_part(data, "restored_half_way/")[name], value, err_msg=name)
         # One more training step after it all: as in one process, which applied nothing.
         for name, value in _part(data, "final/").items():
@@ -155,7 +160,6 @@ def test_what_stage_3_cannot_do_is_refused_naming_the_fix(runs):
     _, report = runs[0]
     assert "without sharding=" in report["sharding_refused"]
     assert "use ema.averages()" in report["averaged_model_refused"]
-    assert "PostHocEMA does not follow group_sharded_parallel(level='p_g_os')" in report["posthoc_refused"]
 
 
 class _FakeStage3(paddle.nn.Layer):
@@ -194,6 +198,22 @@ def test_a_frozen_sliced_parameter_is_refused_unless_excluded(dygraph):
             paddle_ema.ModelEMA(model, 0.9, frozen=frozen)
     ema = paddle_ema.ModelEMA(model, 0.9, frozen="exclude")
     assert ema.names == ["bias"]
+    layer.weight.fw_storage = None  # (after the first backward stage 3 keeps it whole)
+    ema.update()
+    assert ema.num_updates == 1
+
+
+@pytest.mark.parametrize("call", ["save", "load"])
+def test_compat_files_are_refused_under_stage_3_naming_what_to_save(dygraph, tmp_path, call):
+    model = GroupShardedStage3(paddle.nn.Linear(4, 3))
+    ema = paddle_ema.ModelEMA(model, 0.9, init="weights")
+    refusal = r"the ppcls files hold the model's whole weights, which stage 3 .* ema.consolidated_state_dict"
+    with pytest.raises(ValueError, match=refusal):
+        if call == "save":
+            paddle_ema.compat.save(ema, str(tmp_path / "ema"), format="ppcls")
+        else:
+            paddle_ema.compat.load(ema, str(tmp_path / "ema"), format="ppcls")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_gathered_parameter_or_a_state_of_another_shape_is_refused_and_changes_nothing(dygraph):

@@ -11,13 +11,14 @@ stay whole on every rank. Each rank trains on its half of every global batch and
 after every step, counting the collectives the updates call. Then, on every rank: ``averages()``,
 an eval forward inside ``with ema.apply()`` and after it, an eval forward that raises half-way
 inside ``with ema.apply()`` (a forward pre-hook on the last layer), one more training step, and the
-state round trips. Writes OUT/stage3_<rank|single>.npz: ``slice/`` (this rank's trained slices, as
-Paddle holds them), ``weight/`` (the whole trained weights, gathered here with Paddle's collectives,
-not the library's), ``kept/`` (the EMA's own averages), ``average/`` (and a PowerEMA's,
-``power/``), ``out/`` (eval outputs), ``restored/`` (slices after each restore), ``step<i>/``
-(one process: the weights at each update), ``final/`` (weights after the last step), ``whole/``
-(the consolidated state's averages), ``resumed/``, and a JSON ``report``; rank 0 saves the whole
-state as OUT/whole_stage3_<2|single>.pdparams.
+state round trips. Writes OUT/stage3_<rank|single>.npz: ``slice/`` (this rank's trained slices,
+as Paddle holds them), ``weight/`` (the whole trained weights, gathered here with Paddle's
+collectives, not the library's), ``kept/`` (the EMA's own averages), ``average/`` (and a
+PowerEMA's, ``power/``, and a PostHocEMA's ``synthesized/`` at sigma_rel 0.08), ``out/`` (eval
+outputs), ``restored/`` (slices after each restore), ``step<i>/`` (one process: the weights at each
+update), ``final/`` (weights after the last step), ``whole/`` (the consolidated state's averages),
+``resumed/``, and a JSON ``report``; rank 0 saves the whole state as
+OUT/whole_stage3_<2|single>.pdparams.
 """
 
 from __future__ import annotations
@@ -122,12 +123,10 @@ def main() -> int:
             paddle_ema.ModelEMA(model, 0.9, sharding=opt)
         except ValueError as error:
             report["sharding_refused"] = str(error)
-        try:
-            paddle_ema.PostHocEMA(model, snapshot_dir=os.path.join(args.out, "phema"), snapshot_every=2)
-        except ValueError as error:
-            report["posthoc_refused"] = str(error)
     ema = paddle_ema.ModelEMA(model, 0.9, warmup="threshold")
     power = paddle_ema.PowerEMA(model, 0.1)
+    posthoc = paddle_ema.PostHocEMA(model, snapshot_every=2, snapshot_dir=os.path.join(
+        args.out, f"phema_{'single' if args.single else 2}"))
     resumed = {}
     if args.resume:  # (a whole state: each rank cuts its slices; then go on afresh)
         ema.set_state_dict(paddle.load(args.resume))
@@ -151,6 +150,7 @@ def main() -> int:
         with counting_collectives(counts):
             ema.update()
             power.update()
+        posthoc.update()  # (a snapshot every other step gathers the slices: collective)
         if args.single:  # (the weights each update averaged, for a float64 numpy EMA)
             steps.update({f"step{step}/{n}": p.numpy() for n, p in layer.named_parameters()})
     report["collectives_in_updates"] = counts
@@ -169,6 +169,7 @@ def main() -> int:
     result.update({f"kept/{n}": a.numpy() for n, a in ema._averages.items()})
     result.update({f"average/{n}": a.numpy() for n, a in ema.averages().items()})
     result.update({f"power/{n}": a.numpy() for n, a in power.averages().items()})
+    result.update({f"synthesized/{n}": a.numpy() for n, a in posthoc.synthesize(0.08).items()})
     x_eval = paddle.to_tensor(np.random.default_rng(5).standard_normal((3, 5)).astype("float32"))
     model.eval()
     with paddle.no_grad():
@@ -176,6 +177,9 @@ def main() -> int:
         with ema.apply():
             result["out/applied"] = model(x_eval).numpy()
         result.update({f"restored/{n}": v for n, v in slices().items()})
+        with posthoc.apply(sigma_rel=0.08):
+            result["out/posthoc"] = model(x_eval).numpy()
+        result.update({f"restored_posthoc/{n}": v for n, v in slices().items()})
         result["out/restored"] = model(x_eval).numpy()
         hook = layer.body[-1].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(HalfWayError()))
         try:
