@@ -265,6 +265,9 @@ class EagerSwap(Swap):
         self.results = results or {}
         self.backups: dict[str, Any] = {}
         self.bindings: Any = None
+        # Run once the tensors hold their trained data again (stage 3 makes them the parameters'
+        # slices again: see paddle_ema._sharding.Slices.put_back).
+        self.after_swap_back: Callable[[], None] | None = None
 
     @classmethod
     def of(cls, label: str, layer: Any, tensors: dict[str, Any], results: dict[str, Any],
@@ -288,6 +291,8 @@ class EagerSwap(Swap):
         undone = self.bindings.put_back()
         for name, backup in self.backups.items():
             _ir.eager_swap_in(self.tensors[name], backup)
+        if self.after_swap_back is not None:
+            self.after_swap_back()
         if undone:
             _logger.warning(
                 "ModelEMA.restore() put the model back as apply() found it, undoing what changed "

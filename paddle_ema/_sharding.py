@@ -13,9 +13,16 @@ the optimizer once:
 * ``paddle.distributed.sharding.group_sharded_parallel`` at levels ``"os"`` and ``"os_g"``
   (``GroupShardedOptimizerStage2``): its ``param2rank`` and ``_group``.
 
-Private attributes, present from Paddle 2.6 to 3.3. Sharding that splits parameters themselves
-(stage 3 ``"p_g_os"``, fleet's ``DygraphShardingOptimizerV2``/``split_param``, tensor fusion) is
-refused with the reason.
+Stage 3 (``group_sharded_parallel`` level ``"p_g_os"``, ``GroupShardedStage3``) splits the
+parameters themselves: every parameter larger than the wrapper's ``segment_size`` is cut into equal
+flat slices, padded, one per rank (``param.fw_storage``, a new object after each step), and the
+parameter itself is freed outside forward. :class:`Slices` reads that layout from the wrapped model:
+each rank averages its slice of every such parameter, and the slices are gathered (one
+``all_gather`` per dtype) where a full model is needed. Parameters up to ``segment_size`` stay whole
+on every rank.
+
+Private attributes, present from Paddle 2.6 to 3.3. Fleet's ``DygraphShardingOptimizerV2``
+(``split_param``) and tensor fusion are refused with the reason.
 """
 
 from __future__ import annotations
@@ -30,21 +37,58 @@ import paddle
 from paddle_ema import _ir
 from paddle_ema._select import short_repr
 
-__all__ = ["Partition", "layout_code"]
+__all__ = ["Layout", "Partition", "Slices", "layout_code", "stage3_wrapper"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Partition:
-    """The sharding group and, by parameter name (``param.name``), the global rank that owns it.
-
-    ``rank`` and ``world_size`` are this process's place in the group; ``kind`` names the sharding
-    for messages and checkpoints.
-    """
+class Layout:
+    """A sharding group: ``rank`` and ``world_size`` are this process's place in it; ``kind`` names
+    the sharding for messages and checkpoints."""
 
     kind: str
     group: Any
     rank: int
     world_size: int
+
+    @property
+    def global_rank(self) -> int:
+        return paddle.distributed.get_rank()
+
+    def label(self) -> dict[str, Any]:
+        """What a sharded state says of the shard it holds."""
+        return {"kind": self.kind, "rank": self.rank, "world_size": self.world_size}
+
+    def agree(self, facts: Sequence[float], failure: BaseException | None,
+              step: str = "before gathering the EMA's averages") -> list[list[float]]:
+        """Every rank's ``facts`` (numbers exact in float64), once every rank of the group got here,
+        in group rank order. A rank that failed before a collective (``failure``) still calls this,
+        so that no other rank waits on it until the group times out; the others' error says it
+        failed ``step``.
+
+        Raises:
+            ``failure``, on the rank it happened on; a RuntimeError on the others, naming that rank.
+        """
+        row = [0.0 if failure is not None else 1.0, *map(float, facts)]
+        mine = paddle.to_tensor(row, dtype="float64")
+        rows: list[Any] = []
+        paddle.distributed.all_gather(rows, mine, group=self.group)
+        table = [[float(v) for v in r.numpy()] for r in rows]
+        if failure is not None:
+            raise failure
+        failed = [self.group.ranks[i] for i, r in enumerate(table) if r[0] != 1.0]
+        if failed:
+            raise RuntimeError(
+                f"rank {', '.join(map(str, failed))} of the sharding group failed {step} (its own "
+                "error says why); nothing was gathered or changed here"
+            )
+        return [r[1:] for r in table]
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition(Layout):
+    """Optimizer sharding (stages 1/2): by parameter name (``param.name``), the global rank whose
+    optimizer updates it."""
+
     owners: dict[str, int]
 
     @classmethod
@@ -87,10 +131,6 @@ class Partition:
         return cls(label, group, int(group.rank), int(group.nranks),
                    {name: ranks[r] for name, r in by_rank.items()})
 
-    @property
-    def global_rank(self) -> int:
-        return paddle.distributed.get_rank()
-
     def owner(self, tensor: Any) -> int | None:
         """The global rank whose optimizer updates ``tensor``; None if no rank's does alone.
 
@@ -103,31 +143,6 @@ class Partition:
         if getattr(tensor, "stop_gradient", True):
             return None
         return self.owners.get(getattr(tensor, "name", None))
-
-    def agree(self, facts: Sequence[float], failure: BaseException | None,
-              step: str = "before gathering the EMA's averages") -> list[list[float]]:
-        """Every rank's ``facts`` (numbers exact in float64), once every rank of the group got here,
-        in group rank order. A rank that failed before a collective (``failure``) still calls this,
-        so that no other rank waits on it until the group times out; the others' error says it
-        failed ``step``.
-
-        Raises:
-            ``failure``, on the rank it happened on; a RuntimeError on the others, naming that rank.
-        """
-        row = [0.0 if failure is not None else 1.0, *map(float, facts)]
-        mine = paddle.to_tensor(row, dtype="float64")
-        rows: list[Any] = []
-        paddle.distributed.all_gather(rows, mine, group=self.group)
-        table = [[float(v) for v in r.numpy()] for r in rows]
-        if failure is not None:
-            raise failure
-        failed = [self.group.ranks[i] for i, r in enumerate(table) if r[0] != 1.0]
-        if failed:
-            raise RuntimeError(
-                f"rank {', '.join(map(str, failed))} of the sharding group failed {step} (its own "
-                "error says why); nothing was gathered or changed here"
-            )
-        return [r[1:] for r in table]
 
     def gather(self, owners: dict[str, int], values: dict[str, Any],
                specs: dict[str, tuple[Sequence[int], str]]) -> dict[str, Any]:
@@ -173,3 +188,110 @@ def layout_code(owners: dict[str, int], specs: dict[str, tuple[Sequence[int], st
 
 _KNOWN = ("DygraphShardingOptimizer", "DygraphShardingOptimizerV2", "GroupShardedOptimizerStage2")
 _SPLITTING = ("DygraphShardingOptimizerV2", "GroupShardedOptimizerStage3")
+
+
+def stage3_wrapper(model: Any) -> Any | None:
+    """The ``GroupShardedStage3`` that ``model`` is or wraps (looking through ``paddle.DataParallel``
+    and fleet's wrappers), or None."""
+    while model is not None:
+        names = {cls.__name__ for cls in type(model).__mro__}
+        if "GroupShardedStage3" in names:
+            return model
+        model = getattr(model, "_layers", None) if (
+            isinstance(model, paddle.DataParallel) or "MetaParallelBase" in names) else None
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Slices(Layout):
+    """Stage 3 (``GroupShardedStage3``): by structured name, the parameters cut into slices (each
+    rank's is ``param.fw_storage``, flat and padded, of ``size`` elements), with this rank's
+    ``(start, stop)`` in the padded flat parameter."""
+
+    params: dict[str, Any]
+    size: dict[str, int]
+    rows: dict[str, tuple[int, int]]
+    task_flow: Any  # (where a forward keeps the whole parameters it gathered)
+
+    @classmethod
+    def of(cls, wrapper: Any, layer: Any) -> Slices:
+        """The slices of ``wrapper`` (what ``group_sharded_parallel(level="p_g_os")`` returned),
+        whose inner Layer is ``layer``, as they are now (between steps: each sliced parameter has
+        its ``fw_storage``)."""
+        group = wrapper._group
+        rank, world_size = int(group.rank), int(group.nranks)
+        params = {n: p for n, p in layer.named_parameters() if getattr(p, "fw_storage", None) is not None}
+        sizes = {n: int(wrapper._param2buffer_size[p.name]) // world_size for n, p in params.items()}
+        rows = {n: tuple(map(int, wrapper._param2buffer[p.name][rank])) for n, p in params.items()}
+        return cls("group_sharded_parallel stage 3", group, rank, world_size, params, sizes, rows,
+                   wrapper._task_flow)
+
+    def local(self, names: Sequence[str]) -> dict[str, Any]:
+        """The slices on this rank of the sliced parameters ``names``, as the model holds them now
+        (a frozen one the EMA leaves out may be whole: stage 3 keeps those sliced only until the
+        first backward).
+
+        Raises:
+            RuntimeError: a parameter holds no slice (it is gathered whole: called inside a
+                forward, or after a forward that stopped half-way) or one of another size.
+        """
+        found = {}
+        for name in names:
+            param = self.params[name]
+            piece = getattr(param, "fw_storage", None)
+            if piece is None or list(piece.shape) != [self.size[name]]:
+                raise RuntimeError(
+                    f"stage 3 holds {name!r} gathered whole, not as this rank's slice (inside a "
+                    "forward, or after one that stopped half-way): call the EMA between training "
+                    "steps, after optimizer.step()"
+                )
+            found[name] = piece
+        return found
+
+    def cut(self, name: str, whole: Any) -> Any:
+        """This rank's slice of parameter ``name``'s whole value ``whole`` (any shape of its size),
+        padded with zeros as Paddle pads it."""
+        flat = whole.reshape([-1])
+        start, stop = self.rows[name]
+        numel = int(flat.shape[0])
+        if stop <= numel:
+            return flat[start:stop].clone()
+        padding = paddle.zeros([stop - max(start, numel)], dtype=flat.dtype)
+        return paddle.concat([flat[start:numel], padding]) if start < numel else padding
+
+    def whole(self, pieces: dict[str, Any]) -> dict[str, Any]:
+        """The whole values of sliced parameters from every rank's ``pieces`` (each rank its slice,
+        of the same names in the same order on every rank): one ``all_gather`` per dtype of the
+        pieces concatenated. Collective: every rank of the group calls it."""
+        by_dtype: dict[str, list[str]] = {}
+        for name, piece in pieces.items():
+            by_dtype.setdefault(_ir.dtype_name(piece), []).append(name)
+        out = {}
+        for names in by_dtype.values():
+            flat = paddle.concat([pieces[n].reshape([-1]) for n in names])
+            blocks: list[Any] = []
+            paddle.distributed.all_gather(blocks, flat, group=self.group)
+            per_rank = [_ir.eager_pieces(block, [[self.size[n]] for n in names]) for block in blocks]
+            for i, name in enumerate(names):
+                shape = list(self.params[name].shape)
+                padded = paddle.concat([rank_pieces[i] for rank_pieces in per_rank])
+                out[name] = padded[:math.prod(shape)].reshape(shape)
+        return out
+
+    def put_back(self, pieces: dict[str, Any]) -> None:
+        """Make ``pieces`` (this rank's slices, by name) the parameters' slices again, as Paddle
+        leaves a parameter between steps: a forward run meanwhile wraps each slice anew (restore
+        writes into the object apply swapped), and one that stopped half-way left the parameter
+        gathered whole (then it is freed again, as Paddle's release after a forward does). What a
+        forward gathered meanwhile (whole averaged values, and prefetched ones, which a forward
+        that finishes has released) is dropped: the next forward gathers the slices anew."""
+        for name, piece in pieces.items():
+            param = self.params[name]
+            self.task_flow.full_param.pop(param.name, None)
+            if param.fw_storage is piece:
+                continue
+            if param.fw_storage is None:  # (gathered whole by a forward that did not finish)
+                param._clear_data()
+                param.status = "part"
+                param.use_count = 0
+            param.fw_storage = piece

@@ -46,6 +46,12 @@ def _check(ema: Any, format: str) -> None:
             f"{format}'s EMA starts at {_INIT[format]}: build the ModelEMA with init={_INIT[format]!r} "
             f"(it has init={ema._init!r})"
         )
+    if ema._slices is not None:
+        raise ValueError(
+            f"the {format} files hold the model's whole weights, which stage 3 "
+            "(group_sharded_parallel level 'p_g_os') keeps cut across the ranks: compat does not "
+            "gather them yet; save ema.consolidated_state_dict() (every rank calls it) instead"
+        )
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -218,7 +224,7 @@ def save(ema: ModelEMA, path_prefix: str, *, format: str) -> None:
     if not isinstance(path_prefix, (str, os.PathLike)):
         raise TypeError(f"path_prefix must be a str, got {type(path_prefix).__name__}")
     applied = _applied_state(ema)  # (collective under sharding)
-    partition = ema._partition
+    partition = ema._partition  # (stage 3 is refused by _check)
     failure = None
     if partition is None or partition.rank == 0:
         try:

@@ -26,20 +26,14 @@ _DEFAULT_POWER = 2 / 3
 
 def _inner_layer(model: Any) -> Any:
     """``model`` with the wrappers of Paddle's parallel training looked through: ``paddle.DataParallel``
-    and fleet's (``fleet.distributed_model``: ``_layers``), ``group_sharded_parallel``'s (``_layer``)."""
+    and fleet's (``fleet.distributed_model``: ``_layers``), ``group_sharded_parallel``'s (``_layer``;
+    under stage 3 the EMA reads the parameters' slices, see ``_sharding.Slices``)."""
     while True:
         wrappers = {cls.__name__ for cls in type(model).__mro__}
         if isinstance(model, paddle.DataParallel) or "MetaParallelBase" in wrappers:
             model = model._layers
-        elif "GroupShardedStage2" in wrappers:
+        elif "GroupShardedStage2" in wrappers or "GroupShardedStage3" in wrappers:
             model = model._layer
-        elif "GroupShardedStage3" in wrappers:
-            raise ValueError(
-                "model is wrapped by group_sharded_parallel(level='p_g_os') (stage 3), which frees "
-                "each rank's parameters outside forward and keeps only a padded flat slice of them: "
-                "ModelEMA cannot average it yet; shard with level 'os' or 'os_g' (stages 1/2, "
-                "ModelEMA(..., sharding=opt)), or average the model before wrapping it in stage 3"
-            )
         else:
             return model
 
@@ -179,7 +173,12 @@ class ModelEMA:
             with no communication per update. :meth:`averages`, :meth:`apply`,
             :meth:`averaged_model` and :meth:`consolidated_state_dict` then gather the others'
             averages (one broadcast per owning rank and dtype): every rank of the group must call
-            them. See docs/large-models.md.
+            them. Under stage 3 (``group_sharded_parallel`` at level ``"p_g_os"``) pass the
+            wrapped model and no ``sharding``: each rank averages its slices of the parameters
+            Paddle cuts (and the others whole); :meth:`apply` swaps each rank's slices, which the
+            model's forward gathers; :meth:`averages` and :meth:`consolidated_state_dict` gather
+            the slices (one ``all_gather`` per dtype; every rank calls them). See
+            docs/large-models.md.
         offload: Keep the averages (and update them) in host memory, for runs whose device memory
             is full: an update copies the model's tensors to the host (one copy per flat slice or
             tensor) and averages them there; :meth:`apply` and :meth:`averages` copy the results
@@ -192,10 +191,11 @@ class ModelEMA:
             ``sharding`` is not one of the sharded optimizers above.
         ValueError: an option is out of range, ``inv_gamma``/``power`` are given without
             ``warmup="power"``, a name matches nothing, nothing is left to average, or
-            ``sharding`` splits or fuses the parameters themselves (stage 3, ``split_param``,
-            tensor fusion: not supported yet) or its partition holds none of the model's
-            trainable parameters; or ``offload=True`` over a model holding auto-parallel
-            DistTensors.
+            ``sharding`` splits or fuses the parameters themselves (``split_param``, tensor
+            fusion: not supported yet) or its partition holds none of the model's trainable
+            parameters, or is given with a stage-3 model; a stage-3 model's sliced parameter does
+            not train and ``frozen`` is not ``"exclude"``; or ``offload=True`` over a model
+            holding auto-parallel DistTensors.
         RuntimeError: called in static-graph mode (use ExponentialMovingAverage there).
 
     Example:
@@ -306,7 +306,27 @@ class ModelEMA:
         # parameter, in the model's order (the order of every gather, the same on every rank), and
         # those another rank averages. What the optimizer does not partition (buffers, frozen
         # parameters) is averaged on every rank, each its own, as the ranks' models hold them.
+        stage3 = _sharding.stage3_wrapper(model)
+        if stage3 is not None and sharding is not None:
+            raise ValueError(
+                "a model wrapped by group_sharded_parallel(level='p_g_os') (stage 3) is sharded by "
+                "the model itself: build ModelEMA(model, ...) without sharding= (each rank then "
+                "averages its slices of the parameters)"
+            )
         self._partition = None if sharding is None else _sharding.Partition.of(sharding)
+        # Under stage 3: each rank averages its slices of the parameters Paddle cuts (read anew at
+        # every call: Paddle wraps a slice in a new object each step), the others whole.
+        self._slices = None if stage3 is None else _sharding.Slices.of(stage3, self._layer)
+        self._layout: _sharding.Layout | None = self._partition or self._slices
+        sliced = set() if self._slices is None else set(self._slices.params)
+        frozen_sliced = [n for n in [*names, *self._copied]
+                         if n in sliced and self._slices.params[n].stop_gradient]
+        if frozen_sliced:
+            raise ValueError(
+                f"stage 3 keeps a parameter that does not train ({_select.some_names(frozen_sliced)}) "
+                "cut into slices until the first backward and whole after it, which ModelEMA does not "
+                "follow: pass frozen='exclude' (or exclude= it)"
+            )
         self._owners: dict[str, int] = {}
         if self._partition is not None:
             every = _named_tensors(model, False).values()
@@ -324,7 +344,10 @@ class ModelEMA:
         # How tensors the model gains later are chosen (see _follow_model): by the same rule.
         self._chosen_by_name = parameters is not None
         self._exclude = list(exclude or [])
-        self._tensors = {name: candidates[name] for name in names}
+        # (their tensors are this rank's slices)
+        self._sliced = [] if self._slices is None else [n for n in names if n in self._slices.params]
+        slices = {} if self._slices is None else self._slices.local(self._sliced)
+        self._tensors = {name: slices.get(name, candidates[name]) for name in names}
         self._averages: dict[str, Any] = {}
         # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled
         # in place each update: an update allocates nothing but the casts of low-precision weights.
@@ -456,7 +479,8 @@ class ModelEMA:
         received from them, in the model's order: ``stored`` values are averages as kept (in the
         accumulator dtype), others as applied (in the tensor's dtype).
 
-        Collective under ``sharding``: every rank of the group calls it. Before anything is sent,
+        Collective under ``sharding`` and stage 3 (there the values of the parameters cut into slices
+        are this rank's slices, made whole): every rank of the group calls it. Before anything is sent,
         the ranks agree that none failed (the one that did raises its error, the others say which
         rank failed, rather than wait on it until the group times out), that they are at the same
         update, and that they hold the same model and partition; nothing is written before every
@@ -466,22 +490,27 @@ class ModelEMA:
             RuntimeError: as :meth:`averages`; or, under ``sharding``, another rank failed, or the
                 ranks' EMAs are at different updates or over different models.
         """
-        if self._partition is None:
+        if self._layout is None:
             return local()
         failure, values, specs = None, {}, {}
         try:
             values = local()
-            params = dict(self._layer.named_parameters())
-            for name in self._owners:
-                dtype = _ir.dtype_name(params[name])
-                specs[name] = (list(params[name].shape),
-                               _graph.accumulator_dtype(dtype) if stored else dtype)
+            if self._slices is not None:  # (every rank holds a slice of each, of the same size)
+                owners = dict.fromkeys(self._sliced, 0)
+                specs = {n: ([self._slices.size[n]], _ir.dtype_name(values[n])) for n in self._sliced}
+            else:
+                owners = self._owners
+                params = dict(self._layer.named_parameters())
+                for name in self._owners:
+                    dtype = _ir.dtype_name(params[name])
+                    specs[name] = (list(params[name].shape),
+                                   _graph.accumulator_dtype(dtype) if stored else dtype)
         except Exception as error:  # (told to the other ranks, then raised here)
             failure = error
-        layout = 0 if failure is not None else _sharding.layout_code(self._owners, specs)
+        layout = 0 if failure is not None else _sharding.layout_code(owners, specs)
         facts = (self._updates, self._bias_correction, layout)
-        table = self._partition.agree(facts, failure)
-        ranks = self._partition.group.ranks
+        table = self._layout.agree(facts, failure)
+        ranks = self._layout.group.ranks
         if len({tuple(row[:2]) for row in table}) > 1:
             counts = ", ".join(f"rank {r}: {int(row[0])} updates" for r, row in zip(ranks, table))
             raise RuntimeError(
@@ -495,9 +524,14 @@ class ModelEMA:
                 "or dtypes of the averages they own differ): every rank must build its ModelEMA over "
                 "the same model, with the same sharded optimizer; nothing was gathered"
             )
-        gathered = self._partition.gather(self._owners, values, specs)
+        if self._slices is not None:
+            gathered = self._slices.whole({n: values[n] for n in self._sliced})
+            if not stored:  # (in the parameter's dtype: Paddle keeps a float16 one's slices in float32)
+                gathered = {n: v.astype(self._slices.params[n].dtype) for n, v in gathered.items()}
+        else:
+            gathered = self._partition.gather(self._owners, values, specs)
         order = [n for n in _named_tensors(self._layer, True) if n in values or n in gathered]
-        return {n: values[n] if n in values else gathered[n] for n in order}
+        return {n: gathered[n] if n in gathered else values[n] for n in order}
 
     def apply(self, need_restore: bool = True) -> _apply.Restorer:
         """Swap the bias-corrected averages into the model, setting the trained weights aside first.
@@ -544,14 +578,35 @@ class ModelEMA:
             with paddle.no_grad():
                 # New tensors holding the averages (the one pass apply makes); the trained tensors
                 # are set aside as they are (no copy).
-                results = self._whole(corrected)
+                # (stage 3: each rank swaps its slices, which the model's forward gathers)
+                results = corrected() if self._slices is not None else self._whole(corrected)
                 bindings = self._bindings if bindings_hold else None  # (else taken anew)
                 tensors = self._averaged_tensors()
                 if self._elsewhere:
                     tensors = {n: tensors[n] for n in results}
-                return _apply.EagerSwap.of(self._label(), self._layer, tensors, results, bindings)
+                return self._swap(self._label(), tensors, results, bindings)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
+
+    def _swap(self, label: str, tensors: dict[str, Any], results: dict[str, Any],
+              bindings: Any = None) -> _apply.EagerSwap:
+        """The swap of ``results`` into the model's ``tensors`` (see :class:`_apply.EagerSwap`);
+        under stage 3, its restore makes the trained slices the parameters' again."""
+        swap = _apply.EagerSwap.of(label, self._layer, tensors, results, bindings)
+        if self._slices is not None:
+            slices = {n: tensors[n] for n in self._sliced if n in tensors}
+            swap.after_swap_back = lambda: self._slices.put_back(slices)
+        return swap
+
+    def _whole_shape(self, name: str, tensor: Any) -> list[int]:
+        """The shape of the model's ``tensor`` (named ``name``) whole: under stage 3 a rank holds
+        a slice of it."""
+        return list((self._slices.params[name] if name in self._sliced else tensor).shape)
+
+    def _local_part(self, name: str, whole: Any) -> Any:
+        """What this rank holds of tensor ``name``'s whole value ``whole``: under stage 3 its
+        slice, else ``whole``."""
+        return self._slices.cut(name, whole) if name in self._sliced else whole
 
     def _averaged_tensors(self) -> dict[str, Any]:
         """The model's tensors this EMA averages, by name: under ``sharding``, those whose averages
@@ -600,14 +655,9 @@ class ModelEMA:
             "update_calls": self._calls,
             "bias_correction": self._bias_correction,
         }
-        if self._partition is not None:
-            state["sharding"] = self._shard_label()
+        if self._layout is not None:
+            state["sharding"] = self._layout.label()
         return state
-
-    def _shard_label(self) -> dict[str, Any]:
-        """What a sharded state says of the shard it holds (see :meth:`state_dict`)."""
-        partition = self._partition
-        return {"kind": partition.kind, "rank": partition.rank, "world_size": partition.world_size}
 
     def _stored_dtypes(self) -> dict[str, str]:
         """The dtype each average is kept in, by name, in the model's order: this rank's and, under
@@ -621,7 +671,7 @@ class ModelEMA:
     def _kept_for_gather(self) -> dict[str, Any]:
         """The averages as kept, by name; under ``sharding`` with ``offload``, copied to their
         tensors' devices, where the group's collectives send from."""
-        if self._partition is None or not self._offload:
+        if self._layout is None or not self._offload:
             return dict(self._averages)
         return {n: _ir.moved_to(a, self._tensors[n].place) for n, a in self._averages.items()}
 
@@ -635,7 +685,7 @@ class ModelEMA:
         Raises:
             RuntimeError: as :meth:`averages`.
         """
-        if self._partition is None and not any(map(_ir.is_dist, self._averages.values())):
+        if self._layout is None and not any(map(_ir.is_dist, self._averages.values())):
             return self.state_dict()
         with paddle.no_grad():
             averages = self._whole(self._followed(self._kept_for_gather), stored=True)
@@ -644,7 +694,8 @@ class ModelEMA:
         state = self.state_dict()  # (this rank's averages copied, and the counts)
         state.pop("sharding", None)
         state["averages"] = {
-            n: whole[n].cpu() if n in whole else state["averages"][n] if n in state["averages"] else
+            n: whole[n].cpu() if n in whole else
+            state["averages"][n] if n in state["averages"] and n not in self._sliced else
             average if average.place.is_cpu_place() else average.cpu()
             for n, average in averages.items()
         }
@@ -718,7 +769,7 @@ class ModelEMA:
             ValueError: the state is another layout's shard (another rank, world size or kind of
                 sharding, or none).
         """
-        mine = self._shard_label() if self._partition is not None else None
+        mine = self._layout.label() if self._layout is not None else None
         if saved is not None and saved != mine:
             here = "unsharded" if mine is None else (
                 f"rank {mine['rank']} of {mine['world_size']} under {mine['kind']}")
@@ -736,6 +787,20 @@ class ModelEMA:
                     "one process's state_dict())"
                 )
             averages = {n: v for n, v in averages.items() if n not in set(self._elsewhere)}
+        if saved is None and self._slices is not None:  # (a whole state: this rank's slices of it)
+            averages = dict(averages)
+            for name in self._sliced:
+                value = averages.get(name)
+                if hasattr(value, "shape") and list(value.shape) == list(self._slices.params[name].shape):
+                    value = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+                    averages[name] = self._slices.cut(name, value)
+                elif value is not None:
+                    raise ValueError(
+                        f"the state's average of {name!r} is {short_repr(value)}, not a tensor of its "
+                        f"parameter's shape {list(self._slices.params[name].shape)}: a whole state "
+                        "(ModelEMA.consolidated_state_dict(), or one process's state_dict()) loads "
+                        "under stage 3, each rank taking its slices"
+                    )
         return averages
 
     def _next_weight(self, call: int) -> float:
@@ -793,8 +858,15 @@ class ModelEMA:
             The copy (``copy.deepcopy`` of the model, in the model's train/eval mode).
 
         Raises:
-            RuntimeError: as :meth:`averages`.
+            RuntimeError: as :meth:`averages`; or the model is sharded by stage 3 (its parameters
+                are freed outside forward: there is nothing to copy).
         """
+        if self._slices is not None:
+            raise RuntimeError(
+                "averaged_model() copies the model, whose parameters stage 3 frees outside forward: "
+                "use ema.averages() (the whole averages, on every rank) and set them into a model "
+                "built without stage 3, or evaluate inside `with ema.apply():`"
+            )
         averages = self.averages()
         twin = copy.deepcopy(self._layer)
         held = dict(twin.named_parameters())
@@ -854,7 +926,9 @@ class ModelEMA:
         members: dict[tuple[str, str], list[str]] = {}
         for name, average in self._averages.items():
             tensor = self._tensors[name]
-            if name not in self._non_finite and _flat.groupable(tensor, average):
+            # (a stage-3 slice is not grouped: Paddle frees its memory at the next forward, which
+            # a group's view of it would keep alive)
+            if name not in self._non_finite and name not in self._sliced and _flat.groupable(tensor, average):
                 members.setdefault((_ir.dtype_name(average), str(tensor.place)), []).append(name)
         kept = {} if regroup else {group.names: group for group in self._groups}
         groups, grouped = [], set()
@@ -875,6 +949,16 @@ class ModelEMA:
                 if name not in grouped and self._averages.get(name) is group.averages[name]:
                     self._averages[name] = group.averages[name].clone()
         self._groups = groups
+        self._grouped = grouped
+        self._plan_updates()
+        parameters = {name for name, _ in self._layer.named_parameters()}
+        self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
+        self._dtypes = {name: _ir.dtype_name(t) for name, t in self._tensors.items()}
+        self._bindings = _ir.LayerBindings.of(self._layer)
+
+    def _plan_updates(self) -> None:
+        """The averages an update runs per tensor, each with its tensor and how it is read; and
+        what tells cheaply that the model still holds those tensors as they were."""
         self._update_plan = [
             (
                 average,
@@ -884,12 +968,8 @@ class ModelEMA:
                 self._weights[_ir.dtype_name(average)],
                 name in self._non_finite,
             )
-            for name, average in self._averages.items() if name not in grouped
+            for name, average in self._averages.items() if name not in self._grouped
         ]
-        parameters = {name for name, _ in self._layer.named_parameters()}
-        self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
-        self._dtypes = {name: _ir.dtype_name(t) for name, t in self._tensors.items()}
-        self._bindings = _ir.LayerBindings.of(self._layer)
         # A tensor reshaped or cast in place (paddle.assign(x, output=weight), weight.cast_(...)) is
         # the same object: its shape and element size tell (a float16/bfloat16 swap needs nothing).
         self._metas = [(t, t.shape, t.element_size()) for t in self._tensors.values()]
@@ -928,9 +1008,13 @@ class ModelEMA:
             # While averages (this EMA's or another's) are applied, restore binds back what apply
             # saw: following what a forward bound meanwhile would adopt what restore then removes.
             return False
+        if self._slices is not None:
+            self._follow_slices()
         if self._model_unchanged():
             return True
         params = dict(self._layer.named_parameters())
+        if self._slices is not None:
+            params.update(self._slices.local(self._sliced))
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
         held = {**params, **buffers} if self._buffers_too else params
         current = {}
@@ -991,6 +1075,20 @@ class ModelEMA:
             self._start_average(name, self._as_if_always_held)
         self._pair_for_updates()
         return True
+
+    def _follow_slices(self) -> None:
+        """Under stage 3: average the slices the model holds now (Paddle wraps each in a new object
+        after every step, and a forward gives it new memory).
+
+        Raises:
+            RuntimeError: a parameter is held whole (see ``_sharding.Slices.local``); nothing is
+                changed then.
+        """
+        now = self._slices.local(self._sliced)
+        moved = [n for n in self._sliced if now[n] is not self._tensors[n]]
+        if moved:
+            self._tensors.update((n, now[n]) for n in moved)
+            self._plan_updates()
 
     def _as_if_always_held(self, tensor: Any, dtype: str) -> Any:
         """The average ``tensor`` would have if it had always held its value: ``c * tensor``, which

@@ -215,7 +215,8 @@ class PostHocEMA:
         snapshot_dtype: ``"float32"`` (default) or ``"float64"``.
         sharding: As in :class:`~paddle_ema.ModelEMA`: under Paddle's dygraph sharding stage 1/2,
             each rank averages only what its optimizer partition updates; every snapshot gathers
-            the averages (every rank calls :meth:`update`).
+            the averages (every rank calls :meth:`update`). Under stage 3 pass the wrapped model
+            and no ``sharding``: each rank averages its slices, and snapshots gather them.
         offload: As in :class:`~paddle_ema.ModelEMA`: keep every tracked EMA's averages in host
             memory (a PostHocEMA keeps one copy of the model per width).
 
@@ -288,9 +289,9 @@ class PostHocEMA:
                      buffers=buffers, sigma_rel=None, sharding=sharding, offload=offload)
             for g in gammas
         ]
-        partition = self._emas[0]._partition
+        layout = self._emas[0]._layout
         # One writer: every process writing its own run into one directory would mix the runs.
-        self._writes = (partition.rank if partition is not None else paddle.distributed.get_rank()) == 0
+        self._writes = (layout.rank if layout is not None else paddle.distributed.get_rank()) == 0
         found = None
         if self._writes and os.path.isdir(snapshot_dir):
             found = _snapshots.Manifest.read(os.fspath(snapshot_dir))
@@ -374,13 +375,14 @@ class PostHocEMA:
             raise RuntimeError("a synthesized EMA is already applied; call restore() before applying again")
         for ema in self._emas:
             ema._follow_model()
-        tensors = self._emas[0]._averaged_tensors()
+        first = self._emas[0]
+        tensors = first._averaged_tensors()
         totals, _ = _snapshots.combine(self._dir, self._written(), sigma_rel, step)
         for name, total in totals.items():
-            if name in tensors and list(total.shape) != list(tensors[name].shape):
+            if name in tensors and list(total.shape) != first._whole_shape(name, tensors[name]):
                 raise ValueError(
                     f"the snapshots hold {name!r} as {list(total.shape)}, the model as "
-                    f"{list(tensors[name].shape)}; synthesize at a step after the change"
+                    f"{first._whole_shape(name, tensors[name])}; synthesize at a step after the change"
                 )
         kept = sorted(set(tensors) - set(totals))
         if kept:
@@ -391,12 +393,11 @@ class PostHocEMA:
         def prepare() -> _apply.EagerSwap:
             with paddle.no_grad():
                 results = {
-                    name: _ir.placed_like(
-                        paddle.to_tensor(totals[name], place=tensor.place).astype(tensor.dtype), tensor)
+                    name: _ir.placed_like(first._local_part(name, paddle.to_tensor(
+                        totals[name], place=tensor.place)).astype(tensor.dtype), tensor)
                     for name, tensor in swapped.items()
                 }
-                return _apply.EagerSwap.of(f"PostHocEMA of {type(self._emas[0]._layer).__name__}",
-                                           self._emas[0]._layer, swapped, results)
+                return first._swap(f"PostHocEMA of {type(first._layer).__name__}", swapped, results)
 
         return _apply.apply(self, prepare, self.restore, need_restore)
 
@@ -481,14 +482,14 @@ class PostHocEMA:
                 if self._writes:
                     averages = {name: a.astype(self._dtype).numpy() for name, a in kept.items()}
                     self._unwritten.append((sigma_rel, ema, ema.step, averages))
-        partition = self._emas[0]._partition
+        layout = self._emas[0]._layout
         failure = None
         try:
             self._write_unwritten()
         except Exception as error:  # (told to the other ranks, then raised here)
             failure = error
-        if partition is not None:  # every rank returns once the snapshots are written
-            partition.agree((), failure, "writing the PostHocEMA's snapshots (kept; the next update() "
+        if layout is not None:  # every rank returns once the snapshots are written
+            layout.agree((), failure, "writing the PostHocEMA's snapshots (kept; the next update() "
                             "writes them)")
         elif failure is not None:
             raise failure

@@ -328,17 +328,3 @@ def test_an_optimizer_whose_partition_holds_none_of_the_model_is_refused(dygraph
     ema = paddle_ema.ModelEMA(with_buffer, 0.9, parameters=["_mean"],
                               sharding=_fake_stage2(with_buffer, lambda name: 1))
     assert ema.names == ["_mean"] and ema._elsewhere == []
-
-
-def test_a_stage_3_model_is_refused_with_the_reason(dygraph):
-    import paddle
-
-    import paddle_ema
-
-    class GroupShardedStage3(paddle.nn.Layer):  # (what group_sharded_parallel's p_g_os returns)
-        def __init__(self, layer):
-            super().__init__()
-            self._layer = layer
-
-    with pytest.raises(ValueError, match=r"level='p_g_os'\) \(stage 3\), which frees"):
-        paddle_ema.ModelEMA(GroupShardedStage3(paddle.nn.Linear(3, 2)), 0.9)
