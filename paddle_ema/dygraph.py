@@ -302,10 +302,6 @@ class ModelEMA:
         refused = next(filter(None, (self._cannot_offload(n, candidates[n]) for n in names)), None)
         if refused:
             raise ValueError(refused)
-        # Under a sharded optimizer: the owner (global rank) of each partitioned averaged
-        # parameter, in the model's order (the order of every gather, the same on every rank), and
-        # those another rank averages. What the optimizer does not partition (buffers, frozen
-        # parameters) is averaged on every rank, each its own, as the ranks' models hold them.
         stage3 = _sharding.stage3_wrapper(model)
         if stage3 is not None and sharding is not None:
             raise ValueError(
@@ -313,10 +309,21 @@ class ModelEMA:
                 "the model itself: build ModelEMA(model, ...) without sharding= (each rank then "
                 "averages its slices of the parameters)"
             )
-        self._partition = None if sharding is None else _sharding.Partition.of(sharding)
+        cut = [n for n in names if getattr(candidates[n], "fw_storage", None) is not None]
+        if stage3 is None and cut:
+            raise ValueError(
+                f"the model's {_select.some_names(cut)} are cut into slices by "
+                "group_sharded_parallel(level='p_g_os') (stage 3), which frees them outside forward: "
+                "pass the model group_sharded_parallel returned, not the Layer it wraps"
+            )
         # Under stage 3: each rank averages its slices of the parameters Paddle cuts (read anew at
         # every call: Paddle wraps a slice in a new object each step), the others whole.
         self._slices = None if stage3 is None else _sharding.Slices.of(stage3, self._layer)
+        # Under a sharded optimizer: the owner (global rank) of each partitioned averaged
+        # parameter, in the model's order (the order of every gather, the same on every rank), and
+        # those another rank averages. What the optimizer does not partition (buffers, frozen
+        # parameters) is averaged on every rank, each its own, as the ranks' models hold them.
+        self._partition = None if sharding is None else _sharding.Partition.of(sharding)
         self._layout: _sharding.Layout | None = self._partition or self._slices
         sliced = set() if self._slices is None else set(self._slices.params)
         frozen_sliced = [n for n in [*names, *self._copied]

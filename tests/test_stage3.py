@@ -189,6 +189,13 @@ class _FakeStage3(paddle.nn.Layer):
 GroupShardedStage3 = type("GroupShardedStage3", (_FakeStage3,), {})  # (the name ModelEMA looks for)
 
 
+def test_the_layer_stage_3_wraps_is_refused_naming_what_to_pass(dygraph):
+    layer = paddle.nn.Linear(4, 3)
+    GroupShardedStage3(layer)
+    with pytest.raises(ValueError, match=r"'s weight are cut .* pass the model group_sharded_parallel"):
+        paddle_ema.ModelEMA(layer, 0.9)
+
+
 def test_a_frozen_sliced_parameter_is_refused_unless_excluded(dygraph):
     layer = paddle.nn.Linear(4, 3)
     layer.weight.stop_gradient = True
