@@ -11,7 +11,13 @@ the median of ``--repeats`` repeats, it measures each EMA's state (bytes of its 
 ``update()``, one ``with ema.apply(): pass`` and ``averages()``, and the training step (forward,
 backward, ``optimizer.step()``, ``clear_grad()``), with the paddle.distributed collectives each call
 makes. It checks that the sharded EMA's gathered averages are bit-equal to the unsharded one's.
-See benchmarks/README.md ("Sharding").
+
+With ``--stage3`` the model is wrapped by ``group_sharded_parallel(level="p_g_os")`` instead (stage 3,
+``segment_size`` 1024: each 64x64 weight is cut into one slice per rank, the biases stay whole; with
+the test-only CPU shim of ``tests/distributed/stage3_worker.py``, as Paddle asserts a GPU), the sharded
+EMA is ``ModelEMA(wrapped_model, 0.999)``, and the unsharded one averages an unwrapped copy of the
+model that is given the whole trained weights after every training step (gathered outside the timings),
+so that both average the same numbers. See benchmarks/README.md ("Sharding").
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from process_tree import kill_tree  # noqa: E402
 import paddle_ema
 
 HERE = Path(__file__).resolve().parent
+# Parameters of more values are cut into slices under --stage3 (fc64's weights: 4096 values each).
+STAGE3_SEGMENT = 1024
 RESULTS_DIR = HERE / "results"
 MODEL = "fc64"
 DECAY = bench_ema.DECAY  # 0.999, as the other benchmarks
@@ -89,7 +97,8 @@ def launch(args: argparse.Namespace, work: Path) -> float:
     log_dir = work / "log"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", f"--nproc_per_node={WORLD}",
            "--log_dir", str(log_dir), str(Path(__file__).resolve()), "--worker", str(work),
-           "--repeats", str(args.repeats), *(["--quick"] if args.quick else [])]
+           "--repeats", str(args.repeats), *(["--quick"] if args.quick else []),
+           *(["--stage3"] if args.stage3 else [])]
     start = time.monotonic()
     with open(work / "launch.log", "w") as out:
         proc = subprocess.Popen(cmd, env=launch_env(), cwd=work, stdout=out, stderr=subprocess.STDOUT,
@@ -120,17 +129,20 @@ def run_launcher(args: argparse.Namespace) -> None:
     versions = {r["paddle_version"] for r in ranks}
     if versions != {paddle.__version__}:
         raise SystemExit(f"the ranks ran Paddle {sorted(versions)}, this process {paddle.__version__}")
+    sharding = (f"group_sharded_parallel(level='p_g_os'), segment_size={STAGE3_SEGMENT} (stage 3)"
+                if args.stage3 else
+                f"fleet hybrid parallel, sharding_degree={WORLD} ({ranks[0]['inner_optimizer']})")
     results = {
         "kind": "sharding", **bench_ema.machine_and_run(args), "model": MODEL, "world_size": WORLD,
-        "sharding": f"fleet hybrid parallel, sharding_degree={WORLD} ({ranks[0]['inner_optimizer']})",
+        "sharding": sharding,
         "optimizer": ranks[0]["optimizer"], "launch_wall_s": wall,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "ranks": ranks,
     }
     major_minor = ".".join(paddle.__version__.split(".")[:2])
-    out = args.out or RESULTS_DIR / f"sharding-{major_minor}.json"
+    out = args.out or RESULTS_DIR / f"sharding{'-stage3' if args.stage3 else ''}-{major_minor}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"Paddle {paddle.__version__}, {MODEL}, fleet sharding stage 1 over {WORLD} CPU ranks (gloo), "
+    print(f"Paddle {paddle.__version__}, {MODEL}, {sharding} over {WORLD} CPU ranks (gloo), "
           f"per rank, ms per call (median of {args.repeats}); run took {wall:.0f} s\n")
     print(markdown(results))
     print(f"\nwrote {out}")
@@ -303,10 +315,27 @@ def apply_restore(ema: paddle_ema.ModelEMA) -> Callable[[], None]:
     return step
 
 
+def whole_weights_into(model: Any, wrapper: Any, twin: Any) -> None:
+    """Set ``twin``'s parameters to stage-3 ``model``'s whole trained weights: each sliced one
+    all-gathered from the ranks' slices (``fw_storage``) and cut to size (collective)."""
+    held = dict(twin.named_parameters())
+    with paddle.no_grad():
+        for name, param in model.named_parameters():
+            piece = getattr(param, "fw_storage", None)
+            if piece is None:
+                held[name].set_value(param)
+                continue
+            parts: list[Any] = []
+            dist.all_gather(parts, piece, group=wrapper._group)
+            held[name].set_value(paddle.concat(parts)[:math.prod(param.shape)].reshape(param.shape))
+
+
 def run_worker(args: argparse.Namespace) -> None:
     paddle.disable_static()
     paddle.set_device("cpu")
-    fleet = init_fleet()
+    fleet = None if args.stage3 else init_fleet()
+    if args.stage3:
+        dist.init_parallel_env()
     rank = dist.get_rank()
     if args.quick:
         timer = Timer(repeats=args.repeats, warmup=2, target_s=0.03, min_runs=2)
@@ -317,14 +346,25 @@ def run_worker(args: argparse.Namespace) -> None:
     # Each rank its own batch, as in data parallelism (the sharding group is the data-parallel one).
     x = paddle.to_tensor(np.random.default_rng(SEED + rank).standard_normal(shape).astype("float32"))
     opt = paddle.optimizer.AdamW(learning_rate=LEARNING_RATE, parameters=model.parameters())
-    trained, stepper = fleet.distributed_model(model), fleet.distributed_optimizer(opt)
-    inner = inner_optimizer(stepper)
-    if type(inner).__name__ != "DygraphShardingOptimizer":
-        raise SystemExit(f"expected fleet's DygraphShardingOptimizer (V1), got {type(inner).__name__}")
+    if args.stage3:
+        sys.path.insert(0, str(HERE.parent / "tests" / "distributed"))
+        from stage3_worker import _stage3_on_cpu  # (the test-only CPU shim)
+
+        twin, _ = bench_dygraph.build_model(MODEL)  # the unsharded EMA's model, given the weights
+        with _stage3_on_cpu():
+            trained, stepper, _ = dist.sharding.group_sharded_parallel(
+                model, opt, level="p_g_os", segment_size=STAGE3_SEGMENT)
+        inner = stepper
+    else:
+        twin = None
+        trained, stepper = fleet.distributed_model(model), fleet.distributed_optimizer(opt)
+        inner = inner_optimizer(stepper)
+        if type(inner).__name__ != "DygraphShardingOptimizer":
+            raise SystemExit(f"expected fleet's DygraphShardingOptimizer (V1), got {type(inner).__name__}")
     caught: list[str] = []
     with library_warnings(caught):
-        emas = {"unsharded": paddle_ema.ModelEMA(trained, DECAY),
-                "sharded": paddle_ema.ModelEMA(trained, DECAY, sharding=stepper)}
+        emas = {"unsharded": paddle_ema.ModelEMA(trained if twin is None else twin, DECAY),
+                "sharded": paddle_ema.ModelEMA(trained, DECAY, sharding=None if args.stage3 else stepper)}
 
         def train_step() -> None:
             loss = paddle.mean(paddle.square(trained(x)))
@@ -334,6 +374,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
         for _ in range(WARM_STEPS):
             train_step()
+            if twin is not None:
+                whole_weights_into(model, trained, twin)
             for ema in emas.values():
                 ema.update()
         checks = {"before_timing": compare(emas["unsharded"], emas["sharded"])}
@@ -345,9 +387,10 @@ def run_worker(args: argparse.Namespace) -> None:
         checks["after_timing"] = compare(emas["unsharded"], emas["sharded"])
     with paddle.no_grad():
         loss = float(paddle.mean(paddle.square(trained(x))))
-        finite = all(bool(paddle.isfinite(p).all()) for p in model.parameters())
+        finite = all(bool(paddle.isfinite(p).all()) for p in (model if twin is None else twin).parameters())
     report = {
         "rank": rank, "world_size": dist.get_world_size(), "paddle_version": paddle.__version__,
+        "sharded_values_per_rank": sum(math.prod(a.shape) for a in emas["sharded"]._averages.values()),
         "optimizer": type(opt).__name__, "inner_optimizer": type(inner).__name__,
         "model_sizes": bench_dygraph.model_sizes(model),
         "state": {k: ema_state(ema) for k, ema in emas.items()},
@@ -403,6 +446,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON output (default: results/sharding-<major.minor>.json)")
     parser.add_argument("--repeats", type=int, default=9, help="repeats per timing; 9 or more to commit")
     parser.add_argument("--quick", action="store_true", help="few short runs per repeat (smoke test)")
+    parser.add_argument("--stage3", action="store_true",
+                        help="group_sharded_parallel(level='p_g_os') instead of fleet's stage 1")
     parser.add_argument("--worker", metavar="DIR",
                         help="run as one rank under paddle.distributed.launch, writing DIR/rank<r>.json")
     args = parser.parse_args()
