@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import paddle
 
-from paddle_ema import _apply, _flat, _graph, _interrupts, _ir, _select, _sharding, schedule
+from paddle_ema import _apply, _flat, _graph, _interrupts, _ir, _masters, _select, _sharding, schedule
 from paddle_ema._select import short_repr
 
 __all__ = ["ModelEMA"]
@@ -185,6 +185,14 @@ class ModelEMA:
             back to each tensor's device. The numbers are the same as without it. On a CPU run it
             changes nothing: the averages are in host memory either way. Not with auto-parallel
             DistTensors, whose averages are placed like them.
+        master_weights: The optimizer that trains the model with float32 master weights of its
+            float16/bfloat16 parameters (``multi_precision=True``; under ``sharding``, the
+            sharded optimizer): the average of such a parameter then follows its master weight,
+            not the parameter rounded to 16 bits (a step smaller than the parameter's rounding,
+            which the rounded parameter does not show, moves the average). Looked up at every
+            update (the optimizer makes them at its first step, and its ``set_state_dict``
+            replaces them); a parameter with no master weight is averaged as it is. The applied
+            values are cast to the parameter's dtype; the master weights are never written.
 
     Raises:
         TypeError: ``model`` is not a ``paddle.nn.Layer``, an option has the wrong type, or
@@ -237,6 +245,7 @@ class ModelEMA:
         tau: float = 2000.0,
         sharding: Any = None,
         offload: bool = False,
+        master_weights: Any = None,
     ) -> None:
         if not paddle.in_dynamic_mode():
             raise RuntimeError(
@@ -274,6 +283,7 @@ class ModelEMA:
         if not isinstance(offload, bool):
             raise TypeError(f"offload must be a bool, got {short_repr(offload)}")
         self._offload = offload
+        self._master_source = _masters.source(master_weights)
         self._schedule = schedule.Schedule.make(
             decay, threshold=warmup == "threshold", start_step=start_step,
             power=power if warmup == "power" else None, inv_gamma=inv_gamma, min_decay=min_decay,
@@ -360,6 +370,7 @@ class ModelEMA:
         # in place each update: an update allocates nothing but the casts of low-precision weights.
         self._weights: dict[str, tuple[Any, Any]] = {}
         self._non_finite: set[str] = set()  # names whose tensors held an inf or NaN when looked at
+        self._sources: dict[str, Any] = {}  # master weights averaged in place of their tensors
         self._failed: str | None = None  # why an update failed half-way (see update)
         self._init = init
         for name in names:
@@ -420,6 +431,7 @@ class ModelEMA:
             self._calls += 1
             return
         self._follow_model()  # (a model it cannot follow changes nothing)
+        self._follow_master_weights()
         call = self._calls + 1  # counted once every average took it
         weight = self._next_weight(call)
         with paddle.no_grad(), _interrupts.SigintDeferred():
@@ -963,15 +975,28 @@ class ModelEMA:
         self._dtypes = {name: _ir.dtype_name(t) for name, t in self._tensors.items()}
         self._bindings = _ir.LayerBindings.of(self._layer)
 
+    def _follow_master_weights(self) -> None:
+        """With ``master_weights``: average each low-precision tensor's float32 master weight, as
+        the optimizer holds it now, in place of the tensor."""
+        if self._master_source is None:
+            return
+        low = {n: self._tensors[n] for n, dtype in self._dtypes.items() if dtype in _masters.LOW_PRECISION}
+        found = _masters.lookup(self._master_source, low)
+        if found.keys() != self._sources.keys() or any(found[n] is not self._sources[n] for n in found):
+            self._sources = found
+            self._plan_updates()
+
     def _plan_updates(self) -> None:
-        """The averages an update runs per tensor, each with its tensor and how it is read; and
-        what tells cheaply that the model still holds those tensors as they were."""
+        """The averages an update runs per tensor, each with what it reads (its tensor, or the
+        tensor's master weight) and how; and what tells cheaply that the model still holds those
+        tensors as they were."""
+        read = {name: self._sources.get(name, self._tensors[name]) for name in self._averages}
         self._update_plan = [
             (
                 average,
-                self._tensors[name],
-                self._tensors[name].dtype != average.dtype,
-                not _ir.same_place(average, self._tensors[name]),
+                read[name],
+                read[name].dtype != average.dtype,
+                not _ir.same_place(average, read[name]),
                 self._weights[_ir.dtype_name(average)],
                 name in self._non_finite,
             )

@@ -70,6 +70,8 @@ class PowerEMA(ModelEMA):
         sharding: As in :class:`~paddle_ema.ModelEMA`: under Paddle's dygraph sharding stage 1/2,
             each rank averages only what its optimizer partition updates.
         offload: As in :class:`~paddle_ema.ModelEMA`: keep the averages in host memory.
+        master_weights: As in :class:`~paddle_ema.ModelEMA`: the optimizer whose float32 master
+            weights of float16/bfloat16 parameters are averaged in their place.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -107,12 +109,13 @@ class PowerEMA(ModelEMA):
         buffers: bool = True,
         sharding: Any = None,
         offload: bool = False,
+        master_weights: Any = None,
     ) -> None:
         self._gamma = _exponent(sigma_rel, gamma)
         # decay 0 bounds the schedule's weights at 1, so set_state_dict accepts a bias correction of
         # exactly 1 after the first update (the first power-function update copies) and 0 before.
         super().__init__(model, 0.0, update_every=update_every, parameters=parameters, exclude=exclude,
-                         buffers=buffers, sharding=sharding, offload=offload)
+                         buffers=buffers, sharding=sharding, offload=offload, master_weights=master_weights)
 
     @property
     def gamma(self) -> float:
@@ -219,6 +222,7 @@ class PostHocEMA:
             and no ``sharding``: each rank averages its slices, and snapshots gather them.
         offload: As in :class:`~paddle_ema.ModelEMA`: keep every tracked EMA's averages in host
             memory (a PostHocEMA keeps one copy of the model per width).
+        master_weights: As in :class:`~paddle_ema.ModelEMA`.
 
     Raises:
         TypeError, ValueError: an argument is of the wrong type or out of range (named).
@@ -258,6 +262,7 @@ class PostHocEMA:
         snapshot_dtype: str = "float32",
         sharding: Any = None,
         offload: bool = False,
+        master_weights: Any = None,
     ) -> None:
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
             raise TypeError(
@@ -286,7 +291,8 @@ class PostHocEMA:
             raise ValueError(f"snapshot_dir {os.fspath(snapshot_dir)!r} is a file; pass a directory")
         self._emas = [
             PowerEMA(model, gamma=g, update_every=update_every, parameters=parameters, exclude=exclude,
-                     buffers=buffers, sigma_rel=None, sharding=sharding, offload=offload)
+                     buffers=buffers, sigma_rel=None, sharding=sharding, offload=offload,
+                     master_weights=master_weights)
             for g in gammas
         ]
         layout = self._emas[0]._layout

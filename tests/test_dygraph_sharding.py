@@ -60,6 +60,7 @@ def test_each_rank_averages_what_it_owns_and_gathers_the_rest(tmp_path, mode):
         assert set(report["kept_names"]) == owned[r] | {"scale"}, report
         assert set(report["averaged_names"]) == set(report["kept_names"])
         assert report["collectives_in_updates"] == {}, report  # no communication per update
+        assert report["master_weights_of"], "master_weights= does not find the optimizer that steps"
         kept = _part(ranks[r][0], "kept/")
         assert set(kept) == set(report["kept_names"])
         for name, value in kept.items():  # the matching slices of one process's EMA

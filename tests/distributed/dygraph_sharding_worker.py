@@ -356,7 +356,9 @@ def main() -> int:
     report = {"mode": args.mode, "paddle": paddle.__version__, "owned": sorted(by_id[id(p)] for p in owned),
               "wrap_s": wrap_s, "train_s": train_s, "collectives_in_updates": counts,
               "kept_names": sorted(ema._averages), "averaged_names": ema.names,
-              "kept_numel": sum(int(np.prod(a.shape)) for a in ema._averages.values())}
+              "kept_numel": sum(int(np.prod(a.shape)) for a in ema._averages.values()),
+              # (where master_weights=stepper looks for the master weights: the optimizer that steps)
+              "master_weights_of": paddle_ema._masters.source(stepper) is opt}
     if not args.single:
         report.update(
             get_rank=dist.get_rank(), world_size=dist.get_world_size(), opt_rank=opt_rank,
