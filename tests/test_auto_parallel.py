@@ -115,6 +115,43 @@ def test_a_dist_tensor_is_averaged_as_placed_in_one_process(dygraph, shard):
 
 
 @needs_paddle3
+def test_parameters_made_dist_tensors_in_place_are_followed(dygraph):
+    """shard_optimizer turns the parameters into DistTensors in place (the same objects) at its
+    first step (ShardingStage1/2) or when it wraps the optimizer (stage 3): an EMA built over the
+    dense model averages them on, placed as they are now. (Before, the flat group of the dense
+    averages failed at the next update: "_share_data_with(): incompatible function arguments".)"""
+    import paddle.distributed as dist
+
+    import paddle_ema
+
+    model = paddle.nn.Sequential(paddle.nn.Linear(4, 3), paddle.nn.Linear(3, 2))
+    mesh = dist.ProcessMesh([0], dim_names=["x"])
+    _skip_unless_one_rank_meshes_reduce(mesh)
+    ema = paddle_ema.ModelEMA(model, DECAY)
+    assert ema._groups, "no flat group: the failing path is not tested"
+    rng = np.random.default_rng(0)
+    expected = {n: np.zeros(p.shape) for n, p in model.named_parameters()}
+
+    def step():
+        with paddle.no_grad():
+            for name, p in model.named_parameters():
+                p.set_value(rng.standard_normal(p.shape).astype("float32"))
+                expected[name] = DECAY * expected[name] + (1 - DECAY) * p.numpy().astype(np.float64)
+        ema.update()
+
+    step()
+    for p in model.parameters():
+        p._to_dist_([dist.Replicate()], mesh)
+    assert all(p.is_dist() for p in model.parameters())
+    step()
+    step()
+    assert all(ema._averages[n].is_dist() for n in expected)
+    for name, value in ema.averages().items():
+        np.testing.assert_allclose(value.numpy(), expected[name] / (1 - DECAY ** 3), rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+
+
+@needs_paddle3
 @pytest.mark.parametrize("shard", ["before", "after"])
 def test_offload_refuses_dist_tensors_and_changes_nothing(dygraph, shard):
     """offload=True keeps averages in host memory; a DistTensor's average is placed like it."""
