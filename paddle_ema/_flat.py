@@ -84,9 +84,12 @@ class FlatGroup:
     model re-bound to the same names (same shapes) without copying anything. The averages may live
     on another device than the tensors (host memory, ``ModelEMA(offload=True)``): an update then
     copies each slice's concatenated tensors there, and :meth:`scaled` can copy its values back.
+    A ``transient`` group views its tensors only while an update runs (they are stage-3 slices,
+    whose memory Paddle frees at the next forward: a view kept would keep it).
     """
 
-    def __init__(self, names: Sequence[str], tensors: Sequence[Any], averages: Sequence[Any]) -> None:
+    def __init__(self, names: Sequence[str], tensors: Sequence[Any], averages: Sequence[Any],
+                 transient: bool = False) -> None:
         self.names = tuple(names)
         self.dtype = _ir.dtype_name(averages[0])
         self.flat = _ir.eager_holder()
@@ -96,6 +99,7 @@ class FlatGroup:
         self._shapes = [list(view.shape) for view in views]
         self._slices = _slices(self.flat, self._shapes, policy(averages[0]).slice_bytes)
         self._moves = not _ir.same_place(averages[0], tensors[0])
+        self._transient = transient
         self.tensors: list[Any] = []
         self._views: list[Any] = []
         self.follow(tensors)
@@ -107,6 +111,9 @@ class FlatGroup:
     def follow(self, tensors: Iterable[Any]) -> None:
         """Average ``tensors`` (the model's, by this group's names, in order) from now on."""
         tensors = list(tensors)
+        if self._transient:
+            self.tensors = tensors
+            return
         known = dict(zip(map(id, self.tensors), self._views))
         views = [known.get(id(t)) for t in tensors]
         self._views = [_ir.eager_flat_view(t) if v is None else v for t, v in zip(tensors, views)]
@@ -116,9 +123,12 @@ class FlatGroup:
         """``average += weight * (tensor - average)`` for every member, with the same two ``sgd_``
         as the per-tensor path: one over the buffer, then per slice one over its rows with the
         slice's tensors concatenated (a new block of at most :attr:`Policy.slice_bytes`)."""
-        views = self._views
-        for i in _ir.eager_views_hold(views, self.tensors):  # (a tensor given new memory)
-            views[i] = _ir.eager_flat_view(self.tensors[i])
+        if self._transient:
+            views = [_ir.eager_flat_view(t) for t in self.tensors]
+        else:
+            views = self._views
+            for i in _ir.eager_views_hold(views, self.tensors):  # (a tensor given new memory)
+                views[i] = _ir.eager_flat_view(self.tensors[i])
         _ir.eager_decay_(self.flat, weight)
         for rows, start, stop in self._slices:
             _ir.eager_gather_lerp_(rows, views[start:stop], weight_neg, self._moves)

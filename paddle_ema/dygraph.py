@@ -942,16 +942,18 @@ class ModelEMA:
         the current averages, and with ``regroup`` every group is (after averages were written by
         name: :meth:`set_state_dict`).
         """
-        members: dict[tuple[str, str], list[str]] = {}
+        members: dict[tuple[str, str, bool], list[str]] = {}
+        sliced = set(self._sliced)
         for name, average in self._averages.items():
             tensor = self._tensors[name]
-            # (a stage-3 slice is not grouped: Paddle frees its memory at the next forward, which
-            # a group's view of it would keep alive)
-            if name not in self._non_finite and name not in self._sliced and _flat.groupable(tensor, average):
-                members.setdefault((_ir.dtype_name(average), str(tensor.place)), []).append(name)
+            if name not in self._non_finite and _flat.groupable(tensor, average):
+                # (stage-3 slices in groups of their own, which hold no view of them between
+                # updates: Paddle frees a slice's memory at the next forward)
+                key = (_ir.dtype_name(average), str(tensor.place), name in sliced)
+                members.setdefault(key, []).append(name)
         kept = {} if regroup else {group.names: group for group in self._groups}
         groups, grouped = [], set()
-        for names in members.values():
+        for (_, _, transient), names in members.items():
             if len(names) < 2:
                 continue
             group = kept.get(tuple(names))
@@ -959,7 +961,7 @@ class ModelEMA:
                 group.follow(self._tensors[n] for n in names)
             else:
                 group = _flat.FlatGroup(names, [self._tensors[n] for n in names],
-                                        [self._averages[n] for n in names])
+                                        [self._averages[n] for n in names], transient=transient)
                 self._averages.update(group.averages)
             groups.append(group)
             grouped.update(names)
@@ -1123,6 +1125,8 @@ class ModelEMA:
         moved = [n for n in self._sliced if now[n] is not self._tensors[n]]
         if moved:
             self._tensors.update((n, now[n]) for n in moved)
+            for group in self._groups:
+                group.follow(self._tensors[n] for n in group.names)
             self._plan_updates()
 
     def _as_if_always_held(self, tensor: Any, dtype: str) -> Any:

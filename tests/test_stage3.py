@@ -274,3 +274,24 @@ def test_apply_swaps_the_slices_and_restore_makes_them_the_parameters_again(dygr
     assert layer.weight.fw_storage is stepped
     np.testing.assert_array_equal(stepped.numpy(), np.full([6], 3.0, "float32"))
     assert model._task_flow.full_param == {}
+
+
+def test_slices_are_averaged_in_a_group_that_keeps_no_view_of_them(dygraph):
+    """Paddle gives each slice new memory at every forward: a group's view kept between updates would
+    keep the old memory alive; the group views the slices only while it updates them."""
+    layer = paddle.nn.Sequential(paddle.nn.Linear(4, 3), paddle.nn.Linear(3, 3))
+    model = GroupShardedStage3(layer)
+    ema = paddle_ema.ModelEMA(model, 0.5)
+    (group,) = [g for g in ema._groups if "0.weight" in g.names]
+    assert set(group.names) == {"0.weight", "1.weight"} and group._transient
+    expected = {n: np.zeros(ema._slices.size[n]) for n in group.names}
+    for value in (1.0, 3.0):
+        with paddle.no_grad():  # (a step, then Paddle's new wrap of each slice, in new memory)
+            for name, param in layer.named_parameters():
+                if name in expected:
+                    param.fw_storage = paddle.full([ema._slices.size[name]], value)
+        ema.update()
+        assert group._views == [], "the group keeps views of the slices between updates"
+        for name in expected:
+            expected[name] = 0.5 * expected[name] + 0.5 * value
+            np.testing.assert_allclose(ema._averages[name].numpy(), expected[name], rtol=1e-6)
