@@ -111,8 +111,9 @@ class FlatGroup:
     def follow(self, tensors: Iterable[Any]) -> None:
         """Average ``tensors`` (the model's, by this group's names, in order) from now on."""
         tensors = list(tensors)
-        if self._transient:
+        if self._transient:  # (view objects made once, pointed at the tensors in each update)
             self.tensors = tensors
+            self._views = self._views or [_ir.eager_holder() for _ in tensors]
             return
         known = dict(zip(map(id, self.tensors), self._views))
         views = [known.get(id(t)) for t in tensors]
@@ -124,14 +125,19 @@ class FlatGroup:
         as the per-tensor path: one over the buffer, then per slice one over its rows with the
         slice's tensors concatenated (a new block of at most :attr:`Policy.slice_bytes`)."""
         if self._transient:
-            views = [_ir.eager_flat_view(t) for t in self.tensors]
+            views = [_ir.eager_flat_view(t, v) for t, v in zip(self.tensors, self._views)]
         else:
             views = self._views
             for i in _ir.eager_views_hold(views, self.tensors):  # (a tensor given new memory)
                 views[i] = _ir.eager_flat_view(self.tensors[i])
-        _ir.eager_decay_(self.flat, weight)
-        for rows, start, stop in self._slices:
-            _ir.eager_gather_lerp_(rows, views[start:stop], weight_neg, self._moves)
+        try:
+            _ir.eager_decay_(self.flat, weight)
+            for rows, start, stop in self._slices:
+                _ir.eager_gather_lerp_(rows, views[start:stop], weight_neg, self._moves)
+        finally:
+            if self._transient:
+                for view in views:
+                    _ir.eager_let_go(view)
 
     def scaled(self, factor: Any, place: Any = None) -> dict[str, Any]:
         """New tensors ``factor * average`` by name, on ``place`` (default: the averages'): two

@@ -35,6 +35,7 @@ __all__ = [
     "eager_copy",
     "eager_decay_",
     "eager_flat_view",
+    "eager_let_go",
     "eager_gather_lerp_",
     "eager_holder",
     "eager_pieces",
@@ -466,12 +467,18 @@ def eager_rows(flat: Any, start: int, stop: int) -> Any:
     return view
 
 
-def eager_flat_view(tensor: Any) -> Any:
-    """A new 1-d eager tensor sharing eager ``tensor``'s data (all its elements), with no kernel."""
-    view = eager_holder()
+def eager_flat_view(tensor: Any, view: Any = None) -> Any:
+    """A 1-d eager tensor sharing eager ``tensor``'s data (all its elements), with no kernel: ``view``
+    (an eager tensor made here earlier) pointed there, or a new one."""
+    view = eager_holder() if view is None else view
     view.get_tensor()._share_data_with(tensor.get_tensor())
     view.get_tensor()._set_dims([math.prod(tensor.shape)])
     return view
+
+
+def eager_let_go(tensor: Any) -> None:
+    """Eager ``tensor`` holds no memory from now on (the object stays, to be pointed again)."""
+    tensor._clear_data()
 
 
 def eager_views_hold(views: Sequence[Any], tensors: Sequence[Any]) -> list[int]:
