@@ -123,9 +123,13 @@ def test_groups_give_the_per_tensor_numbers_bit_for_bit(dygraph, monkeypatch, op
 
 
 def test_groups_follow_the_oracle(dygraph, rng):
-    """Against a float64 numpy reference of the threshold schedule, written from the doc."""
     model = Mixed()
-    ema = paddle_ema.ModelEMA(model, 0.9, warmup="threshold")
+    follows_the_oracle(model, paddle_ema.ModelEMA(model, 0.9, warmup="threshold"), rng)
+
+
+def follows_the_oracle(model, ema, rng):
+    """``ema`` (decay 0.9, threshold warm-up) of ``model`` (a Mixed) against a float64 numpy
+    reference of the threshold schedule, written from the doc."""
     names = ema.names
     averages = {n: np.zeros(t.shape) for n, t in numpy_state(model).items() if n in names}
     product = 1.0

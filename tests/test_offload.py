@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import pytest
-from test_flat import Mixed, numpy_state, set_random_weights
+from test_flat import Mixed, follows_the_oracle, numpy_state, set_random_weights
 
 import paddle_ema
 from paddle_ema import _ir
@@ -96,24 +96,8 @@ def test_offloaded_averages_are_the_on_device_ones_bit_for_bit(dygraph, monkeypa
 
 
 def test_offloaded_averages_follow_the_oracle(dygraph, rng):
-    """Against a float64 numpy reference of the threshold schedule, written from the doc."""
     model = Mixed()
-    ema = paddle_ema.ModelEMA(model, 0.9, warmup="threshold", offload=True)
-    averages = {n: np.zeros(t.shape) for n, t in numpy_state(model).items() if n in ema.names}
-    product = 1.0
-    for step in range(15):
-        set_random_weights(model, rng)
-        decay = min(0.9, (1 + step) / (10 + step))
-        product *= decay
-        for name, value in numpy_state(model).items():
-            if name in averages:
-                averages[name] = decay * averages[name] + (1 - decay) * value
-        ema.update()
-    got = {n: t.numpy().astype(np.float64) for n, t in ema.averages().items()}
-    for name, expected in averages.items():
-        tolerance = 1e-3 if name == "low" else 2e-6  # (float16's applied value is rounded to float16)
-        np.testing.assert_allclose(got[name], expected / (1 - product), rtol=tolerance, atol=1e-6,
-                                   err_msg=name)
+    follows_the_oracle(model, paddle_ema.ModelEMA(model, 0.9, warmup="threshold", offload=True), rng)
 
 
 def test_a_state_moves_between_offloaded_and_on_device_emas_bit_for_bit(dygraph, monkeypatch, rng):

@@ -29,6 +29,7 @@ import sys
 import numpy as np
 import paddle
 import paddle.distributed as dist
+from auto_parallel_worker import MLP, local, whole
 from dygraph_sharding_worker import counting_collectives
 from paddle.distributed.auto_parallel import api as dist_api
 
@@ -47,31 +48,8 @@ def _reshard_via_replicate(tensor, mesh, placements):
     return _reshard(tensor, mesh, placements)
 
 
-def whole(tensor) -> np.ndarray:
-    """The whole value of ``tensor`` (collective for a sharded DistTensor: every rank calls it)."""
-    if not tensor.is_dist():
-        return tensor.numpy()
-    if all(p.is_replicated() for p in tensor.placements):
-        return tensor._local_value().numpy()
-    return _reshard(tensor, tensor.process_mesh, [dist.Replicate()])._local_value().numpy()
-
-
-def local(tensor) -> np.ndarray:
-    return (tensor._local_value() if tensor.is_dist() else tensor).numpy()
-
-
 def layout(tensors: dict) -> dict:
     return {n: [str(t.placements) if t.is_dist() else None, list(local(t).shape)] for n, t in tensors.items()}
-
-
-class MLP(paddle.nn.Layer):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = paddle.nn.Linear(6, 8)
-        self.fc2 = paddle.nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc2(paddle.nn.functional.relu(self.fc1(x)))
 
 
 def main() -> int:
