@@ -361,8 +361,10 @@ class ModelEMA:
         # How tensors the model gains later are chosen (see _follow_model): by the same rule.
         self._chosen_by_name = parameters is not None
         self._exclude = list(exclude or [])
-        # (their tensors are this rank's slices)
-        self._sliced = [] if self._slices is None else [n for n in names if n in self._slices.params]
+        # The names whose tensors are this rank's slices, in the model's order (that of the gathers);
+        # a dict for the membership tests.
+        cut_up = {} if self._slices is None else self._slices.params
+        self._sliced = dict.fromkeys(n for n in names if n in cut_up)
         slices = {} if self._slices is None else self._slices.local(self._sliced)
         self._tensors = {name: slices.get(name, candidates[name]) for name in names}
         self._averages: dict[str, Any] = {}
@@ -943,13 +945,12 @@ class ModelEMA:
         name: :meth:`set_state_dict`).
         """
         members: dict[tuple[str, str, bool], list[str]] = {}
-        sliced = set(self._sliced)
         for name, average in self._averages.items():
             tensor = self._tensors[name]
             if name not in self._non_finite and _flat.groupable(tensor, average):
                 # (stage-3 slices in groups of their own, which hold no view of them between
                 # updates: Paddle frees a slice's memory at the next forward)
-                key = (_ir.dtype_name(average), str(tensor.place), name in sliced)
+                key = (_ir.dtype_name(average), str(tensor.place), name in self._sliced)
                 members.setdefault(key, []).append(name)
         kept = {} if regroup else {group.names: group for group in self._groups}
         groups, grouped = [], set()
@@ -1050,8 +1051,7 @@ class ModelEMA:
         if self._model_unchanged():
             return True
         params = dict(self._layer.named_parameters())
-        if self._slices is not None:
-            params.update(self._slices.local(self._sliced))
+        params.update((n, self._tensors[n]) for n in self._sliced)  # (the slices _follow_slices read)
         buffers = {n: b for n, b in self._layer.named_buffers() if b is not None}
         held = {**params, **buffers} if self._buffers_too else params
         current = {}

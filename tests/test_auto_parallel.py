@@ -42,6 +42,27 @@ def _sharded_linear():
     return model, mesh, shard
 
 
+def _ranks(out, stem: str) -> list[tuple[dict[str, np.ndarray], dict]]:
+    """Each rank's arrays and JSON report, from ``out/<stem>_<rank>.npz``."""
+    ranks = []
+    for r in range(2):
+        data = dict(np.load(out / f"{stem}_{r}.npz"))
+        ranks.append((data, json.loads(str(data.pop("report")))))
+    return ranks
+
+
+def _numpy_ema(data, names, steps) -> dict[str, np.ndarray]:
+    """The reference: a float64 EMA from zero (not bias-corrected) of the whole weights a run
+    recorded after every step (``step<k>/<name>``)."""
+    expected = {}
+    for name in names:
+        average = np.zeros_like(data[f"step0/{name}"], dtype=np.float64)
+        for step in range(steps):
+            average = DECAY * average + (1 - DECAY) * data[f"step{step}/{name}"].astype(np.float64)
+        expected[name] = average
+    return expected
+
+
 def _skip_unless_one_rank_meshes_reduce(mesh) -> None:
     """Skip where Paddle reduces no sharded DistTensor outside ``paddle.distributed.launch`` (3.0)."""
     try:
@@ -222,20 +243,11 @@ def test_each_rank_averages_its_piece_of_the_sharded_weights(tmp_path, shard):
     launch = [python, "-m", "paddle.distributed.launch", "--nproc_per_node=2", "--log_dir", log]
     wall = _run([*launch, str(WORKER), str(out), "--shard", shard], env, tmp_path / "launch.log")
     print(f"\n{ir_mode()} auto parallel, sharded {shard} the EMA: 2-process run {wall:.1f}s")
-    ranks = []
-    for r in range(2):
-        data = dict(np.load(out / f"auto_{shard}_{r}.npz"))
-        ranks.append((data, json.loads(str(data.pop("report")))))
+    ranks = _ranks(out, f"auto_{shard}")
     names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
     sharded = {"fc1.weight": "[Shard(dim=1)]", "fc1.bias": "[Shard(dim=0)]", "fc2.weight": "[Shard(dim=0)]"}
-    # The reference: a float64 EMA from zero of the whole weights after every step, bias-corrected.
     data0 = ranks[0][0]
-    expected = {}
-    for name in names:
-        average = np.zeros_like(data0[f"step0/{name}"], dtype=np.float64)
-        for step in range(STEPS):
-            average = DECAY * average + (1 - DECAY) * data0[f"step{step}/{name}"].astype(np.float64)
-        expected[name] = average / (1 - DECAY ** STEPS)
+    expected = {n: a / (1 - DECAY ** STEPS) for n, a in _numpy_ema(data0, names, STEPS).items()}
     for r, (data, report) in enumerate(ranks):
         assert report["num_updates"] == STEPS
         for name, placements in sharded.items():
@@ -291,17 +303,9 @@ def test_an_ema_of_the_dense_model_follows_shard_optimizer(tmp_path, stage):
     _run([*launch, str(HERE / "autoshard_worker.py"), str(out), "--stage", str(stage)], env,
          tmp_path / "launch.log")
     names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
-    ranks = []
-    for r in range(2):
-        data = dict(np.load(out / f"autoshard_s{stage}_{r}.npz"))
-        ranks.append((data, json.loads(str(data.pop("report")))))
+    ranks = _ranks(out, f"autoshard_s{stage}")
     data0 = ranks[0][0]
-    expected = {}
-    for name in names:
-        average = np.zeros_like(data0[f"step0/{name}"], dtype=np.float64)
-        for step in range(STEPS_AUTOSHARD):
-            average = DECAY * average + (1 - DECAY) * data0[f"step{step}/{name}"].astype(np.float64)
-        expected[name] = average
+    expected = _numpy_ema(data0, names, STEPS_AUTOSHARD)
     placement = "[Shard(dim=0)]" if stage == 3 else "[Replicate()]"
     for r, (data, report) in enumerate(ranks):
         assert report["collectives_in_updates"] == {}, report

@@ -11,7 +11,6 @@ that stopped half-way; training goes on as if nothing had been applied.
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 
@@ -19,6 +18,7 @@ import numpy as np
 import paddle
 import pytest
 from test_distributed import HERE, _env, _run
+from test_dygraph_sharding import _load, _part
 
 import paddle_ema
 
@@ -29,15 +29,6 @@ WORKER = HERE / "stage3_worker.py"
 SLICED = ["body.0.weight", "body.2.weight", "body.4.weight"]
 SLICE = 32  # values per rank: each weight padded to 64 (256-byte alignment), cut in two
 DECAY, STEPS = 0.9, 6
-
-
-def _load(path) -> tuple[dict[str, np.ndarray], dict]:
-    data = dict(np.load(path))
-    return data, json.loads(str(data.pop("report")))
-
-
-def _part(data: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
 
 
 def _cut(whole: np.ndarray, rank: int) -> np.ndarray:
