@@ -13,16 +13,21 @@ the optimizer once:
 * ``paddle.distributed.sharding.group_sharded_parallel`` at levels ``"os"`` and ``"os_g"``
   (``GroupShardedOptimizerStage2``): its ``param2rank`` and ``_group``.
 
-Stage 3 (``group_sharded_parallel`` level ``"p_g_os"``, ``GroupShardedStage3``) splits the
-parameters themselves: every parameter larger than the wrapper's ``segment_size`` is cut into equal
-flat slices, padded, one per rank (``param.fw_storage``, a new object after each step), and the
-parameter itself is freed outside forward. :class:`Slices` reads that layout from the wrapped model:
-each rank averages its slice of every such parameter, and the slices are gathered (one
-``all_gather`` per dtype) where a full model is needed. Parameters up to ``segment_size`` stay whole
-on every rank.
+Two layouts cut the parameters themselves into flat pieces, one per rank (:class:`Slices`): each
+rank averages its pieces, with no communication per update, and the pieces are gathered (one
+``all_gather`` per dtype) where a full model is needed.
 
-Private attributes, present from Paddle 2.6 to 3.3. Fleet's ``DygraphShardingOptimizerV2``
-(``split_param``) and tensor fusion are refused with the reason.
+* Stage 3 (``group_sharded_parallel`` level ``"p_g_os"``, ``GroupShardedStage3``, :class:`Stage3`):
+  every parameter larger than the wrapper's ``segment_size`` is cut into equal flat slices, padded,
+  one per rank (``param.fw_storage``, a new object after each step), and the parameter itself is
+  freed outside forward; apply swaps each rank's averaged slices in. Parameters up to
+  ``segment_size`` stay whole on every rank.
+* Fleet's ``DygraphShardingOptimizerV2`` (``sharding_configs.split_param``, :class:`SplitParams`):
+  the parameters are views of padded flat buffers, each rank's optimizer updates its share of each
+  buffer, and the step all-gathers them; apply swaps the gathered whole averages in.
+
+Private attributes, present from Paddle 2.6 to 3.3. Fleet's tensor fusion (``tensor_fusion``) is
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import paddle
 
 from paddle_ema import _ir
 from paddle_ema._select import short_repr
 
-__all__ = ["Layout", "Partition", "Slices", "layout_code", "stage3_wrapper"]
+__all__ = ["Layout", "Partition", "Slices", "SplitParams", "Stage3", "layout_code", "split_params",
+           "stage3_wrapper"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +113,10 @@ class Partition(Layout):
         fused = getattr(inner, "tensor_fusion", False) or getattr(inner, "_split_param", False)
         if kind in _SPLITTING or fused:
             raise ValueError(
-                f"sharding={type(optimizer).__name__}: this optimizer splits parameters or fuses them "
-                "into buffers, which ModelEMA's sharding does not follow yet; build the EMA without "
-                "sharding= (each rank then keeps a full copy) or shard with stage 1/2 "
-                "(sharding_degree with split_param=False and tensor_fusion=False, or "
+                f"sharding={type(optimizer).__name__}: this optimizer fuses the parameters into "
+                "buffers (tensor_fusion), which ModelEMA's sharding does not follow yet; build the "
+                "EMA without sharding= (each rank then keeps a full copy) or shard without "
+                "tensor_fusion (sharding_degree, with or without split_param, or "
                 "group_sharded_parallel level 'os'/'os_g')"
             )
         if kind == "DygraphShardingOptimizer":
@@ -187,7 +193,7 @@ def layout_code(owners: dict[str, int], specs: dict[str, tuple[Sequence[int], st
 
 
 _KNOWN = ("DygraphShardingOptimizer", "DygraphShardingOptimizerV2", "GroupShardedOptimizerStage2")
-_SPLITTING = ("DygraphShardingOptimizerV2", "GroupShardedOptimizerStage3")
+_SPLITTING = ("DygraphShardingOptimizerV2", "GroupShardedOptimizerStage3")  # (see SplitParams, Stage3)
 
 
 def stage3_wrapper(model: Any) -> Any | None:
@@ -204,29 +210,100 @@ def stage3_wrapper(model: Any) -> Any | None:
 
 @dataclasses.dataclass(frozen=True)
 class Slices(Layout):
-    """Stage 3 (``GroupShardedStage3``): by structured name, the parameters cut into slices (each
-    rank's is ``param.fw_storage``, flat and padded, of ``size`` elements), with this rank's
-    ``(start, stop)`` in the padded flat parameter."""
+    """Parameters cut into flat pieces, one per rank, each padded flat parameter being the pieces of
+    ranks 0, 1, ... end to end: by structured name, the parameters (``params``), this rank's
+    ``(start, stop)`` in the padded flat parameter (``rows``) and every rank's piece size, in group
+    rank order (``sizes``; a rank may hold none of a parameter)."""
 
     params: dict[str, Any]
-    size: dict[str, int]
     rows: dict[str, tuple[int, int]]
-    task_flow: Any  # (where a forward keeps the whole parameters it gathered)
+    sizes: dict[str, tuple[int, ...]]
+
+    # Whether apply swaps each rank's averaged pieces into the model (stage 3: its forward gathers
+    # them), or the whole averages, gathered first (the parameters are whole between steps).
+    swaps_pieces: ClassVar[bool] = False
+
+    def local(self, names: Sequence[str], held: dict[str, Any]) -> dict[str, Any]:
+        """This rank's pieces of parameters ``names``, as the model holds them now; ``held`` are
+        those read last time, returned again where they still are the pieces."""
+        raise NotImplementedError
+
+    def put_back(self, pieces: dict[str, Any]) -> None:
+        """Make ``pieces`` (this rank's, by name, which an apply set aside) the parameters' again,
+        once their trained data is back in them."""
+
+    def cut(self, name: str, whole: Any) -> Any:
+        """This rank's piece of parameter ``name``'s whole value ``whole`` (any shape of its size),
+        padded with zeros as Paddle pads it."""
+        flat = whole.reshape([-1])
+        start, stop = self.rows[name]
+        numel = int(flat.shape[0])
+        if stop <= numel:
+            return flat[start:stop].clone()
+        padding = paddle.zeros([stop - max(start, numel)], dtype=flat.dtype)
+        return paddle.concat([flat[start:numel], padding]) if start < numel else padding
+
+    def whole(self, pieces: dict[str, Any]) -> dict[str, Any]:
+        """The whole values of parameters from every rank's ``pieces`` (each rank its own, of the
+        same names in the same order on every rank): one ``all_gather`` per dtype of the pieces
+        concatenated (each rank's padded to the longest). Collective: every rank of the group calls
+        it."""
+        by_dtype: dict[str, list[str]] = {}
+        for name, piece in pieces.items():
+            by_dtype.setdefault(_ir.dtype_name(piece), []).append(name)
+        out = {}
+        for dtype, names in by_dtype.items():
+            lengths = [sum(self.sizes[n][r] for n in names) for r in range(self.world_size)]
+            longest = max(lengths)
+            if not longest:  # (nothing to send; Paddle 2.6 cannot gather an empty tensor)
+                for name in names:
+                    out[name] = paddle.zeros(list(self.params[name].shape), dtype)
+                continue
+            parts = [pieces[n].reshape([-1]) for n in names if self.sizes[n][self.rank]]
+            if longest > lengths[self.rank]:
+                parts.append(paddle.zeros([longest - lengths[self.rank]], dtype))
+            flat = parts[0] if len(parts) == 1 else paddle.concat(parts)
+            blocks: list[Any] = []
+            paddle.distributed.all_gather(blocks, flat, group=self.group)
+            held: dict[str, list[Any]] = {n: [] for n in names}
+            for rank, block in enumerate(blocks):
+                sized = [n for n in names if self.sizes[n][rank]]
+                shapes = [[self.sizes[n][rank]] for n in sized]
+                if longest > lengths[rank]:
+                    shapes.append([longest - lengths[rank]])
+                for name, piece in zip(sized, _ir.eager_pieces(block, shapes)):
+                    held[name].append(piece)
+            for name in names:
+                shape = list(self.params[name].shape)
+                padded = paddle.concat(held[name]) if len(held[name]) > 1 else held[name][0]
+                out[name] = padded[:math.prod(shape)].reshape(shape)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage3(Slices):
+    """Stage 3 (``GroupShardedStage3``): the parameters cut into slices, each rank's being
+    ``param.fw_storage`` (flat, padded, the same size on every rank)."""
+
+    task_flow: Any = None  # (where a forward keeps the whole parameters it gathered)
+
+    swaps_pieces: ClassVar[bool] = True
 
     @classmethod
-    def of(cls, wrapper: Any, layer: Any) -> Slices:
+    def of(cls, wrapper: Any, layer: Any) -> Stage3:
         """The slices of ``wrapper`` (what ``group_sharded_parallel(level="p_g_os")`` returned),
         whose inner Layer is ``layer``, as they are now (between steps: each sliced parameter has
         its ``fw_storage``)."""
         group = wrapper._group
         rank, world_size = int(group.rank), int(group.nranks)
         params = {n: p for n, p in layer.named_parameters() if getattr(p, "fw_storage", None) is not None}
-        sizes = {n: int(wrapper._param2buffer_size[p.name]) // world_size for n, p in params.items()}
+        sizes = {n: (int(wrapper._param2buffer_size[p.name]) // world_size,) * world_size
+                 for n, p in params.items()}
         rows = {n: tuple(map(int, wrapper._param2buffer[p.name][rank])) for n, p in params.items()}
-        return cls("group_sharded_parallel stage 3", group, rank, world_size, params, sizes, rows,
+        return cls("group_sharded_parallel stage 3", group, rank, world_size, params, rows, sizes,
                    wrapper._task_flow)
 
-    def local(self, names: Sequence[str]) -> dict[str, Any]:
+    def local(self, names: Sequence[str], held: dict[str, Any]) -> dict[str, Any]:
         """The slices on this rank of the sliced parameters ``names``, as the model holds them now
         (a frozen one the EMA leaves out may be whole: stage 3 keeps those sliced only until the
         first backward).
@@ -239,7 +316,7 @@ class Slices(Layout):
         for name in names:
             param = self.params[name]
             piece = getattr(param, "fw_storage", None)
-            if piece is None or list(piece.shape) != [self.size[name]]:
+            if piece is None or list(piece.shape) != [self.sizes[name][self.rank]]:
                 raise RuntimeError(
                     f"stage 3 holds {name!r} gathered whole, not as this rank's slice (inside a "
                     "forward, or after one that stopped half-way): call the EMA between training "
@@ -247,36 +324,6 @@ class Slices(Layout):
                 )
             found[name] = piece
         return found
-
-    def cut(self, name: str, whole: Any) -> Any:
-        """This rank's slice of parameter ``name``'s whole value ``whole`` (any shape of its size),
-        padded with zeros as Paddle pads it."""
-        flat = whole.reshape([-1])
-        start, stop = self.rows[name]
-        numel = int(flat.shape[0])
-        if stop <= numel:
-            return flat[start:stop].clone()
-        padding = paddle.zeros([stop - max(start, numel)], dtype=flat.dtype)
-        return paddle.concat([flat[start:numel], padding]) if start < numel else padding
-
-    def whole(self, pieces: dict[str, Any]) -> dict[str, Any]:
-        """The whole values of sliced parameters from every rank's ``pieces`` (each rank its slice,
-        of the same names in the same order on every rank): one ``all_gather`` per dtype of the
-        pieces concatenated. Collective: every rank of the group calls it."""
-        by_dtype: dict[str, list[str]] = {}
-        for name, piece in pieces.items():
-            by_dtype.setdefault(_ir.dtype_name(piece), []).append(name)
-        out = {}
-        for names in by_dtype.values():
-            flat = paddle.concat([pieces[n].reshape([-1]) for n in names])
-            blocks: list[Any] = []
-            paddle.distributed.all_gather(blocks, flat, group=self.group)
-            per_rank = [_ir.eager_pieces(block, [[self.size[n]] for n in names]) for block in blocks]
-            for i, name in enumerate(names):
-                shape = list(self.params[name].shape)
-                padded = paddle.concat([rank_pieces[i] for rank_pieces in per_rank])
-                out[name] = padded[:math.prod(shape)].reshape(shape)
-        return out
 
     def put_back(self, pieces: dict[str, Any]) -> None:
         """Make ``pieces`` (this rank's slices, by name) the parameters' slices again, as Paddle
@@ -295,3 +342,95 @@ class Slices(Layout):
                 param.status = "part"
                 param.use_count = 0
             param.fw_storage = piece
+
+
+def split_params(optimizer: Any) -> Any | None:
+    """The ``DygraphShardingOptimizerV2`` that ``optimizer`` is or wraps (fleet hybrid parallel with
+    ``sharding_configs.split_param``), or None."""
+    inner = optimizer
+    while inner is not None:
+        if type(inner).__name__ == "DygraphShardingOptimizerV2":
+            return inner
+        inner = getattr(inner, "_inner_opt", None)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitParams(Slices):
+    """Fleet's ``DygraphShardingOptimizerV2`` (``split_param``): the trained parameters are views of
+    flat buffers (``param_storage`` of each comm buffer, every parameter padded), each rank's
+    optimizer updates its equal share of each buffer, and the step all-gathers the buffers, so the
+    parameters are whole on every rank between steps. A rank's piece of a parameter is where the
+    parameter's padded span in the buffer meets the rank's share: none, part or all of it.
+    ``spans[name]`` is the comm buffer and this rank's ``(begin, end)`` in it."""
+
+    spans: dict[str, tuple[Any, int, int]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, optimizer: Any, layer: Any) -> SplitParams:
+        """The pieces of ``layer``'s parameters that ``optimizer`` (a ``DygraphShardingOptimizerV2``)
+        gives each rank.
+
+        Raises:
+            ValueError: the optimizer fills its buffers later (``pp_configs.sharding_comm_overlap``:
+                pipeline parallel's), or holds none of ``layer``'s parameters.
+        """
+        if getattr(optimizer, "pp_overlap", False) or not optimizer._comm_buffer_list:
+            raise ValueError(
+                "sharding=: this DygraphShardingOptimizerV2 builds its buffers inside pipeline "
+                "parallel (pp_configs.sharding_comm_overlap), which ModelEMA's sharding does not "
+                "follow; build the EMA without sharding= (each rank then keeps a full copy)"
+            )
+        group = optimizer._hcg.get_sharding_parallel_group()
+        rank, world_size = int(group.rank), int(group.nranks)
+        by_name = {p.name: n for n, p in layer.named_parameters()}
+        params, rows, sizes, spans = {}, {}, {}, {}
+        for buffer in optimizer._comm_buffer_list:
+            share = int(buffer.param_storage.shape[0]) // world_size
+            for param in buffer.params:
+                name = by_name.get(param.name)
+                if name is None:
+                    continue
+                view = buffer._sharding_param_grad_view[param.name]
+                first, last = int(view._index), int(view._index) + int(view._padded_size)
+                bounds = [(max(first, r * share), min(last, (r + 1) * share)) for r in range(world_size)]
+                begin, end = bounds[rank]
+                params[name] = param
+                sizes[name] = tuple(max(0, stop - start) for start, stop in bounds)
+                rows[name] = (begin - first, max(begin, end) - first)
+                spans[name] = (buffer, begin, max(begin, end))
+        if not params:
+            raise ValueError(
+                "sharding=: this DygraphShardingOptimizerV2 trains none of the model's parameters; "
+                "pass the sharded optimizer that trains this model"
+            )
+        return cls("fleet sharding split_param", group, rank, world_size, params, rows, sizes,
+                   spans)
+
+    def local(self, names: Sequence[str], held: dict[str, Any]) -> dict[str, Any]:
+        """Views of this rank's pieces of parameters ``names`` in their buffers (an empty tensor
+        where the rank holds none); those of ``held`` that still view their buffer are kept.
+
+        Raises:
+            RuntimeError: a buffer holds no memory (released by ``clear_param_storage``).
+        """
+        found = {}
+        for name in names:
+            buffer, begin, end = self.spans[name]
+            storage = buffer.param_storage
+            before = held.get(name)
+            if before is not None and (begin == end or _ir.eager_views_hold([before], [storage]) == []):
+                found[name] = before
+            elif not _ir.holds_memory(storage):
+                raise RuntimeError(
+                    f"the sharding optimizer has released the buffer that holds {name!r} "
+                    "(clear_param_storage): call the EMA between training steps, after "
+                    "optimizer.step()"
+                )
+            elif begin == end:
+                found[name] = paddle.zeros([0], _ir.dtype_name(storage))
+            else:
+                found[name] = _ir.eager_rows(storage, begin, end)
+                # (the name of the optimizer's slice of the parameter, which keys its master weight)
+                found[name].name = self.params[name].name
+        return found

@@ -48,9 +48,9 @@ def _check(ema: Any, format: str) -> None:
         )
     if ema._slices is not None:
         raise ValueError(
-            f"the {format} files hold the model's whole weights, which stage 3 "
-            "(group_sharded_parallel level 'p_g_os') keeps cut across the ranks: compat does not "
-            "gather them yet; save ema.consolidated_state_dict() (every rank calls it) instead"
+            f"the {format} files hold the model's whole weights, which {ema._slices.kind} keeps "
+            "cut across the ranks: compat does not gather them yet; save "
+            "ema.consolidated_state_dict() (every rank calls it) instead"
         )
 
 

@@ -26,11 +26,13 @@ _DEFAULT_POWER = 2 / 3
 
 def _inner_layer(model: Any) -> Any:
     """``model`` with the wrappers of Paddle's parallel training looked through: ``paddle.DataParallel``
-    and fleet's (``fleet.distributed_model``: ``_layers``), ``group_sharded_parallel``'s (``_layer``;
-    under stage 3 the EMA reads the parameters' slices, see ``_sharding.Slices``)."""
+    and fleet's (``fleet.distributed_model``, ``MixPrecisionLayer``: ``_layers``),
+    ``group_sharded_parallel``'s (``_layer``; under stage 3 the EMA reads the parameters' slices, see
+    ``_sharding.Stage3``)."""
     while True:
         wrappers = {cls.__name__ for cls in type(model).__mro__}
-        if isinstance(model, paddle.DataParallel) or "MetaParallelBase" in wrappers:
+        if (isinstance(model, paddle.DataParallel) or "MetaParallelBase" in wrappers
+                or "MixPrecisionLayer" in wrappers):
             model = model._layers
         elif "GroupShardedStage2" in wrappers or "GroupShardedStage3" in wrappers:
             model = model._layer
@@ -177,7 +179,10 @@ class ModelEMA:
             wrapped model and no ``sharding``: each rank averages its slices of the parameters
             Paddle cuts (and the others whole); :meth:`apply` swaps each rank's slices, which the
             model's forward gathers; :meth:`averages` and :meth:`consolidated_state_dict` gather
-            the slices (one ``all_gather`` per dtype; every rank calls them). See
+            the slices (one ``all_gather`` per dtype; every rank calls them). Under fleet's
+            ``split_param`` (``DygraphShardingOptimizerV2``) each rank averages its piece of each
+            parameter (where its optimizer's share of the flat buffers meets the parameter), and
+            the pieces are gathered as under stage 3; :meth:`apply` swaps the whole averages in. See
             docs/large-models.md.
         offload: Keep the averages (and update them) in host memory, for runs whose device memory
             is full: an update copies the model's tensors to the host (one copy per flat slice or
@@ -199,8 +204,8 @@ class ModelEMA:
             ``sharding`` is not one of the sharded optimizers above.
         ValueError: an option is out of range, ``inv_gamma``/``power`` are given without
             ``warmup="power"``, a name matches nothing, nothing is left to average, or
-            ``sharding`` splits or fuses the parameters themselves (``split_param``, tensor
-            fusion: not supported yet) or its partition holds none of the model's trainable
+            ``sharding`` fuses the parameters into buffers (``tensor_fusion``: not supported
+            yet) or its partition holds none of the model's trainable
             parameters, or is given with a stage-3 model; a stage-3 model's sliced parameter does
             not train and ``frozen`` is not ``"exclude"``; or ``offload=True`` over a model
             holding auto-parallel DistTensors.
@@ -328,12 +333,18 @@ class ModelEMA:
             )
         # Under stage 3: each rank averages its slices of the parameters Paddle cuts (read anew at
         # every call: Paddle wraps a slice in a new object each step), the others whole.
-        self._slices = None if stage3 is None else _sharding.Slices.of(stage3, self._layer)
+        # Under fleet's split_param: each rank averages its pieces of the parameters (views of the
+        # optimizer's buffers, read anew when a buffer gets new memory), the others whole.
+        split = None if sharding is None else _sharding.split_params(sharding)
+        self._slices: _sharding.Slices | None = (
+            _sharding.Stage3.of(stage3, self._layer) if stage3 is not None else
+            _sharding.SplitParams.of(split, self._layer) if split is not None else None)
         # Under a sharded optimizer: the owner (global rank) of each partitioned averaged
         # parameter, in the model's order (the order of every gather, the same on every rank), and
         # those another rank averages. What the optimizer does not partition (buffers, frozen
         # parameters) is averaged on every rank, each its own, as the ranks' models hold them.
-        self._partition = None if sharding is None else _sharding.Partition.of(sharding)
+        self._partition = (None if sharding is None or split is not None
+                           else _sharding.Partition.of(sharding))
         self._layout: _sharding.Layout | None = self._partition or self._slices
         sliced = set() if self._slices is None else set(self._slices.params)
         frozen_sliced = [n for n in [*names, *self._copied]
@@ -365,7 +376,7 @@ class ModelEMA:
         # a dict for the membership tests.
         cut_up = {} if self._slices is None else self._slices.params
         self._sliced = dict.fromkeys(n for n in names if n in cut_up)
-        slices = {} if self._slices is None else self._slices.local(self._sliced)
+        slices = {} if self._slices is None else self._slices.local(self._sliced, {})
         self._tensors = {name: slices.get(name, candidates[name]) for name in names}
         self._averages: dict[str, Any] = {}
         # The step weight w and -w per average dtype, 0-d (it broadcasts to any shape), refilled
@@ -516,9 +527,9 @@ class ModelEMA:
         failure, values, specs = None, {}, {}
         try:
             values = local()
-            if self._slices is not None:  # (every rank holds a slice of each, of the same size)
+            if self._slices is not None:  # (every rank holds a piece of each, maybe empty)
                 owners = dict.fromkeys(self._sliced, 0)
-                specs = {n: ([self._slices.size[n]], _ir.dtype_name(values[n])) for n in self._sliced}
+                specs = {n: (self._slices.sizes[n], _ir.dtype_name(values[n])) for n in self._sliced}
             else:
                 owners = self._owners
                 params = dict(self._layer.named_parameters())
@@ -600,7 +611,7 @@ class ModelEMA:
                 # New tensors holding the averages (the one pass apply makes); the trained tensors
                 # are set aside as they are (no copy).
                 # (stage 3: each rank swaps its slices, which the model's forward gathers)
-                results = corrected() if self._slices is not None else self._whole(corrected)
+                results = corrected() if self._swaps_pieces() else self._whole(corrected)
                 bindings = self._bindings if bindings_hold else None  # (else taken anew)
                 tensors = self._averaged_tensors()
                 if self._elsewhere:
@@ -609,12 +620,17 @@ class ModelEMA:
 
         return _apply.apply(self, prepare, self.restore, need_restore)
 
+    def _swaps_pieces(self) -> bool:
+        """Whether apply swaps this rank's averaged pieces of the parameters into the model (stage
+        3), rather than whole values."""
+        return self._slices is not None and self._slices.swaps_pieces
+
     def _swap(self, label: str, tensors: dict[str, Any], results: dict[str, Any],
               bindings: Any = None) -> _apply.EagerSwap:
         """The swap of ``results`` into the model's ``tensors`` (see :class:`_apply.EagerSwap`);
         under stage 3, its restore makes the trained slices the parameters' again."""
         swap = _apply.EagerSwap.of(label, self._layer, tensors, results, bindings)
-        if self._slices is not None:
+        if self._swaps_pieces():
             slices = {n: tensors[n] for n in self._sliced if n in tensors}
             swap.after_swap_back = lambda: self._slices.put_back(slices)
         return swap
@@ -625,17 +641,19 @@ class ModelEMA:
         return list((self._slices.params[name] if name in self._sliced else tensor).shape)
 
     def _local_part(self, name: str, whole: Any) -> Any:
-        """What this rank holds of tensor ``name``'s whole value ``whole``: under stage 3 its
-        slice, else ``whole``."""
-        return self._slices.cut(name, whole) if name in self._sliced else whole
+        """What apply swaps into tensor ``name`` for its whole value ``whole``: under stage 3 this
+        rank's slice, else ``whole``."""
+        return self._slices.cut(name, whole) if name in self._sliced and self._swaps_pieces() else whole
 
     def _averaged_tensors(self) -> dict[str, Any]:
-        """The model's tensors this EMA averages, by name: under ``sharding``, those whose averages
-        other ranks keep too."""
-        if not self._elsewhere:
+        """The model's tensors that apply swaps, by name: under ``sharding``, also those whose
+        averages other ranks keep; under ``split_param``, the whole parameters this rank averages
+        pieces of."""
+        if not self._elsewhere and (not self._sliced or self._swaps_pieces()):
             return self._tensors
         params = dict(self._layer.named_parameters())
-        return {**self._tensors, **{n: params[n] for n in self._elsewhere}}
+        whole = {} if self._swaps_pieces() else {n: params[n] for n in self._sliced}
+        return {**self._tensors, **whole, **{n: params[n] for n in self._elsewhere}}
 
     def restore(self) -> None:
         """Put back the weights that :meth:`apply` backed up. Does nothing (logs a warning) if
@@ -808,7 +826,7 @@ class ModelEMA:
                     "one process's state_dict())"
                 )
             averages = {n: v for n, v in averages.items() if n not in set(self._elsewhere)}
-        if saved is None and self._slices is not None:  # (a whole state: this rank's slices of it)
+        if saved is None and self._slices is not None:  # (a whole state: this rank's pieces of it)
             averages = dict(averages)
             for name in self._sliced:
                 value = averages.get(name)
@@ -820,7 +838,7 @@ class ModelEMA:
                         f"the state's average of {name!r} is {short_repr(value)}, not a tensor of its "
                         f"parameter's shape {list(self._slices.params[name].shape)}: a whole state "
                         "(ModelEMA.consolidated_state_dict(), or one process's state_dict()) loads "
-                        "under stage 3, each rank taking its slices"
+                        f"under {self._slices.kind}, each rank taking its pieces"
                     )
         return averages
 
@@ -882,7 +900,7 @@ class ModelEMA:
             RuntimeError: as :meth:`averages`; or the model is sharded by stage 3 (its parameters
                 are freed outside forward: there is nothing to copy).
         """
-        if self._slices is not None:
+        if self._swaps_pieces():
             raise RuntimeError(
                 "averaged_model() copies the model, whose parameters stage 3 frees outside forward: "
                 "use ema.averages() (the whole averages, on every rank) and set them into a model "
@@ -1121,7 +1139,7 @@ class ModelEMA:
             RuntimeError: a parameter is held whole (see ``_sharding.Slices.local``); nothing is
                 changed then.
         """
-        now = self._slices.local(self._sliced)
+        now = self._slices.local(self._sliced, self._tensors)
         moved = [n for n in self._sliced if now[n] is not self._tensors[n]]
         if moved:
             self._tensors.update((n, now[n]) for n in moved)

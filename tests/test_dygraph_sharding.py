@@ -329,3 +329,93 @@ def test_an_optimizer_whose_partition_holds_none_of_the_model_is_refused(dygraph
     ema = paddle_ema.ModelEMA(with_buffer, 0.9, parameters=["_mean"],
                               sharding=_fake_stage2(with_buffer, lambda name: 1))
     assert ema.names == ["_mean"] and ema._elsewhere == []
+
+
+def _padded(value: np.ndarray, stop: int) -> np.ndarray:
+    flat = value.reshape(-1)
+    return np.concatenate([flat, np.zeros(max(0, stop - flat.size), flat.dtype)])
+
+
+def test_split_param_each_rank_averages_its_pieces_and_gathers_the_whole(tmp_path):
+    """Fleet's DygraphShardingOptimizerV2 (split_param), under MixPrecisionLayer as PaddleNLP trains
+    (the worker shims its buffers and gloo's reduce-scatter for the CPU, with a 16-byte alignment so
+    that the ranks' shares cut a weight mid-way and one share ends in padding). Each rank keeps the
+    average of its piece of each parameter: the matching piece of one process's EMA (the padding
+    averages 0), about half of the values; no collective in an update. averages(), apply, the
+    consolidated state equal one process's on both ranks; restore is bit-exact and leaves the
+    weights in the optimizer's buffers, so training goes on as in one process; a whole state
+    (one process's) resumes, each rank taking its pieces."""
+    python, env, out = sys.executable, _env(), tmp_path / "out"
+    _run([python, str(WORKER), str(out), "--mode", "fleet2", "--single"], env, tmp_path / "single.log")
+    saved = out / "whole_fleet2_single.pdparams"
+    wall = _run([python, "-m", "paddle.distributed.launch", "--nproc_per_node=2", "--log_dir",
+                 str(tmp_path / "log"), str(WORKER), str(out), "--mode", "fleet2", "--resume", str(saved)],
+                env, tmp_path / "launch.log")
+    ranks = [_load(out / f"sharding_fleet2_{r}.npz") for r in range(2)]
+    single, single_report = _load(out / "sharding_fleet2_single.npz")
+    reports = [report for _, report in ranks]
+    print(f"\n{ir_mode()} dygraph sharding split_param: 2-process run {wall:.1f}s; values kept per "
+          f"rank {[r['kept_numel'] for r in reports]} of {single_report['kept_numel']}")
+
+    weights = _part(single, "weight/")
+    for data, _ in ranks:
+        for prefix in ("weight/", "after_weight/"):  # the training: ranks agree, and with one process
+            for name, value in _part(single, prefix).items():
+                np.testing.assert_array_equal(data[prefix + name], ranks[0][0][prefix + name])
+                np.testing.assert_allclose(data[prefix + name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # Each rank's pieces: where its share meets each padded flat parameter, the shares end to end.
+    rows = [report["rows"] for report in reports]
+    assert set(rows[0]) == set(weights)
+    for name in weights:  # (the pieces a rank holds, in rank order, end to end from 0)
+        spans = [tuple(rows[r][name]) for r in range(2) if rows[r][name][0] < rows[r][name][1]]
+        ends = [0] + [stop for _, stop in spans]
+        assert [start for start, _ in spans] == ends[:-1] and ends[-1] >= weights[name].size, (name, rows)
+    assert 0 < rows[0]["body.2.weight"][1] < weights["body.2.weight"].size  # (cut mid-way)
+    assert rows[1]["body.4.bias"][1] > weights["body.4.bias"].size  # (a share ending in padding)
+    for r, report in enumerate(reports):
+        assert report["collectives_in_updates"] == {}, report
+        assert report["buffers_hold_the_weights"], report
+        kept = _part(ranks[r][0], "kept/")
+        assert set(kept) == set(weights) | {"scale"}
+        for name, (start, stop) in rows[r].items():
+            expected = _padded(single[f"kept/{name}"], stop)[start:stop]
+            assert kept[name].shape == (stop - start,), name
+            np.testing.assert_allclose(kept[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(kept["scale"], single["kept/scale"], rtol=1e-6)
+    full = single_report["kept_numel"]
+    assert max(r["kept_numel"] for r in reports) < 0.6 * full
+
+    # Every rank gets every average whole, bit-equal across ranks, equal to one process's.
+    for prefix in ("average/", "whole/", "resumed/", "after_average/"):
+        expected = _part(single, "average/" if prefix == "resumed/" else prefix)
+        for data, _ in ranks:
+            got = _part(data, prefix)
+            assert set(got) == set(expected), prefix
+            for name, value in got.items():
+                np.testing.assert_array_equal(value, _part(ranks[0][0], prefix)[name], err_msg=name)
+                if prefix == "resumed/":  # (one process's state, cut into pieces and gathered)
+                    np.testing.assert_array_equal(value, expected[name], err_msg=name)
+                np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for data, _ in ranks:
+        for name in weights:
+            np.testing.assert_array_equal(data[f"applied/{name}"], data[f"average/{name}"], err_msg=name)
+            np.testing.assert_array_equal(data[f"restored/{name}"], data[f"weight/{name}"], err_msg=name)
+    # PowerEMA and PostHocEMA (snapshots gathered from the pieces) as in one process; PostHocEMA's
+    # apply swaps whole synthesized weights in and restores them bit for bit.
+    for data, _ in ranks:
+        for prefix in ("power/", "posthoc_synth/"):
+            expected = _part(single, prefix)
+            assert set(_part(data, prefix)) == set(expected) and len(expected) == 7, prefix
+            for name, value in expected.items():
+                np.testing.assert_array_equal(data[prefix + name], ranks[0][0][prefix + name], err_msg=name)
+                np.testing.assert_allclose(data[prefix + name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        for name in weights:
+            np.testing.assert_array_equal(data[f"posthoc_applied/{name}"], data[f"posthoc_synth/{name}"])
+            np.testing.assert_array_equal(data[f"posthoc_restored/{name}"], data[f"weight/{name}"])
+    for r, report in enumerate(reports):
+        assert "which fleet sharding split_param keeps cut across the ranks" in report["compat_refused"]
+        assert report["shard_label"] == {"kind": "fleet sharding split_param", "rank": r, "world_size": 2}
+        assert report["same_after_shard"] and report["same_after_whole"], report
+        assert "resumes only on the rank and layout that saved it" in report["foreign_refused"], report
+        assert report["unchanged_after_refusal"], report

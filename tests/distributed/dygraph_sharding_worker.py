@@ -2,11 +2,15 @@
 with a paddle_ema.ModelEMA given the sharded optimizer (``sharding=``).
 
     python -m paddle.distributed.launch --nproc_per_node=2 --log_dir LOG \
-        dygraph_sharding_worker.py OUT --mode fleet1|os|os_g
+        dygraph_sharding_worker.py OUT --mode fleet1|fleet2|os|os_g
     python dygraph_sharding_worker.py OUT --mode MODE --single  # one process, one unsharded EMA
 
 Modes:
   fleet1  fleet hybrid parallel, ``sharding_degree=2``: DygraphShardingOptimizer (V1, stage 1). Stock.
+  fleet2  the same with ``sharding_configs.split_param``: DygraphShardingOptimizerV2, which cuts the
+          parameters' padded flat buffers into one share per rank; under MixPrecisionLayer/
+          MixPrecisionOptimizer (float32 weights, main_grad), as PaddleNLP trains. Needs the
+          test-only CPU shim in ``_split_param_on_cpu``.
   os      ``paddle.distributed.sharding.group_sharded_parallel(level="os")`` (stage 1; Paddle runs it as
   os_g    stage 2, ``level="os_g"``); both need the test-only CPU shim in ``_group_sharded_on_cpu``.
 
@@ -116,6 +120,41 @@ def _group_sharded_on_cpu():
             setattr(owner, name, value)
 
 
+class _Done:
+    """A finished communication task."""
+
+    def wait(self):
+        return True
+
+
+def _split_param_on_cpu():
+    """Test-only shim: lets DygraphShardingOptimizerV2 (split_param) run on a CPU-only build, for the
+    rest of the process. Each patch is needed (without it, on 3.3.1):
+
+    * tensor_fusion_helper pads each parameter in the buffers to the device's alignment and asserts
+      the device: "AssertionError: tensor fusion helper now only support dict_keys(['gpu', 'npu',
+      'xpu']), but got device cpu instead" ("... device unknown ..." once "cpu" is in the table). A
+      16-byte alignment (GPUs: 256), so that the ranks' shares cut this small model's parameters
+      mid-way and one share ends in padding (Paddle 2.6 pads by the "gpu" entry on any device).
+    * gloo has no reduce-scatter: "NotImplementedError: (Unimplemented) ProcessGroupGLOO does not
+      support reduce_scatter with sync_op flag". That module's reduce_scatter all-reduces the
+      gradient buffer and keeps the rank's share, which is what a reduce-scatter leaves there.
+    """
+    from paddle.distributed.fleet.utils import tensor_fusion_helper as fusion
+
+    def reduce_scatter(out, full, op=dist.ReduceOp.SUM, group=None, sync_op=True):
+        dist.all_reduce(full, op=op, group=group)
+        share = int(full.shape[0]) // group.nranks
+        mine = full._slice(share * group.rank, share * (group.rank + 1))
+        if not out._is_shared_buffer_with(full):
+            out.copy_(mine, False)
+        return _Done()
+
+    fusion.alignment.update(cpu=16, gpu=16)
+    fusion.__current_device_type__ = "cpu"
+    fusion.paddle = _Patched(paddle, distributed=_Patched(paddle.distributed, reduce_scatter=reduce_scatter))
+
+
 def wrap(mode: str, model, opt):
     """(trained layer, optimizer to step, sharding facts): the facts are this rank's ``owned`` param
     objects, the sharding ``group``, ``owner`` (param.name -> owner's global rank) and ``opt_rank``
@@ -135,6 +174,21 @@ def wrap(mode: str, model, opt):
         assert {id(p) for p in opt._parameter_list} == {id(p) for p in owned}
         owner = {name: group.ranks[r] for name, r in inner._param2rank.items()}
         return trained, wrapped, owned, group, owner, opt_rank
+    if mode == "fleet2":
+        from paddle.distributed import fleet
+        from paddle.distributed.fleet.utils import mix_precision_utils as mix
+
+        trained = fleet.distributed_model(mix.MixPrecisionLayer(model, dtype="bfloat16"))
+        wrapped = fleet.distributed_optimizer(mix.MixPrecisionOptimizer(opt))
+        inner = wrapped._inner_opt
+        assert type(inner).__name__ == "DygraphShardingOptimizerV2", type(inner)
+        hcg = fleet.get_hybrid_communicate_group()
+        group, opt_rank = hcg.get_sharding_parallel_group(), hcg.get_sharding_parallel_rank()
+        # (owned: the parameters whose padded span in the buffers meets this rank's share)
+        owned = [p for buffer in inner._comm_buffer_list for p in buffer.params
+                 if buffer._sharding_param_grad_view[p.name]._param_begin
+                 < buffer._sharding_param_grad_view[p.name]._param_end]
+        return trained, wrapped, owned, group, None, opt_rank
     with _group_sharded_on_cpu():
         trained, wrapped, _ = dist.sharding.group_sharded_parallel(model, opt, level=mode)
     group, opt_rank = wrapped._group, wrapped._rank  # GroupShardedOptimizerStage2
@@ -274,7 +328,7 @@ def check_against_reference(ema, reference, model, report: dict, others: dict, o
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--mode", choices=["fleet1", "os", "os_g"], required=True)
+    parser.add_argument("--mode", choices=["fleet1", "fleet2", "os", "os_g"], required=True)
     parser.add_argument("--single", action="store_true")
     parser.add_argument("--resume", help="a whole EMA state (paddle.save) to load before training")
     parser.add_argument("--batch-norm", action="store_true",
@@ -282,11 +336,14 @@ def main() -> int:
     args = parser.parse_args()
     paddle.set_device("cpu")
     if not args.single:
-        if args.mode == "fleet1":
+        if args.mode in ("fleet1", "fleet2"):
             from paddle.distributed import fleet
 
             strategy = fleet.DistributedStrategy()
             strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": 1, "pp_degree": 1, "sharding_degree": 2}
+            if args.mode == "fleet2":
+                strategy.hybrid_configs["sharding_configs"].split_param = True
+                _split_param_on_cpu()
             fleet.init(is_collective=True, strategy=strategy)
         else:
             dist.init_parallel_env()
@@ -306,6 +363,12 @@ def main() -> int:
     ema = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold",
                               sharding=None if args.single else stepper)
     reference, others = None, {}
+    if args.mode == "fleet2":  # (PowerEMA and PostHocEMA keep pieces too; checked against one process)
+        phema = os.path.join(args.out, f"phema_fleet2_{'single' if args.single else 2}")
+        sharding = None if args.single else stepper
+        others = {"power": paddle_ema.PowerEMA(trained, 0.1, sharding=sharding),
+                  "posthoc": paddle_ema.PostHocEMA(trained, snapshot_dir=phema, snapshot_every=3,
+                                                   sharding=sharding)}
     if args.batch_norm:
         reference = paddle_ema.ModelEMA(trained, 0.9, warmup="threshold")
         phema = os.path.join(args.out, f"phema_{args.mode}")
@@ -324,14 +387,18 @@ def main() -> int:
         resumed = {f"resumed/{n}": a.numpy() for n, a in ema.averages().items()}
         ema.reset()
     counts: dict = {}
-    start = time.perf_counter()
-    for _ in range(STEPS):
+
+    def train_step():
         x = rng.standard_normal((2 * LOCAL_BATCH, 5)).astype("float32")
         y = rng.standard_normal((2 * LOCAL_BATCH, 3)).astype("float32")
         loss = (trained(paddle.to_tensor(x[mine])) - paddle.to_tensor(y[mine])).square().mean()
         loss.backward()
         stepper.step()
         stepper.clear_grad()
+
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        train_step()
         with counting_collectives(counts):
             ema.update()
         if reference is not None:
@@ -340,6 +407,9 @@ def main() -> int:
             others["power_reference"].update()
             others["posthoc"].update()
             others["posthoc_reference"].update()
+        elif others:
+            others["power"].update()
+            others["posthoc"].update()
     train_s = time.perf_counter() - start
     if reference is not None:
         report = {"kept_names": sorted(ema._averages), "collectives_in_updates": counts}
@@ -348,7 +418,7 @@ def main() -> int:
         os.makedirs(args.out, exist_ok=True)
         np.savez(os.path.join(args.out, f"batch_norm_{args.mode}_{rank}.npz"), **result)
         return 0
-    if args.mode != "fleet1" and not args.single:
+    if args.mode in ("os", "os_g") and not args.single:
         # The same partition as the stage-2 layer sees it (filled on the first forward, not at wrap).
         assert trained._trainable_param2rank == stepper.param2rank, trained._trainable_param2rank
 
@@ -363,7 +433,7 @@ def main() -> int:
         report.update(
             get_rank=dist.get_rank(), world_size=dist.get_world_size(), opt_rank=opt_rank,
             group_ranks=list(group.ranks), group_rank=group.rank, group_nranks=group.nranks,
-            owner={n: owner[p.name] for n, p in named.items()},
+            owner={n: owner[p.name] for n, p in named.items()} if owner is not None else None,
             rank_numbering_agrees=(group.ranks[opt_rank] == dist.get_rank() and group.rank == opt_rank
                                    and group.get_group_rank(dist.get_rank()) == opt_rank))
     result = {f"weight/{n}": p.numpy() for n, p in named.items()}
@@ -374,7 +444,27 @@ def main() -> int:
     with ema.apply():
         result.update({f"applied/{n}": t.numpy() for n, t in held.items()})
     result.update({f"restored/{n}": t.numpy() for n, t in held.items()})
+    if others:
+        result.update({f"power/{n}": a.numpy() for n, a in others["power"].averages().items()})
+        synthesized = others["posthoc"].synthesize(0.07)
+        result.update({f"posthoc_synth/{n}": t.numpy() for n, t in synthesized.items()})
+        with others["posthoc"].apply(0.07):
+            result.update({f"posthoc_applied/{n}": t.numpy() for n, t in named.items()})
+        result.update({f"posthoc_restored/{n}": t.numpy() for n, t in named.items()})
+        try:
+            paddle_ema.compat.save(ema, os.path.join(args.out, "ppdet_fleet2"), format="ppdet")
+        except ValueError as error:
+            report["compat_refused"] = str(error)
     whole = check_states(ema, report) if not args.single else ema.state_dict()
+    if args.mode == "fleet2" and not args.single:
+        buffers = stepper._inner_opt._comm_buffer_list
+        report["rows"] = {n: list(r) for n, r in ema._slices.rows.items()}
+        report["buffers_hold_the_weights"] = all(
+            p._is_shared_buffer_with(b.param_storage) for b in buffers for p in b.params)
+    train_step()  # (training goes on after apply/restore and the state round trips, as in one process)
+    ema.update()
+    result.update({f"after_weight/{n}": p.numpy() for n, p in named.items()})
+    result.update({f"after_average/{n}": a.numpy() for n, a in ema.averages().items()})
     os.makedirs(args.out, exist_ok=True)
     if rank == 0:
         layout = "single" if args.single else 2
