@@ -401,8 +401,8 @@ def test_split_param_each_rank_averages_its_pieces_and_gathers_the_whole(tmp_pat
         for name in weights:
             np.testing.assert_array_equal(data[f"applied/{name}"], data[f"average/{name}"], err_msg=name)
             np.testing.assert_array_equal(data[f"restored/{name}"], data[f"weight/{name}"], err_msg=name)
-    # PowerEMA and PostHocEMA (snapshots gathered from the pieces) as in one process; PostHocEMA's
-    # apply swaps whole synthesized weights in and restores them bit for bit.
+    # averaged_model(); PowerEMA and PostHocEMA (snapshots gathered from the pieces) as in one
+    # process; PostHocEMA's apply swaps whole synthesized weights in and restores them bit for bit.
     for data, _ in ranks:
         for prefix in ("power/", "posthoc_synth/"):
             expected = _part(single, prefix)
@@ -411,6 +411,7 @@ def test_split_param_each_rank_averages_its_pieces_and_gathers_the_whole(tmp_pat
                 np.testing.assert_array_equal(data[prefix + name], ranks[0][0][prefix + name], err_msg=name)
                 np.testing.assert_allclose(data[prefix + name], value, rtol=1e-5, atol=1e-6, err_msg=name)
         for name in weights:
+            np.testing.assert_array_equal(data[f"twin/{name}"], data[f"average/{name}"])  # averaged_model()
             np.testing.assert_array_equal(data[f"posthoc_applied/{name}"], data[f"posthoc_synth/{name}"])
             np.testing.assert_array_equal(data[f"posthoc_restored/{name}"], data[f"weight/{name}"])
     for r, report in enumerate(reports):

@@ -451,6 +451,8 @@ def main() -> int:
         with others["posthoc"].apply(0.07):
             result.update({f"posthoc_applied/{n}": t.numpy() for n, t in named.items()})
         result.update({f"posthoc_restored/{n}": t.numpy() for n, t in named.items()})
+        twin = ema.averaged_model()
+        result.update({f"twin/{n}": t.numpy() for n, t in twin.named_parameters()})
         try:
             paddle_ema.compat.save(ema, os.path.join(args.out, "ppdet_fleet2"), format="ppdet")
         except ValueError as error:
