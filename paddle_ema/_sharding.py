@@ -7,9 +7,10 @@ communication per update; the full averages are gathered only where a full model
 (``averages()``, ``apply()``, a consolidated state). A :class:`Partition` reads the partition from
 the optimizer once:
 
-* fleet hybrid parallel with ``sharding_degree`` (``DygraphShardingOptimizer``, stage 1): its
-  ``_param2rank`` (parameter name to sharding rank) and the hybrid communicate group's sharding
-  group (``_hcg.get_sharding_parallel_group()``), as its own parameter broadcast reads them;
+* fleet hybrid parallel with ``sharding_degree`` (``DygraphShardingOptimizer``, stage 1, with or
+  without ``tensor_fusion``): its ``_param2rank`` (parameter name to sharding rank) and the hybrid
+  communicate group's sharding group (``_hcg.get_sharding_parallel_group()``), as its own parameter
+  broadcast reads them;
 * ``paddle.distributed.sharding.group_sharded_parallel`` at levels ``"os"`` and ``"os_g"``
   (``GroupShardedOptimizerStage2``): its ``param2rank`` and ``_group``.
 
@@ -26,8 +27,10 @@ rank averages its pieces, with no communication per update, and the pieces are g
   the parameters are views of padded flat buffers, each rank's optimizer updates its share of each
   buffer, and the step all-gathers them; apply swaps the gathered whole averages in.
 
-Private attributes, present from Paddle 2.6 to 3.3. Fleet's tensor fusion (``tensor_fusion``) is
-refused with the reason.
+Under fleet's ``tensor_fusion`` (stage 1) the parameters are views of one fused buffer per owner,
+and the owner broadcasts them as before: the partition is the same kind.
+
+Private attributes, present from Paddle 2.6 to 3.3.
 """
 
 from __future__ import annotations
@@ -110,14 +113,10 @@ class Partition(Layout):
         while type(inner).__name__ not in _KNOWN and getattr(inner, "_inner_opt", None) is not None:
             inner = inner._inner_opt
         kind = type(inner).__name__
-        fused = getattr(inner, "tensor_fusion", False) or getattr(inner, "_split_param", False)
-        if kind in _SPLITTING or fused:
+        if kind in _SPLITTING:
             raise ValueError(
-                f"sharding={type(optimizer).__name__}: this optimizer fuses the parameters into "
-                "buffers (tensor_fusion), which ModelEMA's sharding does not follow yet; build the "
-                "EMA without sharding= (each rank then keeps a full copy) or shard without "
-                "tensor_fusion (sharding_degree, with or without split_param, or "
-                "group_sharded_parallel level 'os'/'os_g')"
+                f"sharding={type(optimizer).__name__}: this optimizer cuts the parameters themselves; "
+                "ModelEMA reads its layout itself (see paddle_ema._sharding.SplitParams and Stage3)"
             )
         if kind == "DygraphShardingOptimizer":
             group = inner._hcg.get_sharding_parallel_group()

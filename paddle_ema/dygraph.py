@@ -204,11 +204,11 @@ class ModelEMA:
             ``sharding`` is not one of the sharded optimizers above.
         ValueError: an option is out of range, ``inv_gamma``/``power`` are given without
             ``warmup="power"``, a name matches nothing, nothing is left to average, or
-            ``sharding`` fuses the parameters into buffers (``tensor_fusion``: not supported
-            yet) or its partition holds none of the model's trainable
-            parameters, or is given with a stage-3 model; a stage-3 model's sliced parameter does
-            not train and ``frozen`` is not ``"exclude"``; or ``offload=True`` over a model
-            holding auto-parallel DistTensors.
+            ``sharding``'s partition holds none of the model's trainable parameters, or it is
+            given with a stage-3 model, or it is fleet's ``split_param`` inside pipeline parallel
+            (``pp_configs.sharding_comm_overlap``); a stage-3 model's sliced parameter does not
+            train and ``frozen`` is not ``"exclude"``; or ``offload=True`` over a model holding
+            auto-parallel DistTensors.
         RuntimeError: called in static-graph mode (use ExponentialMovingAverage there).
 
     Example:

@@ -2,12 +2,14 @@
 with a paddle_ema.ModelEMA given the sharded optimizer (``sharding=``).
 
     python -m paddle.distributed.launch --nproc_per_node=2 --log_dir LOG \
-        dygraph_sharding_worker.py OUT --mode fleet1|fleet2|os|os_g
+        dygraph_sharding_worker.py OUT --mode fleet1|fleet1f|fleet2|os|os_g
     python dygraph_sharding_worker.py OUT --mode MODE --single  # one process, one unsharded EMA
 
 Modes:
   fleet1  fleet hybrid parallel, ``sharding_degree=2``: DygraphShardingOptimizer (V1, stage 1). Stock.
-  fleet2  the same with ``sharding_configs.split_param``: DygraphShardingOptimizerV2, which cuts the
+  fleet1f the same with ``sharding_configs.tensor_fusion``: each rank's parameters are views of one
+          fused buffer. Needs the test-only CPU shim in ``_tensor_fusion_on_cpu``.
+  fleet2  fleet1 with ``sharding_configs.split_param``: DygraphShardingOptimizerV2, which cuts the
           parameters' padded flat buffers into one share per rank; under MixPrecisionLayer/
           MixPrecisionOptimizer (float32 weights, main_grad), as PaddleNLP trains. Needs the
           test-only CPU shim in ``_split_param_on_cpu``.
@@ -127,18 +129,26 @@ class _Done:
         return True
 
 
+def _fusion_on_cpu():
+    """Test-only shim: fleet's tensor_fusion_helper, which lays parameters end to end in flat
+    buffers, on a CPU-only build, for the rest of the process. It pads each parameter to the
+    device's alignment and asserts the device (3.3.1): "AssertionError: tensor fusion helper now only
+    support dict_keys(['gpu', 'npu', 'xpu']), but got device cpu instead" ("... device unknown ..."
+    once "cpu" is in the table). A 16-byte alignment (GPUs: 256), so that split_param's shares cut
+    this small model's parameters mid-way and one share ends in padding (Paddle 2.6 pads by the
+    "gpu" entry on any device)."""
+    from paddle.distributed.fleet.utils import tensor_fusion_helper as fusion
+
+    fusion.alignment.update(cpu=16, gpu=16)
+    fusion.__current_device_type__ = "cpu"
+
+
 def _split_param_on_cpu():
     """Test-only shim: lets DygraphShardingOptimizerV2 (split_param) run on a CPU-only build, for the
-    rest of the process. Each patch is needed (without it, on 3.3.1):
-
-    * tensor_fusion_helper pads each parameter in the buffers to the device's alignment and asserts
-      the device: "AssertionError: tensor fusion helper now only support dict_keys(['gpu', 'npu',
-      'xpu']), but got device cpu instead" ("... device unknown ..." once "cpu" is in the table). A
-      16-byte alignment (GPUs: 256), so that the ranks' shares cut this small model's parameters
-      mid-way and one share ends in padding (Paddle 2.6 pads by the "gpu" entry on any device).
-    * gloo has no reduce-scatter: "NotImplementedError: (Unimplemented) ProcessGroupGLOO does not
-      support reduce_scatter with sync_op flag". That module's reduce_scatter all-reduces the
-      gradient buffer and keeps the rank's share, which is what a reduce-scatter leaves there.
+    rest of the process: :func:`_fusion_on_cpu`, and a reduce-scatter, which gloo does not have
+    ("NotImplementedError: (Unimplemented) ProcessGroupGLOO does not support reduce_scatter with
+    sync_op flag"): tensor_fusion_helper's all-reduces the gradient buffer and keeps the rank's
+    share, which is what a reduce-scatter leaves there.
     """
     from paddle.distributed.fleet.utils import tensor_fusion_helper as fusion
 
@@ -150,16 +160,36 @@ def _split_param_on_cpu():
             out.copy_(mine, False)
         return _Done()
 
-    fusion.alignment.update(cpu=16, gpu=16)
-    fusion.__current_device_type__ = "cpu"
+    _fusion_on_cpu()
     fusion.paddle = _Patched(paddle, distributed=_Patched(paddle.distributed, reduce_scatter=reduce_scatter))
+
+
+def _tensor_fusion_on_cpu():
+    """Test-only shim: lets DygraphShardingOptimizer's tensor_fusion run on a CPU-only build, for the
+    rest of the process: :func:`_fusion_on_cpu`, and the fused buffers kept on the CPU:
+    ParamStorage.add_rank_params(convert_gpu=False), as in :func:`_group_sharded_on_cpu` (else 3.3
+    "RuntimeError: (PreconditionNotMet) Tensor not initialized yet when DenseTensor::place() is
+    called"), and on Paddle 2.6, which makes them with device="gpu" whatever the device, the
+    storages made with device="cpu" (else "ValueError: The device should not be ... 'gpu:0', since
+    PaddlePaddle is not compiled with CUDA")."""
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_storage as storage
+
+    def on_cpu(cls):
+        return lambda size, dtype, device, *args, **kwargs: cls(size, dtype, "cpu", *args, **kwargs)
+
+    add_rank_params = storage.ParamStorage.add_rank_params
+    _fusion_on_cpu()
+    storage.ParamStorage.add_rank_params = (
+        lambda self, params, param2align, convert_gpu=True: add_rank_params(self, params, param2align, False))
+    storage.ParamStorage = on_cpu(storage.ParamStorage)
+    storage.GradStorage = on_cpu(storage.GradStorage)
 
 
 def wrap(mode: str, model, opt):
     """(trained layer, optimizer to step, sharding facts): the facts are this rank's ``owned`` param
     objects, the sharding ``group``, ``owner`` (param.name -> owner's global rank) and ``opt_rank``
     (the rank in the group the optimizer believes it is)."""
-    if mode == "fleet1":
+    if mode in ("fleet1", "fleet1f"):
         from paddle.distributed import fleet
 
         trained, wrapped = fleet.distributed_model(model), fleet.distributed_optimizer(opt)
@@ -170,8 +200,10 @@ def wrap(mode: str, model, opt):
         assert opt_rank == inner._sharding_rank
         owned = inner.filter_parameters(model.parameters(), hcg)  # public; == _rank2params[opt_rank]
         assert {id(p) for p in owned} == {id(p) for p in inner._rank2params[opt_rank]}
-        # V1 also narrows the user's optimizer to the owned parameters (no tensor fusion).
-        assert {id(p) for p in opt._parameter_list} == {id(p) for p in owned}
+        if mode == "fleet1":  # V1 also narrows the user's optimizer to the owned parameters
+            assert {id(p) for p in opt._parameter_list} == {id(p) for p in owned}
+        else:  # (to views of one fused buffer per rank)
+            assert all(p._is_shared_buffer_with(inner._rank2fused[opt_rank][0]) for p in owned)
         owner = {name: group.ranks[r] for name, r in inner._param2rank.items()}
         return trained, wrapped, owned, group, owner, opt_rank
     if mode == "fleet2":
@@ -328,7 +360,7 @@ def check_against_reference(ema, reference, model, report: dict, others: dict, o
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--mode", choices=["fleet1", "fleet2", "os", "os_g"], required=True)
+    parser.add_argument("--mode", choices=["fleet1", "fleet1f", "fleet2", "os", "os_g"], required=True)
     parser.add_argument("--single", action="store_true")
     parser.add_argument("--resume", help="a whole EMA state (paddle.save) to load before training")
     parser.add_argument("--batch-norm", action="store_true",
@@ -336,11 +368,14 @@ def main() -> int:
     args = parser.parse_args()
     paddle.set_device("cpu")
     if not args.single:
-        if args.mode in ("fleet1", "fleet2"):
+        if args.mode in ("fleet1", "fleet1f", "fleet2"):
             from paddle.distributed import fleet
 
             strategy = fleet.DistributedStrategy()
             strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": 1, "pp_degree": 1, "sharding_degree": 2}
+            if args.mode == "fleet1f":
+                strategy.hybrid_configs["sharding_configs"].tensor_fusion = True
+                _tensor_fusion_on_cpu()
             if args.mode == "fleet2":
                 strategy.hybrid_configs["sharding_configs"].split_param = True
                 _split_param_on_cpu()
