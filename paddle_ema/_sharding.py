@@ -381,7 +381,8 @@ class SplitParams(Slices):
                 "follow; build the EMA without sharding= (each rank then keeps a full copy)"
             )
         group = optimizer._hcg.get_sharding_parallel_group()
-        rank, world_size = int(group.rank), int(group.nranks)
+        # (a group of one outside a launched run says rank -1: Paddle 3.x's buffers read it as 0)
+        rank, world_size = max(int(group.rank), 0), int(group.nranks)
         by_name = {p.name: n for n, p in layer.named_parameters()}
         params, rows, sizes, spans = {}, {}, {}, {}
         for buffer in optimizer._comm_buffer_list:

@@ -9,6 +9,8 @@ the multi-precision kernels write).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import paddle
 import pytest
@@ -149,3 +151,31 @@ def test_power_and_posthoc_emas_follow_master_weights_too(dygraph, rng, tmp_path
     for ema in (power, *posthoc._emas):
         for name, value in masters(model, opt).items():
             np.testing.assert_array_equal(ema._averages[name].numpy(), value.astype("float32"), err_msg=name)
+
+
+def test_under_split_param_each_piece_follows_its_master_weight(tmp_path):
+    """Fleet's split_param (DygraphShardingOptimizerV2) keys the master weight of a rank's piece of a
+    parameter (its slice parameter, padded) by the parameter's name: each piece's average follows it
+    (2 processes, steps played on each rank's pieces: tests/distributed/split_masters_worker.py)."""
+    from test_distributed import HERE, _env, _run
+
+    _run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node=2", "--log_dir",
+          str(tmp_path / "log"), str(HERE / "split_masters_worker.py"), str(tmp_path / "out")], _env(),
+         tmp_path / "worker.log")
+    # The buffer: the weight's 30 values padded to 32, the bias's 5 to 16; each rank's share 24.
+    sizes = [{"weight": 24, "bias": 0}, {"weight": 8, "bias": 16}]
+    for rank in range(2):
+        data = dict(np.load(tmp_path / "out" / f"split_masters_{rank}.npz"))
+        held = [n for n in ("bias", "weight") if sizes[rank][n]]
+        assert list(data["sources"]) == held, rank
+        steps = 1 + max(int(k.split("/")[1]) for k in data if k.startswith("master/"))
+        correction = 1 - DECAY ** steps
+        for name in held:
+            expected = 0.0
+            for step in range(steps):
+                expected = DECAY * expected + (1 - DECAY) * data[f"master/{step}/{name}"].astype(np.float64)
+            assert data[f"kept/{name}"].shape == expected.shape == (sizes[rank][name],)
+            np.testing.assert_allclose(data[f"kept/{name}"] / correction, expected / correction, rtol=2e-6,
+                                       err_msg=f"rank {rank}: {name}")
+            off = np.abs(data[f"rounded/{name}"] / correction - expected / correction)
+            assert off.max() > 1e-5 * np.abs(expected / correction).max(), name
