@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import math
 import operator
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import paddle
@@ -555,6 +555,18 @@ def is_dist(tensor: Any) -> bool:
     """Whether eager ``tensor`` is an auto-parallel ``DistTensor`` (``paddle.distributed.shard_tensor``):
     its data is this rank's local piece, which the DenseTensor-level helpers here cannot take."""
     return bool(getattr(tensor, "is_dist", None) and tensor.is_dist())
+
+
+def is_dist_probe(tensor: Any) -> Callable[[], bool]:
+    """A call telling whether eager ``tensor`` is a DistTensor now (Paddle's ``shard_optimizer``
+    makes a parameter one in place): its bound ``is_dist``, about a third of the cost of
+    :func:`is_dist` per call, for checks made every update."""
+    method = getattr(tensor, "is_dist", None)
+    return method if method is not None else _not_dist
+
+
+def _not_dist() -> bool:
+    return False
 
 
 def dist_unsupported(name: str, tensor: Any) -> str | None:

@@ -1027,12 +1027,13 @@ class ModelEMA:
         # the same object: its shape and element size tell (a float16/bfloat16 swap needs nothing).
         # And a tensor made a DistTensor in place (Paddle's shard_optimizer does it to the parameters
         # at its first step, stage 3 when it wraps the optimizer) tells by is_dist().
-        self._metas = [(t, t.shape, t.element_size(), _ir.is_dist(t)) for t in self._tensors.values()]
+        self._metas = [(t, t.shape, t.element_size(), _ir.is_dist(t), _ir.is_dist_probe(t))
+                       for t in self._tensors.values()]
 
     def _model_unchanged(self) -> bool:
         return self._bindings.hold() and all(
-            [t.shape == shape and t.element_size() == size and _ir.is_dist(t) == dist
-             for t, shape, size, dist in self._metas]
+            [t.shape == shape and t.element_size() == size and is_dist() == dist
+             for t, shape, size, dist, is_dist in self._metas]
         )
 
     def _follow_model(self) -> bool:
