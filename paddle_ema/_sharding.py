@@ -40,6 +40,7 @@ import math
 import zlib
 from typing import Any, ClassVar, Sequence
 
+import numpy as np
 import paddle
 
 from paddle_ema import _ir
@@ -217,6 +218,8 @@ class Slices(Layout):
     params: dict[str, Any]
     rows: dict[str, tuple[int, int]]
     sizes: dict[str, tuple[int, ...]]
+    # (the gather indexes of whole(), by names, block length and place)
+    _orders: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # Whether apply swaps each rank's averaged pieces into the model (stage 3: its forward gathers
     # them), or the whole averages, gathered first (the parameters are whole between steps).
@@ -245,7 +248,9 @@ class Slices(Layout):
     def whole(self, pieces: dict[str, Any]) -> dict[str, Any]:
         """The whole values of parameters from every rank's ``pieces`` (each rank its own, of the
         same names in the same order on every rank): one ``all_gather`` per dtype of the pieces
-        concatenated (each rank's padded to the longest). Collective: every rank of the group calls
+        concatenated (each rank's padded to the longest), then one ``gather`` that puts every
+        parameter's values in order and one ``split`` (where a concat, a slice and a reshape per
+        parameter cost ~0.1 ms a parameter in Python). Collective: every rank of the group calls
         it."""
         by_dtype: dict[str, list[str]] = {}
         for name, piece in pieces.items():
@@ -254,9 +259,9 @@ class Slices(Layout):
         for dtype, names in by_dtype.items():
             lengths = [sum(self.sizes[n][r] for n in names) for r in range(self.world_size)]
             longest = max(lengths)
+            shapes = [list(self.params[n].shape) for n in names]
             if not longest:  # (nothing to send; Paddle 2.6 cannot gather an empty tensor)
-                for name in names:
-                    out[name] = paddle.zeros(list(self.params[name].shape), dtype)
+                out.update((n, paddle.zeros(shape, dtype)) for n, shape in zip(names, shapes))
                 continue
             parts = [pieces[n].reshape([-1]) for n in names if self.sizes[n][self.rank]]
             if longest > lengths[self.rank]:
@@ -264,19 +269,29 @@ class Slices(Layout):
             flat = parts[0] if len(parts) == 1 else paddle.concat(parts)
             blocks: list[Any] = []
             paddle.distributed.all_gather(blocks, flat, group=self.group)
-            held: dict[str, list[Any]] = {n: [] for n in names}
-            for rank, block in enumerate(blocks):
-                sized = [n for n in names if self.sizes[n][rank]]
-                shapes = [[self.sizes[n][rank]] for n in sized]
-                if longest > lengths[rank]:
-                    shapes.append([longest - lengths[rank]])
-                for name, piece in zip(sized, _ir.eager_pieces(block, shapes)):
-                    held[name].append(piece)
-            for name in names:
-                shape = list(self.params[name].shape)
-                padded = paddle.concat(held[name]) if len(held[name]) > 1 else held[name][0]
-                out[name] = padded[:math.prod(shape)].reshape(shape)
+            order = paddle.gather(paddle.concat(blocks), self._order(tuple(names), longest, flat.place))
+            out.update(zip(names, _ir.eager_pieces(order, shapes)))
         return out
+
+    def _order(self, names: tuple[str, ...], longest: int, place: Any) -> Any:
+        """Where each value of parameters ``names`` (in order, each flat, without its padding) is
+        in the ranks' blocks end to end (``longest`` values a block, each rank's pieces of
+        ``names`` in order): a cached int64 index on ``place``."""
+        key = (names, longest, str(place))
+        if key not in self._orders:
+            starts = [[0] * len(names) for _ in range(self.world_size)]
+            for rank in range(self.world_size):
+                offset = rank * longest
+                for i, name in enumerate(names):
+                    starts[rank][i] = offset
+                    offset += self.sizes[name][rank]
+            index = []
+            for i, name in enumerate(names):
+                padded = np.concatenate([np.arange(starts[r][i], starts[r][i] + self.sizes[name][r])
+                                         for r in range(self.world_size)])
+                index.append(padded[:math.prod(self.params[name].shape)])
+            self._orders[key] = paddle.to_tensor(np.concatenate(index).astype("int64"), place=place)
+        return self._orders[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +315,7 @@ class Stage3(Slices):
                  for n, p in params.items()}
         rows = {n: tuple(map(int, wrapper._param2buffer[p.name][rank])) for n, p in params.items()}
         return cls("group_sharded_parallel stage 3", group, rank, world_size, params, rows, sizes,
-                   wrapper._task_flow)
+                   task_flow=wrapper._task_flow)
 
     def local(self, names: Sequence[str], held: dict[str, Any]) -> dict[str, Any]:
         """The slices on this rank of the sliced parameters ``names``, as the model holds them now
@@ -405,7 +420,7 @@ class SplitParams(Slices):
                 "pass the sharded optimizer that trains this model"
             )
         return cls("fleet sharding split_param", group, rank, world_size, params, rows, sizes,
-                   spans)
+                   spans=spans)
 
     def local(self, names: Sequence[str], held: dict[str, Any]) -> dict[str, Any]:
         """Views of this rank's pieces of parameters ``names`` in their buffers (an empty tensor
