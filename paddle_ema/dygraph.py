@@ -1133,12 +1133,14 @@ class ModelEMA:
         return True
 
     def _follow_slices(self) -> None:
-        """Under stage 3: average the slices the model holds now (Paddle wraps each in a new object
-        after every step, and a forward gives it new memory).
+        """Average the pieces of the parameters as they are now: under stage 3 the slices the
+        model holds (Paddle wraps each in a new object after every step, and a forward gives it
+        new memory); under split_param, views of the optimizer's buffers (new ones where a buffer
+        got new memory).
 
         Raises:
-            RuntimeError: a parameter is held whole (see ``_sharding.Slices.local``); nothing is
-                changed then.
+            RuntimeError: a parameter is held whole under stage 3, or a buffer was released (see
+                ``_sharding.Stage3.local``, ``_sharding.SplitParams.local``); nothing is changed then.
         """
         now = self._slices.local(self._sliced, self._tensors)
         moved = [n for n in self._sliced if now[n] is not self._tensors[n]]
