@@ -51,6 +51,7 @@ __all__ = [
     "in_pir_mode",
     "initialized_place",
     "is_dist",
+    "is_dist_probe",
     "is_graph_variable",
     "is_placed_like",
     "last_writer",
