@@ -224,6 +224,9 @@ class Slices(Layout):
     # Whether apply swaps each rank's averaged pieces into the model (stage 3: its forward gathers
     # them), or the whole averages, gathered first (the parameters are whole between steps).
     swaps_pieces: ClassVar[bool] = False
+    # Whether Paddle gives a piece new memory at each forward and frees the old (stage 3): an
+    # update then holds no view of the pieces between updates, which would keep that memory.
+    frees_pieces: ClassVar[bool] = False
 
     def local(self, names: Sequence[str], held: dict[str, Any]) -> dict[str, Any]:
         """This rank's pieces of parameters ``names``, as the model holds them now; ``held`` are
@@ -302,6 +305,7 @@ class Stage3(Slices):
     task_flow: Any = None  # (where a forward keeps the whole parameters it gathered)
 
     swaps_pieces: ClassVar[bool] = True
+    frees_pieces: ClassVar[bool] = True
 
     @classmethod
     def of(cls, wrapper: Any, layer: Any) -> Stage3:
@@ -379,6 +383,9 @@ class SplitParams(Slices):
     ``spans[name]`` is the comm buffer and this rank's ``(begin, end)`` in it."""
 
     spans: dict[str, tuple[Any, int, int]] = dataclasses.field(default_factory=dict)
+    # (each buffer with the names of the nonempty pieces in it; the names of the empty ones)
+    nonempty: tuple[tuple[Any, tuple[str, ...]], ...] = ()
+    empty: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, optimizer: Any, layer: Any) -> SplitParams:
@@ -419,8 +426,13 @@ class SplitParams(Slices):
                 "sharding=: this DygraphShardingOptimizerV2 trains none of the model's parameters; "
                 "pass the sharded optimizer that trains this model"
             )
+        nonempty: dict[int, tuple[Any, list[str]]] = {}
+        for name, (buffer, begin, end) in spans.items():
+            if begin < end:
+                nonempty.setdefault(id(buffer), (buffer, []))[1].append(name)
         return cls("fleet sharding split_param", group, rank, world_size, params, rows, sizes,
-                   spans=spans)
+                   spans=spans, nonempty=tuple((b, tuple(n)) for b, n in nonempty.values()),
+                   empty=frozenset(n for n, (_, begin, end) in spans.items() if begin == end))
 
     def local(self, names: Sequence[str], held: dict[str, Any]) -> dict[str, Any]:
         """Views of this rank's pieces of parameters ``names`` in their buffers (an empty tensor
@@ -429,12 +441,16 @@ class SplitParams(Slices):
         Raises:
             RuntimeError: a buffer holds no memory (released by ``clear_param_storage``).
         """
+        kept = self._kept(held) if held else set()
         found = {}
         for name in names:
+            if name in kept:
+                found[name] = held[name]
+                continue
             buffer, begin, end = self.spans[name]
             storage = buffer.param_storage
             before = held.get(name)
-            if before is not None and (begin == end or _ir.eager_views_hold([before], [storage]) == []):
+            if before is not None and _ir.eager_views_hold([before], [storage]) == []:
                 found[name] = before
             elif not _ir.holds_memory(storage):
                 raise RuntimeError(
@@ -449,3 +465,16 @@ class SplitParams(Slices):
                 # (the name of the optimizer's slice of the parameter, which keys its master weight)
                 found[name].name = self.params[name].name
         return found
+
+    def _kept(self, held: dict[str, Any]) -> set[str]:
+        """The names whose pieces in ``held`` still view their buffers, checked a buffer at a time
+        (a check per name was most of an update's time); an empty piece views nothing and is
+        kept."""
+        kept = {name for name in self.empty if name in held}
+        for buffer, names in self.nonempty:
+            if not all(n in held for n in names):
+                continue
+            pieces = [held[n] for n in names]
+            if not _ir.eager_views_hold(pieces, [buffer.param_storage] * len(pieces)):
+                kept.update(names)
+        return kept

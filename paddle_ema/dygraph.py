@@ -968,7 +968,8 @@ class ModelEMA:
             if name not in self._non_finite and _flat.groupable(tensor, average):
                 # (stage-3 slices in groups of their own, which hold no view of them between
                 # updates: Paddle frees a slice's memory at the next forward)
-                key = (_ir.dtype_name(average), str(tensor.place), name in self._sliced)
+                transient = name in self._sliced and self._slices.frees_pieces
+                key = (_ir.dtype_name(average), str(tensor.place), transient)
                 members.setdefault(key, []).append(name)
         kept = {} if regroup else {group.names: group for group in self._groups}
         groups, grouped = [], set()
@@ -1021,7 +1022,8 @@ class ModelEMA:
                 self._weights[_ir.dtype_name(average)],
                 name in self._non_finite,
             )
-            for name, average in self._averages.items() if name not in self._grouped
+            # (a rank's empty piece of a parameter under split_param has nothing to average)
+            for name, average in self._averages.items() if name not in self._grouped and average.size
         ]
         # A tensor reshaped or cast in place (paddle.assign(x, output=weight), weight.cast_(...)) is
         # the same object: its shape and element size tell (a float16/bfloat16 swap needs nothing).
