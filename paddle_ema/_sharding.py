@@ -266,7 +266,7 @@ class Slices(Layout):
             if not longest:  # (nothing to send; Paddle 2.6 cannot gather an empty tensor)
                 out.update((n, paddle.zeros(shape, dtype)) for n, shape in zip(names, shapes))
                 continue
-            parts = [pieces[n].reshape([-1]) for n in names if self.sizes[n][self.rank]]
+            parts = [_flat_view(pieces[n]) for n in names if self.sizes[n][self.rank]]
             if longest > lengths[self.rank]:
                 parts.append(paddle.zeros([longest - lengths[self.rank]], dtype))
             flat = parts[0] if len(parts) == 1 else paddle.concat(parts)
@@ -478,3 +478,8 @@ class SplitParams(Slices):
             if not _ir.eager_views_hold(pieces, [buffer.param_storage] * len(pieces)):
                 kept.update(names)
         return kept
+
+
+def _flat_view(tensor: Any) -> Any:
+    """``tensor`` as 1-d: itself if it is (a piece usually is; a reshape costs ~7 us in Python)."""
+    return tensor if len(tensor.shape) == 1 else tensor.reshape([-1])

@@ -67,7 +67,7 @@ def _frozen_names(layer: Any) -> set[str]:
 def _holds_non_finite(tensor: Any) -> bool:
     """Whether ``tensor`` holds an infinity or a NaN (one reduction and a read back)."""
     # (an empty tensor holds neither; Paddle 2.6's ``all`` of an empty tensor fails)
-    return tensor.size > 0 and not bool(paddle.isfinite(tensor).all())
+    return not _ir.is_empty(tensor) and not bool(paddle.isfinite(tensor).all())
 
 
 def _update_keeping_infinities(average: Any, target: Any, weight: float, positive: Any,
@@ -562,7 +562,7 @@ class ModelEMA:
                 gathered = {n: v.astype(self._slices.params[n].dtype) for n, v in gathered.items()}
         else:
             gathered = self._partition.gather(self._owners, values, specs)
-        order = [n for n in _named_tensors(self._layer, True) if n in values or n in gathered]
+        order = self._in_model_order(values, gathered)
         return {n: gathered[n] if n in gathered else values[n] for n in order}
 
     def apply(self, need_restore: bool = True) -> _apply.Restorer:
@@ -705,7 +705,17 @@ class ModelEMA:
         params = dict(self._layer.named_parameters())
         dtypes = {n: _ir.dtype_name(a) for n, a in self._averages.items()}
         dtypes.update((n, _graph.accumulator_dtype(_ir.dtype_name(params[n]))) for n in self._elsewhere)
-        return {n: dtypes[n] for n in _named_tensors(self._layer, True) if n in dtypes}
+        return {n: dtypes[n] for n in self._in_model_order(dtypes)}
+
+    def _in_model_order(self, *named: dict[str, Any]) -> list[str]:
+        """The names of ``named`` in the model's order: as the model held them when this EMA last
+        followed it (a walk of the model costs ~2 ms per 500 tensors), or walked again if that
+        misses one of them (the model changed while averages were applied)."""
+        wanted = set().union(*named)
+        order = [n for n in self._model_order if n in wanted]
+        if len(order) < len(wanted):
+            order = [n for n in _named_tensors(self._layer, True) if n in wanted]
+        return order
 
     def _kept_for_gather(self) -> dict[str, Any]:
         """The averages as kept, by name; under ``sharding`` with ``offload``, copied to their
@@ -849,7 +859,7 @@ class ModelEMA:
 
     def _initial_average(self, tensor: Any, dtype: str) -> Any:
         """A new average of ``tensor`` as ``init`` says: zeros, or a copy of its value."""
-        if self._init == "zeros" or not tensor.size:  # (Paddle 2.6 cannot clone an empty tensor)
+        if self._init == "zeros" or _ir.is_empty(tensor):  # (Paddle 2.6 cannot clone an empty tensor)
             return paddle.zeros_like(tensor, dtype=dtype)
         return tensor.astype(dtype).clone()
 
@@ -996,6 +1006,7 @@ class ModelEMA:
         self._kinds = {name: "parameter" if name in parameters else "buffer" for name in self._tensors}
         self._dtypes = {name: _ir.dtype_name(t) for name, t in self._tensors.items()}
         self._bindings = _ir.LayerBindings.of(self._layer)
+        self._model_order = tuple(_named_tensors(self._layer, True))
 
     def _follow_master_weights(self) -> None:
         """With ``master_weights``: average each low-precision tensor's float32 master weight, as
@@ -1023,7 +1034,8 @@ class ModelEMA:
                 name in self._non_finite,
             )
             # (a rank's empty piece of a parameter under split_param has nothing to average)
-            for name, average in self._averages.items() if name not in self._grouped and average.size
+            for name, average in self._averages.items()
+            if name not in self._grouped and not _ir.is_empty(average)
         ]
         # A tensor reshaped or cast in place (paddle.assign(x, output=weight), weight.cast_(...)) is
         # the same object: its shape and element size tell (a float16/bfloat16 swap needs nothing).
@@ -1201,6 +1213,9 @@ class ModelEMA:
                 values[name] = _ir.eager_copy(tensor)
                 continue
             average = self._averages[name]
+            if _ir.is_empty(average):  # (a rank's empty piece under split_param: no kernel)
+                values[name] = _ir.eager_copy(tensor)
+                continue
             value = _ir.moved_to(paddle.scale(average, reciprocals[_ir.dtype_name(average)]), tensor.place)
             value = _ir.placed_like(value, tensor)  # (3.3 replicates an unevenly sharded tensor's scale)
             values[name] = value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
