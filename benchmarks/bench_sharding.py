@@ -17,7 +17,19 @@ With ``--stage3`` the model is wrapped by ``group_sharded_parallel(level="p_g_os
 the test-only CPU shim of ``tests/distributed/stage3_worker.py``, as Paddle asserts a GPU), the sharded
 EMA is ``ModelEMA(wrapped_model, 0.999)``, and the unsharded one averages an unwrapped copy of the
 model that is given the whole trained weights after every training step (gathered outside the timings),
-so that both average the same numbers. See benchmarks/README.md ("Sharding").
+so that both average the same numbers.
+
+With ``--split-param`` it is fleet hybrid parallel with ``sharding_degree=2`` and
+``sharding_configs.split_param`` (``DygraphShardingOptimizerV2``, which lays the parameters end to end in
+padded flat buffers and gives each rank's optimizer an equal share of each buffer), around
+``MixPrecisionLayer(model, dtype="bfloat16")`` and ``MixPrecisionOptimizer(AdamW)`` (the weights stay
+float32), as PaddleNLP trains; with the test-only CPU shim of ``tests/distributed/dygraph_sharding_worker.py``
+(``_split_param_on_cpu``: tensor fusion asserts a GPU, gloo has no reduce-scatter), then the GPU's
+256-byte alignment instead of the shim's 16. The sharded EMA is ``ModelEMA(wrapped_model, 0.999,
+sharding=optimizer)`` (each rank averages its piece of each parameter); the unsharded one is
+``ModelEMA(wrapped_model, 0.999)``: the step all-gathers the buffers, so every rank holds every
+parameter whole between steps and both average the same numbers. Results go to
+``results/sharding-split-<paddle major.minor>.json``. See benchmarks/README.md ("Sharding").
 """
 
 from __future__ import annotations
@@ -52,6 +64,9 @@ import paddle_ema
 HERE = Path(__file__).resolve().parent
 # Parameters of more values are cut into slices under --stage3 (fc64's weights: 4096 values each).
 STAGE3_SEGMENT = 1024
+# Bytes tensor fusion pads each parameter to under --split-param: Paddle's value on GPUs (the test shim
+# sets 16, to cut its small model's weights mid-way).
+SPLIT_ALIGN = 256
 RESULTS_DIR = HERE / "results"
 MODEL = "fc64"
 DECAY = bench_ema.DECAY  # 0.999, as the other benchmarks
@@ -98,7 +113,7 @@ def launch(args: argparse.Namespace, work: Path) -> float:
     cmd = [sys.executable, "-m", "paddle.distributed.launch", f"--nproc_per_node={WORLD}",
            "--log_dir", str(log_dir), str(Path(__file__).resolve()), "--worker", str(work),
            "--repeats", str(args.repeats), *(["--quick"] if args.quick else []),
-           *(["--stage3"] if args.stage3 else [])]
+           *(["--stage3"] if args.stage3 else []), *(["--split-param"] if args.split_param else [])]
     start = time.monotonic()
     with open(work / "launch.log", "w") as out:
         proc = subprocess.Popen(cmd, env=launch_env(), cwd=work, stdout=out, stderr=subprocess.STDOUT,
@@ -129,9 +144,14 @@ def run_launcher(args: argparse.Namespace) -> None:
     versions = {r["paddle_version"] for r in ranks}
     if versions != {paddle.__version__}:
         raise SystemExit(f"the ranks ran Paddle {sorted(versions)}, this process {paddle.__version__}")
-    sharding = (f"group_sharded_parallel(level='p_g_os'), segment_size={STAGE3_SEGMENT} (stage 3)"
-                if args.stage3 else
-                f"fleet hybrid parallel, sharding_degree={WORLD} ({ranks[0]['inner_optimizer']})")
+    if args.stage3:
+        sharding = f"group_sharded_parallel(level='p_g_os'), segment_size={STAGE3_SEGMENT} (stage 3)"
+    elif args.split_param:
+        sharding = (f"fleet hybrid parallel, sharding_degree={WORLD}, split_param "
+                    f"({ranks[0]['inner_optimizer']}), MixPrecisionLayer/Optimizer, "
+                    f"{SPLIT_ALIGN}-byte alignment")
+    else:
+        sharding = f"fleet hybrid parallel, sharding_degree={WORLD} ({ranks[0]['inner_optimizer']})"
     results = {
         "kind": "sharding", **bench_ema.machine_and_run(args), "model": MODEL, "world_size": WORLD,
         "sharding": sharding,
@@ -139,7 +159,8 @@ def run_launcher(args: argparse.Namespace) -> None:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "ranks": ranks,
     }
     major_minor = ".".join(paddle.__version__.split(".")[:2])
-    out = args.out or RESULTS_DIR / f"sharding{'-stage3' if args.stage3 else ''}-{major_minor}.json"
+    mode = "-stage3" if args.stage3 else "-split" if args.split_param else ""
+    out = args.out or RESULTS_DIR / f"sharding{mode}-{major_minor}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"Paddle {paddle.__version__}, {MODEL}, {sharding} over {WORLD} CPU ranks (gloo), "
@@ -247,31 +268,45 @@ class Timer:
         return results
 
 
-def init_fleet() -> Any:
-    """fleet hybrid parallel on this rank: sharding only (``sharding_degree`` = the world size)."""
+def init_fleet(split_param: bool = False) -> Any:
+    """fleet hybrid parallel on this rank: sharding only (``sharding_degree`` = the world size); with
+    ``split_param``, DygraphShardingOptimizerV2, on the CPU by the tests' shim, at the GPU's alignment."""
     from paddle.distributed import fleet
 
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": 1, "pp_degree": 1, "sharding_degree": WORLD}
+    if split_param:
+        from paddle.distributed.fleet.utils import tensor_fusion_helper as fusion
+
+        strategy.hybrid_configs["sharding_configs"].split_param = True
+        sys.path.insert(0, str(HERE.parent / "tests" / "distributed"))
+        from dygraph_sharding_worker import _split_param_on_cpu  # (the test-only CPU shim)
+
+        _split_param_on_cpu()
+        fusion.alignment.update(cpu=SPLIT_ALIGN, gpu=SPLIT_ALIGN)
     fleet.init(is_collective=True, strategy=strategy)
     return fleet
 
 
 def inner_optimizer(optimizer: Any) -> Any:
-    """The optimizer fleet wrapped (HybridParallelOptimizer -> DygraphShardingOptimizer -> ...)."""
+    """The sharding optimizer fleet wrapped (HybridParallelOptimizer -> DygraphShardingOptimizer or
+    DygraphShardingOptimizerV2 -> ...)."""
     while getattr(optimizer, "_inner_opt", None) is not None and \
-            type(optimizer).__name__ != "DygraphShardingOptimizer":
+            type(optimizer).__name__ not in ("DygraphShardingOptimizer", "DygraphShardingOptimizerV2"):
         optimizer = optimizer._inner_opt
     return optimizer
 
 
 def ema_state(ema: paddle_ema.ModelEMA) -> dict[str, Any]:
     """What the EMA keeps on this rank: its averages (views of flat buffers, or tensors of their own:
-    either way each value is stored once), their count and bytes."""
+    either way each value is stored once), their count (``nonempty``: those of any values; under
+    ``--split-param`` a rank keeps an empty piece of each parameter its share does not meet), values
+    and bytes."""
     averages = list(ema._averages.values())
     numel = sum(math.prod(a.shape) for a in averages)
     state_bytes = sum(math.prod(a.shape) * a.element_size() for a in averages)
-    return {"tensors": len(averages), "values": numel, "bytes": state_bytes, "mib": state_bytes / 2**20}
+    return {"tensors": len(averages), "nonempty": sum(math.prod(a.shape) > 0 for a in averages),
+            "values": numel, "bytes": state_bytes, "mib": state_bytes / 2**20}
 
 
 def compare(unsharded: paddle_ema.ModelEMA, sharded: paddle_ema.ModelEMA) -> dict[str, Any]:
@@ -333,7 +368,7 @@ def whole_weights_into(model: Any, wrapper: Any, twin: Any) -> None:
 def run_worker(args: argparse.Namespace) -> None:
     paddle.disable_static()
     paddle.set_device("cpu")
-    fleet = None if args.stage3 else init_fleet()
+    fleet = None if args.stage3 else init_fleet(args.split_param)
     if args.stage3:
         dist.init_parallel_env()
     rank = dist.get_rank()
@@ -355,6 +390,15 @@ def run_worker(args: argparse.Namespace) -> None:
             trained, stepper, _ = dist.sharding.group_sharded_parallel(
                 model, opt, level="p_g_os", segment_size=STAGE3_SEGMENT)
         inner = stepper
+    elif args.split_param:
+        from paddle.distributed.fleet.utils import mix_precision_utils as mix
+
+        twin = None  # (the step all-gathers the buffers: every rank holds every parameter whole)
+        trained = fleet.distributed_model(mix.MixPrecisionLayer(model, dtype="bfloat16"))
+        stepper = fleet.distributed_optimizer(mix.MixPrecisionOptimizer(opt))
+        inner = inner_optimizer(stepper)
+        if type(inner).__name__ != "DygraphShardingOptimizerV2":
+            raise SystemExit(f"expected fleet's DygraphShardingOptimizerV2, got {type(inner).__name__}")
     else:
         twin = None
         trained, stepper = fleet.distributed_model(model), fleet.distributed_optimizer(opt)
@@ -443,11 +487,16 @@ def markdown(results: dict[str, Any]) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="JSON output (default: results/sharding-<major.minor>.json)")
+    parser.add_argument("--out", type=Path,
+                        help="JSON output (default: results/sharding[-stage3|-split]-<major.minor>.json)")
     parser.add_argument("--repeats", type=int, default=9, help="repeats per timing; 9 or more to commit")
     parser.add_argument("--quick", action="store_true", help="few short runs per repeat (smoke test)")
-    parser.add_argument("--stage3", action="store_true",
-                        help="group_sharded_parallel(level='p_g_os') instead of fleet's stage 1")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--stage3", action="store_true",
+                      help="group_sharded_parallel(level='p_g_os') instead of fleet's stage 1")
+    mode.add_argument("--split-param", action="store_true",
+                      help="fleet's sharding_configs.split_param (DygraphShardingOptimizerV2) "
+                           "instead of stage 1")
     parser.add_argument("--worker", metavar="DIR",
                         help="run as one rank under paddle.distributed.launch, writing DIR/rank<r>.json")
     args = parser.parse_args()
