@@ -174,7 +174,7 @@ class Partition(Layout):
                 continue
             shapes = [list(specs[n][0]) for n in sized]
             if owner == me:
-                flat = paddle.concat([values[n].reshape([-1]) for n in sized])
+                flat = paddle.concat([_flat_view(values[n]) for n in sized])
             else:
                 flat = paddle.empty([sum(math.prod(s) for s in shapes)], dtype=dtype)
             paddle.distributed.broadcast(flat, src=owner, group=self.group)
@@ -240,7 +240,7 @@ class Slices(Layout):
     def cut(self, name: str, whole: Any) -> Any:
         """This rank's piece of parameter ``name``'s whole value ``whole`` (any shape of its size),
         padded with zeros as Paddle pads it."""
-        flat = whole.reshape([-1])
+        flat = _flat_view(whole)
         start, stop = self.rows[name]
         numel = int(flat.shape[0])
         if stop <= numel:

@@ -1209,13 +1209,11 @@ class ModelEMA:
         for name, tensor in self._tensors.items():
             if name in values:
                 continue
-            if first:
+            # (before the first update, the weights; a rank's empty piece under split_param: no kernel)
+            if first or _ir.is_empty(self._averages[name]):
                 values[name] = _ir.eager_copy(tensor)
                 continue
             average = self._averages[name]
-            if _ir.is_empty(average):  # (a rank's empty piece under split_param: no kernel)
-                values[name] = _ir.eager_copy(tensor)
-                continue
             value = _ir.moved_to(paddle.scale(average, reciprocals[_ir.dtype_name(average)]), tensor.place)
             value = _ir.placed_like(value, tensor)  # (3.3 replicates an unevenly sharded tensor's scale)
             values[name] = value if value.dtype == tensor.dtype else value.astype(tensor.dtype)
